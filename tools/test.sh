@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set up, then run the whole test suite (arguments go to pytest).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+bash tools/setup.sh
+venv=${MEGAMLM_VENV:-$root/.venv}
+exec "$venv/bin/python" -m pytest -q "$@"
