@@ -1,0 +1,478 @@
+"""The streaming pretraining loader: shards → examples → masks → :class:`~megamlm.data.batch.Batch`, resumable.
+
+    loader = build_loader(cfg.data, tokenizer, topology, cfg.train.seed, cfg.objective)
+    for batch in loader: ...                  # endless: epoch after epoch
+    state = loader.state_dict()               # collective over the data-parallel ranks; plain ints
+    loader.load_state_dict(state)             # the next batch is the one the uninterrupted run saw next
+
+**Work units** (units.py). A WebDataset sample is a block of whole documents (shards.py). Each epoch the shard order
+is permuted by ``(seed, epoch)``; the blocks, in that order, are the epoch's *units*. Units are split in
+contiguous ranges by data-parallel rank (not global rank: the ranks of a vocab-parallel group read the
+same units and make the same batches), then each rank's range by DataLoader worker. Splitting blocks
+rather than whole shards keeps ranks balanced to one block even when shards do not divide evenly (the
+demo corpus has 3 train shards); a worker still reads consecutive blocks of a few shards, seeking over
+the tar members before its range. When there are fewer blocks than data-parallel ranks, each block is
+cut into ``P = ceil(dp_size / blocks)`` parts (document j goes to part j mod P). Every document is thus
+read by exactly one rank and worker per epoch. A rank's units do not depend on ``num_workers``.
+
+**Examples and masks.** A unit's documents become examples (examples.py: NSP/SOP pairs or packed full
+sentences) with ``rng([seed, epoch, block key, part, 0])`` and are masked (masking.py), all of the
+unit's sequences in one vectorised call, with ``rng([seed, epoch, block key, part, 1])``: so an example
+and its mask are a pure function of (seed, epoch, its identity = (block key, part, index in unit)),
+whatever the worker count or the resume point. NotNext B segments come from another document of the
+same unit (a block holds ~``block_tokens`` tokens: hundreds of documents).
+
+**Shuffling.** A worker gathers consecutive units into a *window* of at least ``data.shuffle_buffer``
+documents, permutes the window's examples (``rng([seed, epoch, window's first unit, 2])``) and cuts
+micro-batches from that stream (a batch may straddle two windows). ``shuffle_buffer: 1`` or
+``shuffle=False`` (the default for ``split="val"``) keeps shard, document and example order.
+
+**Epochs and equalisation.** Within a rank the workers' batches are interleaved round-robin (torch's
+DataLoader order; a worker that runs out drops out). Ranks make slightly different numbers of batches,
+so before yielding each batch every rank all-reduces (MIN) a one-element "I have a batch" flag on the
+host gloo group ``topology.host_dp_group``: one tiny host collective per micro-batch, never on a device
+(a deterministic count from the manifest is impossible: how many examples a block makes depends on the
+epoch's random draws). A rank that fails reading sends −1, so the others raise instead of hanging.
+When any rank runs out, all end the epoch together; the batches left on other ranks are drained,
+counted (``stats["dropped_batches"]``, ``stats["dropped_examples"]``) and logged. A worker's last batch
+of an epoch may hold fewer than ``micro_batch_size`` sequences. Iteration then goes on with the next
+epoch (new shard order, new examples, new masks).
+
+**Resume.** The state is, per data-parallel rank and per worker: done flag, the unit where the worker's
+current window starts, the number of that window's examples already consumed, and the batches consumed;
+plus the epoch and the next worker in the round-robin. On resume each worker seeks to its window's first
+unit (no decoding of what comes before), rebuilds that one window (read, examples, masks: the cost is
+at most one window, ~``shuffle_buffer`` documents) and skips the consumed examples. ``state_dict()`` is
+identical on every rank (it all-gathers the ranks' positions), so the copy saved by any rank resumes all.
+A state saved with another data-parallel size or worker count cannot resume exactly: it then starts
+the next epoch, with a warning.
+
+**Bad input.** Manifest from another tokenizer: :class:`ShardError` at build time. A shard that is
+missing, differs from its manifest sha256 (``data.verify_checksums``), is truncated or corrupt, or holds
+ids outside the tokenizer's vocabulary: :class:`ShardError` naming the shard, or with ``data.on_error:
+skip`` a warning and ``stats["skipped_shards"]`` (per worker that met it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from megamlm.data.batch import IGNORE_INDEX, Batch
+from megamlm.data.examples import COUNTERS, Examples, make_examples
+from megamlm.data.masking import MaskSpec, concat_ranges, mask_sequences
+from megamlm.data.shards import ShardError, load_manifest
+from megamlm.data.units import READER_COUNTERS, ShardReader, epoch_units, split_range
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_loader", "Loader", "STATE_FORMAT", "STATS"]
+
+STATE_FORMAT = "megamlm-loader/1"
+_EXAMPLES, _MASKS, _WINDOW = 0, 1, 2  # last element of each rng seed: which stream (3: shard order)
+WORKER_COUNTERS = COUNTERS + READER_COUNTERS
+STATS = WORKER_COUNTERS + ("batches", "tokens", "targets", "dropped_batches", "dropped_examples", "epochs")
+
+
+@dataclass
+class _Window:
+    input: np.ndarray
+    labels: np.ndarray
+    types: np.ndarray
+    offsets: np.ndarray
+    pair: np.ndarray | None
+    ident: np.ndarray  # [n, 3] block key, part, index in unit
+    docs: list
+    start: int  # consumer-local unit index of the first unit
+    end: int  # one past the last unit read
+
+
+@dataclass
+class _Packet:
+    worker: int  # logical worker
+    batch: Batch | None  # None: this worker's epoch is over
+    cursor: tuple[int, int]  # (unit, offset) of the next example of this worker
+    counters: dict
+    info: dict | None = None
+
+
+def _identity(x):
+    return x
+
+
+def _worker_context():
+    """Workers are forked on Linux: they start in milliseconds, once per epoch (non-persistent, so each
+    epoch's dataset state reaches them), and touch no device. Elsewhere, and under a process started by
+    ``spawn`` (whose default would re-import torch in every worker, seconds per epoch), this is explicit."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork") if sys.platform.startswith("linux") else None
+
+
+class _PretrainDataset(torch.utils.data.IterableDataset):
+    """One rank's epoch; each DataLoader worker streams its own units (see the module docstring)."""
+
+    def __init__(self, *, manifest, split, tokenizer, mask_spec, pair, data_cfg, seed, dp_rank, dp_size,
+                 shuffle, with_info=False):
+        self.dir = manifest.dir
+        self.shards = [dict(s) for s in manifest.shards(split)]
+        self.samples = [int(s["samples"]) for s in self.shards]
+        self.spec, self.pair, self.seed = mask_spec, pair, int(seed)
+        self.max_len, self.micro_batch = data_cfg.seq_len, data_cfg.micro_batch_size
+        self.pad_to_max = data_cfg.pad_to == "max"
+        self.buffer, self.short_seq_prob = data_cfg.shuffle_buffer, data_cfg.short_seq_prob
+        self.verify, self.on_error = data_cfg.verify_checksums, data_cfg.on_error
+        self.num_workers = data_cfg.num_workers
+        self.shuffle = shuffle and data_cfg.shuffle_buffer > 1
+        self.shuffle_shards = shuffle
+        self.vocab_size = tokenizer.vocab_size
+        self.pad_id, self.cls_id, self.sep_id = tokenizer.special.pad, tokenizer.special.cls, tokenizer.special.sep
+        self.dp_rank, self.dp_size, self.with_info = dp_rank, dp_size, with_info
+        self.epoch, self.rotation = 0, 0
+        self.cursors = [[0, 0, 0, 0] for _ in range(max(1, self.num_workers))]  # done, unit, offset, batches
+
+    def units(self, epoch: int) -> np.ndarray:
+        return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle_shards)
+
+    def worker_units(self, epoch: int, worker: int) -> np.ndarray:
+        u = self.units(epoch)
+        lo, hi = split_range(len(u), self.dp_rank, self.dp_size)
+        wlo, whi = split_range(hi - lo, worker, max(1, self.num_workers))
+        return u[lo + wlo:lo + whi]
+
+    def __iter__(self) -> Iterator[_Packet]:
+        info = torch.utils.data.get_worker_info()
+        phys, n_phys = (info.id, info.num_workers) if info is not None else (0, 1)
+        if n_phys != max(1, self.num_workers):
+            raise RuntimeError(f"loader built for {self.num_workers} workers runs under {n_phys}")
+        worker = (self.rotation + phys) % n_phys
+        try:
+            yield from self.stream(worker)
+        except ShardError as e:  # handed over as data: the main process raises it (and shuts down cleanly)
+            yield _Packet(worker, None, (0, 0), {}, {"error": str(e)})
+
+    # ------------------------------------------------------------------ one worker's stream
+    def _unit(self, key: int, part: int, docs: list, counters: dict) -> _Window:
+        e = self.epoch
+        ex: Examples = make_examples(docs, self.pair, self.max_len, cls_id=self.cls_id, sep_id=self.sep_id,
+                                     rng=np.random.default_rng([self.seed, e, key, part, _EXAMPLES]),
+                                     short_seq_prob=self.short_seq_prob, shuffle=self.shuffle, counters=counters)
+        m = mask_sequences(ex.tokens, ex.offsets, self.spec, np.random.default_rng([self.seed, e, key, part, _MASKS]))
+        n = len(ex)
+        ident = np.stack([np.full(n, key), np.full(n, part), np.arange(n)], 1)
+        return _Window(m.input_ids, m.labels, ex.types, ex.offsets, ex.pair_labels, ident, ex.docs, 0, 0)
+
+    @staticmethod
+    def _concat(ws: list[_Window], start: int, end: int) -> _Window:
+        if len(ws) == 1:
+            w = ws[0]
+            w.start, w.end = start, end
+            return w
+        offs = [ws[0].offsets]
+        for w in ws[1:]:
+            offs.append(w.offsets[1:] + offs[-1][-1])
+        pair = None if ws[0].pair is None else np.concatenate([w.pair for w in ws])
+        return _Window(np.concatenate([w.input for w in ws]), np.concatenate([w.labels for w in ws]),
+                       np.concatenate([w.types for w in ws]), np.concatenate(offs), pair,
+                       np.concatenate([w.ident for w in ws]), [d for w in ws for d in w.docs], start, end)
+
+    def _collate(self, segs: list[tuple[_Window, np.ndarray]]) -> tuple[Batch, dict | None]:
+        lens = np.concatenate([w.offsets[i + 1] - w.offsets[i] for w, i in segs])
+        B = lens.size
+        T = self.max_len if self.pad_to_max else int(lens.max())
+        ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        types = np.zeros((B, T), dtype=np.int64)
+        row0 = 0
+        for w, i in segs:
+            ln = w.offsets[i + 1] - w.offsets[i]
+            rows = np.repeat(np.arange(row0, row0 + i.size), ln)
+            cols = concat_ranges(np.zeros(i.size, dtype=np.int64), ln)
+            src = concat_ranges(w.offsets[i], w.offsets[i + 1])
+            ids[rows, cols] = w.input[src]
+            labels[rows, cols] = w.labels[src]
+            types[rows, cols] = w.types[src]
+            row0 += i.size
+        pos = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
+        pair = None
+        if segs[0][0].pair is not None:
+            pair = torch.from_numpy(np.concatenate([w.pair[i] for w, i in segs]).astype(np.int64))
+        batch = Batch(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types),
+                      attention_mask=torch.from_numpy(np.arange(T)[None, :] < lens[:, None]),
+                      mlm_labels=torch.from_numpy(labels), mlm_positions=torch.from_numpy(pos),
+                      mlm_targets=torch.from_numpy(labels.reshape(-1)[pos]), pair_labels=pair,
+                      n_tokens=int(lens.sum()))
+        info = None
+        if self.with_info:
+            info = {"ident": [tuple(int(x) for x in w.ident[j]) for w, i in segs for j in i],
+                    "docs": [w.docs[j] for w, i in segs for j in i]}
+        return batch, info
+
+    def stream(self, worker: int) -> Iterator[_Packet]:
+        """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
+        done, u, skip, _ = self.cursors[worker]
+        counters = dict.fromkeys(WORKER_COUNTERS, 0)
+        units = self.worker_units(self.epoch, worker)
+        n_units = len(units)
+
+        def take_counters() -> dict:
+            out = dict(counters)
+            counters.update(dict.fromkeys(counters, 0))
+            return out
+
+        if done:
+            return
+        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters).read(units, u)
+        pending: list[tuple[_Window, np.ndarray]] = []
+        n_pending = 0
+        while u < n_units:
+            start, parts, n_docs = u, [], 0
+            for li, key, part, docs in reader:
+                parts.append(self._unit(key, part, docs, counters))
+                n_docs += len(docs)
+                u = li + 1
+                if not self.shuffle or n_docs >= self.buffer:
+                    break
+            else:
+                u = n_units  # the reader is exhausted (the rest may have been skipped as bad)
+            if not parts:
+                break
+            win = self._concat(parts, start, u)
+            n_ex = win.offsets.size - 1
+            order = np.arange(n_ex)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
+                                               int(units[start, 2]), _WINDOW]).permutation(n_ex)
+            j, skip = skip, 0
+            while j < n_ex:
+                take = min(self.micro_batch - n_pending, n_ex - j)
+                pending.append((win, order[j:j + take]))
+                n_pending += take
+                j += take
+                if n_pending == self.micro_batch:
+                    batch, info = self._collate(pending)
+                    pending, n_pending = [], 0
+                    yield _Packet(worker, batch, (start, j) if j < n_ex else (u, 0), take_counters(), info)
+        if pending:
+            batch, info = self._collate(pending)
+            yield _Packet(worker, batch, (n_units, 0), take_counters(), info)
+        yield _Packet(worker, None, (n_units, 0), take_counters())
+
+
+class Loader:
+    """Endless iterator of :class:`Batch` for one rank; see the module docstring.
+
+    ``stats``: counters since this object was made (this process's work): documents, examples,
+    short_documents, skipped_tokens, split_segments, forced_isnext, blocks, skipped_shards,
+    skipped_blocks, batches, tokens (real, unpadded), targets, dropped_batches, dropped_examples, epochs.
+    ``epoch_stats``: the same counters for the last completed epoch (logged at its end).
+    """
+
+    def __init__(self, dataset: _PretrainDataset, topology, prefetch_factor: int = 4):
+        self.ds = dataset
+        self.topology = topology
+        self.num_workers = dataset.num_workers
+        self.prefetch_factor = prefetch_factor
+        self.stats = dict.fromkeys(STATS, 0)
+        self.epoch_stats: dict = {}  # the counters of the last completed epoch (what was logged)
+        self._epoch_start = dict(self.stats)
+        self.batches_in_epoch = 0
+        self._next_worker = 0
+        self.group = getattr(topology, "host_dp_group", None) or getattr(topology, "dp_group", None)
+        if topology.dp_size > 1 and self.group is None:
+            raise ValueError("a loader over several data-parallel ranks needs topology.host_dp_group "
+                             "(a gloo group) to agree on the batches per epoch")
+
+    @property
+    def epoch(self) -> int:
+        return self.ds.epoch
+
+    def reset(self, epoch: int = 0) -> None:
+        """Go to the start of ``epoch`` (for evaluation: the same batches every time)."""
+        self.ds.epoch = epoch
+        self.ds.cursors = [[0, 0, 0, 0] for _ in self.ds.cursors]
+        self._next_worker, self.batches_in_epoch = 0, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch, _ in self._run(False):
+            yield batch
+
+    def iter_with_info(self, include_dropped: bool = False) -> Iterator[tuple[Batch, dict]]:
+        """Batches with ``info``: each example's identity (block key, part, index) and documents, the
+        worker, the epoch and ``dropped`` (True for the batches drained at an epoch's end, only yielded
+        with ``include_dropped``). For tests and debugging: it makes the workers record identities."""
+        self.ds.with_info = True
+        try:
+            yield from self._run(include_dropped)
+        finally:
+            self.ds.with_info = False
+
+    # ------------------------------------------------------------------ iteration
+    def _packets(self) -> Iterator[_Packet]:
+        self.ds.rotation = self._next_worker
+        if self.num_workers == 0:
+            return self.ds.stream(0)
+        dl = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=self.num_workers,
+                                         collate_fn=_identity, prefetch_factor=self.prefetch_factor,
+                                         persistent_workers=False, multiprocessing_context=_worker_context())
+        return iter(dl)
+
+    def _agree(self, value: int) -> int:
+        """MIN over the data-parallel ranks of 1 (I have a batch), 0 (I ran out) or -1 (I failed)."""
+        if self.topology.dp_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def _next_agreed(self, it: Iterator[_Packet]) -> _Packet | None:
+        """The next batch packet when every rank has one, else None (the epoch is over). A rank that fails
+        tells the others, so they raise too instead of waiting in the next collective."""
+        try:
+            pkt = self._next_batch(it)
+        except BaseException:
+            self._agree(-1)
+            raise
+        agreed = self._agree(int(pkt is not None))
+        if agreed < 0:
+            raise RuntimeError("another data-parallel rank failed while reading data (see its log)")
+        if agreed == 0:
+            self._pending = pkt
+            return None
+        return pkt
+
+    def _take(self, pkt: _Packet) -> None:
+        for k, v in pkt.counters.items():
+            self.stats[k] += v
+        c = self.ds.cursors[pkt.worker]
+        c[1], c[2] = pkt.cursor
+        if pkt.batch is None:
+            c[0] = 1
+        else:
+            c[3] += 1
+        self._next_worker = (pkt.worker + 1) % max(1, self.num_workers)
+
+    def _next_batch(self, it: Iterator[_Packet]) -> _Packet | None:
+        for pkt in it:
+            if pkt.batch is not None:
+                return pkt
+            if pkt.info and "error" in pkt.info:
+                raise ShardError(pkt.info["error"])
+            self._take(pkt)
+        return None
+
+    def _run(self, include_dropped: bool) -> Iterator[tuple[Batch, dict]]:
+        while True:
+            it = self._packets()
+            self._pending = None
+            while True:
+                pkt = self._next_agreed(it)
+                if pkt is None:
+                    break
+                self._take(pkt)
+                self.batches_in_epoch += 1
+                b = pkt.batch
+                self.stats["batches"] += 1
+                self.stats["tokens"] += b.n_tokens
+                self.stats["targets"] += b.n_targets
+                yield b, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": False}
+            pkt = self._pending
+            dropped, dropped_ex = 0, 0
+            while pkt is not None:  # another rank ran out first: drain, count, log
+                dropped += 1
+                dropped_ex += pkt.batch.input_ids.shape[0]
+                for k, v in pkt.counters.items():
+                    self.stats[k] += v
+                if include_dropped:
+                    yield pkt.batch, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": True}
+                pkt = self._next_batch(it)
+            self.stats["dropped_batches"] += dropped
+            self.stats["dropped_examples"] += dropped_ex
+            self.stats["epochs"] += 1
+            self.epoch_stats = {k: v - self._epoch_start[k] for k, v in self.stats.items()}
+            self._epoch_start = dict(self.stats)
+            log.info("epoch %d done: %d batches; %d batches (%d examples) dropped to equalise the %d "
+                     "data-parallel ranks; this epoch's counters: %s", self.epoch, self.batches_in_epoch, dropped,
+                     dropped_ex, self.topology.dp_size, {k: v for k, v in self.epoch_stats.items() if v})
+            if self.epoch_stats["skipped_shards"]:
+                log.warning("epoch %d: %d shard(s) skipped because of errors (data.on_error=skip)", self.epoch,
+                            self.epoch_stats["skipped_shards"])
+            self.reset(self.epoch + 1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Plain ints and lists, identical on every rank. Collective over the data-parallel ranks: call it
+        on all of them together (the trainer does, at each checkpoint)."""
+        mine = [self.batches_in_epoch, self._next_worker] + [int(x) for c in self.ds.cursors for x in c]
+        ranks = [mine]
+        if self.topology.dp_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(mine, dtype=torch.int64)
+            out = [torch.zeros_like(t) for _ in range(self.topology.dp_size)]
+            dist.all_gather(out, t, group=self.group)
+            ranks = [o.tolist() for o in out]
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
+                "num_workers": self.num_workers, "ranks": [
+                    {"batches": r[0], "next_worker": r[1],
+                     "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))]} for r in ranks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a loader state ({STATE_FORMAT}): {str(state)[:200]}")
+        epoch = int(state["epoch"])
+        if state["dp_size"] != self.topology.dp_size or state["num_workers"] != self.num_workers:
+            log.warning("loader state saved with %d data-parallel rank(s) x %d worker(s), resumed with %d x %d: "
+                        "the position cannot be restored exactly; starting epoch %d", state["dp_size"],
+                        state["num_workers"], self.topology.dp_size, self.num_workers, epoch + 1)
+            self.reset(epoch + 1)
+            return
+        if int(state["seed"]) != self.ds.seed:
+            log.warning("loader state saved with seed %s, resumed with seed %s: the data order changes",
+                        state["seed"], self.ds.seed)
+        mine = state["ranks"][self.topology.dp_rank]
+        self.ds.epoch = epoch
+        self.ds.cursors = [[int(x) for x in c] for c in mine["workers"]]
+        self.batches_in_epoch, self._next_worker = int(mine["batches"]), int(mine["next_worker"])
+
+
+def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,
+                 state: dict | None = None, shuffle: bool | None = None) -> Loader:
+    """The loader of one rank over ``data_cfg.shards_dir`` (see the module docstring).
+
+    ``objective_cfg`` chooses the examples (``pair``) and the masking; ``topology`` the data-parallel rank,
+    size and host group (``megamlm.distributed.topology``); ``seed`` with the epoch fixes every random
+    choice. ``shuffle`` defaults to True for train and False for val. ``state`` from ``state_dict()``.
+    """
+    manifest = load_manifest(data_cfg.shards_dir)
+    manifest.check_tokenizer(tokenizer)
+    shards = manifest.shards(split)
+    if not shards or not sum(int(s["samples"]) for s in shards):
+        raise ShardError(f"{manifest.path}: the {split!r} split has no samples")
+    missing = [s["name"] for s in shards if not (manifest.dir / s["name"]).is_file()]
+    if missing:
+        msg = f"{manifest.dir}: shard(s) listed in the manifest are missing: {', '.join(missing[:5])}"
+        if data_cfg.on_error == "raise":
+            raise ShardError(msg)
+        log.warning("%s (data.on_error=skip: they will be skipped)", msg)
+    if data_cfg.seq_len < 5:
+        raise ValueError(f"data.seq_len={data_cfg.seq_len} leaves no room for an example")
+    ds = _PretrainDataset(manifest=manifest, split=split, tokenizer=tokenizer,
+                          mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
+                          data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
+                          shuffle=(split == "train") if shuffle is None else shuffle)
+    loader = Loader(ds, topology)
+    if state is not None:
+        loader.load_state_dict(state)
+    log.info("%s loader: %d shard(s), %d block(s), rank %d of %d data-parallel, %d worker(s), pair=%s, "
+             "masking=%s, seq_len=%d, micro-batch %d", split, len(shards), sum(ds.samples), topology.dp_rank,
+             topology.dp_size, data_cfg.num_workers, objective_cfg.pair, objective_cfg.masking,
+             data_cfg.seq_len, data_cfg.micro_batch_size)
+    return loader

@@ -1,0 +1,265 @@
+"""The loader in one process: Batch fields, exactly-once epochs, exact resume, worker-count independence,
+bad shards. Real WebDataset tars (made by make_shards) and a real SentencePiece model.
+
+A failure points at megamlm/data/loader.py (unit split, windows, cursors, collation, errors); a
+failure in the WebDataset cross-check points at the tar layout written by megamlm/data/shards.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from megamlm.data.batch import IGNORE_INDEX
+from megamlm.data.loader import build_loader
+from megamlm.data.units import epoch_units
+from megamlm.data.shards import ShardError, iter_shard, load_manifest, npy_bytes, npy_load
+from megamlm.distributed.topology import single_process_topology
+from tests import data_fixtures as F
+
+FIELDS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "mlm_positions", "mlm_targets")
+
+
+@pytest.fixture(scope="module")
+def shards():
+    return F.shards()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return F.tokenizer()
+
+
+def make(shards_dir, tok, pair="nsp", masking="token", seed=5, split="train", state=None, **data):
+    return build_loader(F.loader_config(shards_dir, **data), tok, single_process_topology(), seed,
+                        F.objective(pair=pair, masking=masking), split=split, state=state)
+
+
+def one_epoch(loader, include_dropped=True):
+    """(batch, info) of the loader's current epoch."""
+    out, epoch = [], loader.epoch
+    for b, info in loader.iter_with_info(include_dropped=include_dropped):
+        if info["epoch"] != epoch:
+            break
+        out.append((b, info))
+    return out
+
+
+def same(b1, b2) -> bool:
+    ok = all(torch.equal(getattr(b1, f), getattr(b2, f)) for f in FIELDS) and b1.n_tokens == b2.n_tokens
+    return ok and ((b1.pair_labels is None and b2.pair_labels is None) or torch.equal(b1.pair_labels, b2.pair_labels))
+
+
+def train_docs(shards_dir):
+    man = load_manifest(shards_dir)
+    return {i: (ids, sl) for p in man.shard_paths("train") for i, ids, sl in iter_shard(p)}
+
+
+@pytest.mark.parametrize("pair,pad_to", [("nsp", "longest"), ("sop", "max"), ("none", "longest")])
+def test_batch_fields(shards, tok, pair, pad_to):
+    loader = make(shards, tok, pair=pair, masking="whole_word", pad_to=pad_to)
+    it = iter(loader)
+    for _ in range(5):
+        b = next(it)
+        B, T = b.input_ids.shape
+        assert B == 8 and (T == 64 if pad_to == "max" else T <= 64)
+        lens = b.attention_mask.sum(1)
+        assert pad_to == "max" or int(lens.max()) == T  # padded to the longest
+        assert b.n_tokens == int(lens.sum())
+        assert (b.input_ids[~b.attention_mask] == tok.special.pad).all()
+        assert (b.mlm_labels[~b.attention_mask] == IGNORE_INDEX).all()
+        flat = b.mlm_labels.reshape(-1)
+        assert torch.equal(b.mlm_positions, torch.nonzero(flat != IGNORE_INDEX).reshape(-1))
+        assert torch.equal(b.mlm_targets, flat[b.mlm_positions]) and b.n_targets > 0
+        assert all(getattr(b, f).dtype == torch.int64 for f in FIELDS if f != "attention_mask")
+        assert b.attention_mask.dtype == torch.bool
+        assert (b.input_ids[:, 0] == tok.special.cls).all()
+        if pair == "none":
+            assert b.pair_labels is None and (b.token_type_ids == 0).all()
+        else:
+            assert b.pair_labels.shape == (B,) and set(b.pair_labels.tolist()) <= {0, 1}
+            assert (b.token_type_ids.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("pair", ["nsp", "sop", "none"])
+def test_every_document_once_per_epoch(shards, tok, pair):
+    docs = train_docs(shards)
+    loader = make(shards, tok, pair=pair)
+    seen = []
+    for _, info in one_epoch(loader):
+        seen += [d for ds in info["docs"] for d in (ds if pair == "none" else ds[:1])]
+    if pair == "none":  # a document may span two sequences: each of its pieces counts once
+        assert set(seen) == set(docs)
+    else:
+        expected = {i for i, (_, sl) in docs.items() if pair == "nsp" or sl.size >= 2}
+        assert sorted(set(seen)) == sorted(expected)
+        if pair == "sop":
+            assert loader.epoch_stats["short_documents"] == len(docs) - len(expected)
+    assert loader.epoch_stats["documents"] == len(docs)
+    assert loader.epoch_stats["dropped_batches"] == 0 and loader.stats["epochs"] == 1
+
+
+def test_epochs_differ_and_shards_are_reordered(shards, tok):
+    man = load_manifest(shards)
+    samples = [s["samples"] for s in man.shards("train")]
+    u0, u1 = epoch_units(samples, 5, 0, 1, True), epoch_units(samples, 5, 1, 1, True)
+    assert sorted(map(tuple, u0)) == sorted(map(tuple, u1)) and not np.array_equal(u0[:, 0], u1[:, 0])
+    loader = make(shards, tok)
+    e0 = one_epoch(loader)
+    e1 = one_epoch(loader)
+    assert not same(e0[0][0], e1[0][0])
+    ids0 = {x for _, i in e0 for x in i["ident"]}
+    assert len(ids0) == sum(len(i["ident"]) for _, i in e0)  # identities are unique within an epoch
+
+
+@pytest.mark.parametrize("workers,stop,pair,masking", [(0, 37, "nsp", "token"), (2, 41, "none", "whole_word"),
+                                                   (2, -4, "sop", "span")])
+def test_resume_is_exact(shards, tok, workers, stop, pair, masking):
+    """Stop after ``stop`` batches (negative: that many before the end of epoch 0), rebuild from the JSON
+    state: the concatenation equals the uninterrupted stream batch for batch, into epoch 1."""
+    kw = dict(pair=pair, masking=masking, num_workers=workers)
+    ref_loader = make(shards, tok, **kw)
+    ref, epoch_len, it = [], 0, iter(ref_loader)
+    while len(ref) < epoch_len + 20:
+        ref.append(next(it))
+        epoch_len += ref_loader.epoch == 0
+    n = len(ref)
+    stop = stop if stop >= 0 else epoch_len + stop
+    a = make(shards, tok, **kw)
+    it = iter(a)
+    got = [next(it) for _ in range(stop)]
+    state = json.loads(json.dumps(a.state_dict()))
+    del it
+    b = make(shards, tok, state=state, **kw)
+    it = iter(b)
+    got += [next(it) for _ in range(n - stop)]
+    for i, (x, y) in enumerate(zip(ref, got)):
+        assert same(x, y), f"batch {i} differs after resuming at {stop}"
+
+
+def test_masks_do_not_depend_on_the_worker_count(shards, tok):
+    def table(workers):
+        loader = make(shards, tok, pair="nsp", masking="whole_word", num_workers=workers)
+        out = {}
+        for b, info in one_epoch(loader):
+            for row, ident in enumerate(info["ident"]):
+                n = int(b.attention_mask[row].sum())
+                out[ident] = (b.input_ids[row, :n].tolist(), b.mlm_labels[row, :n].tolist(),
+                              b.token_type_ids[row, :n].tolist(), int(b.pair_labels[row]))
+        return out
+
+    one, two = table(1), table(2)
+    assert len(one) > 1000 and one == two
+
+
+def test_state_is_plain_and_a_different_layout_starts_the_next_epoch(shards, tok, caplog):
+    a = make(shards, tok)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    assert json.loads(json.dumps(state)) == state and state["ranks"][0]["batches"] == 3
+    with caplog.at_level(logging.WARNING):
+        b = make(shards, tok, num_workers=2, state=state)
+    assert b.epoch == 1 and "cannot be restored exactly" in caplog.text
+
+
+def test_val_split_is_ordered_and_repeatable(shards, tok):
+    v = make(shards, tok, split="val")
+    first = [b for _, b in zip(range(3), v)]
+    v.reset()
+    again = [b for _, b in zip(range(3), v)]
+    assert all(same(x, y) for x, y in zip(first, again))
+
+
+def test_webdataset_reads_the_same_blocks(shards):
+    import webdataset as wds
+
+    man = load_manifest(shards)
+    urls = [str(p) for p in man.shard_paths("train")]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+    n, ids = 0, []
+    for sample in ds:
+        ids.append(npy_load(sample["ids.npy"]))
+        n += 1
+    assert n == sum(s["samples"] for s in man.shards("train"))
+    mine = np.concatenate([x for p in man.shard_paths("train") for _, x, _ in iter_shard(p)])
+    assert np.array_equal(np.concatenate(ids), mine)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def broken(shards, tmp_path):
+    dst = tmp_path / "shards"
+    shutil.copytree(shards, dst)
+    return dst
+
+
+def drain(loader):
+    for _ in one_epoch(loader):
+        pass
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+
+
+def test_truncated_shard_is_named(broken, tok):
+    truncate(broken / "train-000001.tar")
+    with pytest.raises(ShardError, match=r"train-000001\.tar.*sha256"):
+        drain(make(broken, tok, num_workers=1))  # raised in a worker, re-raised here
+    with pytest.raises(ShardError, match=r"train-000001\.tar"):
+        drain(make(broken, tok, verify_checksums="false"))
+
+
+def test_checksum_mismatch_is_named(broken, tok):
+    p = broken / "train-000002.tar"
+    data = bytearray(p.read_bytes())
+    data[600] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000002\.tar: sha256 .* differs"):
+        drain(make(broken, tok))
+
+
+def test_shards_of_another_tokenizer(broken, tok):
+    # a shard holding ids beyond this tokenizer's vocabulary (checksums off, or it fails on the sha256)
+    p = broken / "train-000000.tar"
+    members = []
+    with tarfile.open(p) as t:
+        for m in t:
+            data = t.extractfile(m).read()
+            if m.name.endswith(".ids.npy"):
+                data = npy_bytes(npy_load(data).astype(np.uint16) + 2000)
+            members.append((m.name, data))
+    with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*outside the tokenizer"):
+        drain(make(broken, tok, verify_checksums="false"))
+    man = json.loads((broken / "manifest.json").read_text())
+    man["tokenizer"]["sha256"] = "0" * 64
+    (broken / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ShardError, match="made with tokenizer sha256 000000000000"):
+        make(broken, tok)
+
+
+def test_on_error_skip_warns_counts_and_goes_on(broken, tok, caplog):
+    truncate(broken / "train-000001.tar")
+    (broken / "train-000003.tar").unlink()
+    with caplog.at_level(logging.WARNING):
+        loader = make(broken, tok, on_error="skip")
+        batches = one_epoch(loader)
+    assert loader.epoch_stats["skipped_shards"] == 2 and loader.epoch_stats["skipped_blocks"] > 0
+    assert "train-000001.tar" in caplog.text and "train-000003.tar" in caplog.text
+    assert len(batches) > 50
