@@ -1,0 +1,436 @@
+"""``megamlm bench model``: training-step throughput, MFU and peak memory of megamlm vs HF BERT.
+
+One run times both models on the same config and the same batch, interleaved (round r: megamlm then
+HF, then r+1 ...), so drifts in machine speed hit both. Each timed sample is a full training step —
+forward, backward, AdamW step (the same optimizer implementation for both) — and tokens/s counts the
+*real* (unpadded) tokens. We report median, min–max over rounds and the median ratio.
+
+MFU = needed FLOPs per step / step time / measured peak, where the peak is the best of several large
+square matmuls timed in the same process and dtype (``matmul_peak``). Needed FLOPs (``train_flops``),
+3 × the forward matmul FLOPs (backward = 2 × forward):
+
+    per layer, per real token:  2·(3H·H + H·H + 2·H·F)   (qkv, out, up, down)
+    per layer, per sequence:    4·L²·H                   (QKᵀ and A·V over the L real tokens)
+    per masked row:             2·H·H + 2·H·V_real        (MLM transform, decoder)
+    per sequence (pair head):   2·H·H + 2·H·2             (pooler, classifier)
+
+Embedding lookups, norms, activations and softmax count 0. HF does the vocabulary projection on all
+B×T rows; that extra work is *not* counted (it is not needed), so both models' MFU use one FLOP count
+and their ratio equals the throughput ratio.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU each model runs
+in a fresh subprocess and we report its peak RSS minus its RSS just before the model is built
+(``VmHWM`` − ``VmRSS`` from ``/proc/self/status``, the high-water mark reset first; not ``ru_maxrss``,
+which keeps the parent's peak across fork + exec):
+weights, gradients, optimizer state, activations and allocator slack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchOptions", "random_batch", "train_flops", "matmul_peak", "run_bench", "format_report",
+           "bench_model_main", "build_arg_parser", "main", "SMALL"]
+
+# The goal config: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, seq 128, batch 32.
+SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, ffn_size=1024)
+
+
+@dataclass
+class BenchOptions:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_size: int = 1024
+    vocab_size: int = 30522
+    seq_len: int = 128
+    batch_size: int = 32
+    mlm_probability: float = 0.15
+    padding: bool = False  # lengths uniform in [seq_len/2, seq_len] (one row full) when True
+    pair: str = "nsp"
+    dropout: float = 0.1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile the megamlm model
+    rounds: int = 7
+    steps: int = 3  # timed steps per round and model
+    warmup: int = 2
+    models: str = "megamlm,hf"  # comma list; name[:precision] overrides precision, e.g. "megamlm,hf,hf:fp32"
+    memory: bool = True
+    malloc_tuned: bool = False  # glibc: no mmap / no trim for big blocks (both models), via mallopt
+    threads: int = 0  # 0 = leave torch's default
+    device: str = "cpu"
+    seed: int = 0
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
+                 padding: bool = False, pair: bool = True, seed: int = 0, device: str = "cpu"):
+    """A synthetic :class:`megamlm.data.batch.Batch`: random ids, segments split mid-sequence, about
+    ``mlm_probability`` of the real non-[CLS] tokens as targets, optional right padding."""
+    from megamlm.data.batch import IGNORE_INDEX, Batch
+
+    g = torch.Generator().manual_seed(seed)
+    B, T = batch_size, seq_len
+    ids = torch.randint(5, vocab_size, (B, T), generator=g)  # [B, T]
+    if padding:
+        lengths = torch.randint(max(2, T // 2), T + 1, (B,), generator=g)
+        lengths[0] = T
+    else:
+        lengths = torch.full((B,), T)
+    ar = torch.arange(T)
+    mask = ar[None, :] < lengths[:, None]  # [B, T] True on real tokens
+    ids = torch.where(mask, ids, torch.zeros_like(ids))  # pad id 0
+    ids[:, 0] = 2  # [CLS]
+    types = ((ar[None, :] >= (lengths[:, None] // 2)) & mask).long()  # [B, T]
+    chosen = (torch.rand(B, T, generator=g) < mlm_probability) & mask
+    chosen[:, 0] = False
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))  # [B, T]
+    positions = chosen.view(-1).nonzero().squeeze(-1)  # [N] (host side, as the loader does)
+    targets = labels.view(-1)[positions]  # [N]
+    pair_labels = torch.randint(0, 2, (B,), generator=g) if pair else None
+    batch = Batch(ids, types, mask, labels, positions, targets, pair_labels, n_tokens=int(mask.sum()))
+    return batch.to(device) if device != "cpu" else batch
+
+
+def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool) -> float:
+    """Needed training FLOPs of one step on ``batch`` (formula in the module docstring)."""
+    H, F = hidden, ffn
+    lengths = batch.attention_mask.sum(dim=1).double()  # [B]
+    n_tok = float(lengths.sum())
+    n_masked = float(batch.mlm_positions.numel())
+    fwd = num_layers * (n_tok * 2 * (4 * H * H + 2 * H * F) + float((4 * lengths ** 2 * H).sum()))
+    fwd += n_masked * (2 * H * H + 2 * H * real_vocab)
+    if pair:
+        fwd += batch.input_ids.shape[0] * (2 * H * H + 4 * H)
+    return 3.0 * fwd
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 6, device: str = "cpu") -> float:
+    """Best FLOP/s of an n×n×n matmul in ``dtype`` (the denominator of MFU)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(repeats + 2):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        _sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _model_cfgs(o: BenchOptions):
+    from megamlm.config import ModelConfig, ObjectiveConfig
+
+    mc = ModelConfig(vocab_size=o.vocab_size, hidden_size=o.hidden_size, num_layers=o.num_layers,
+                     num_heads=o.num_heads, ffn_size=o.ffn_size, max_position_embeddings=max(512, o.seq_len),
+                     dropout=o.dropout, attention_dropout=o.dropout)
+    return mc, ObjectiveConfig(pair=o.pair)
+
+
+def _optimizer(params, device: str):
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError):  # fused unsupported for this device / torch
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+
+
+def _split_spec(spec: str, o: BenchOptions) -> tuple[str, str]:
+    name, _, precision = spec.partition(":")
+    precision = precision or o.precision
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r} in {spec!r}: choose fp32 or bf16")
+    return name, precision
+
+
+def _tune_malloc() -> bool:
+    """glibc only: serve big blocks from the heap and never trim it, so fresh large tensors stop
+    costing page faults every step (what jemalloc / tcmalloc give). Process-wide: both models."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def _build_step(spec: str, o: BenchOptions, batch):
+    """A zero-argument closure running one training step of model ``spec`` (name[:precision])."""
+    name, precision = _split_spec(spec, o)
+    torch.manual_seed(o.seed)
+    autocast = (torch.autocast(device_type=torch.device(o.device).type, dtype=torch.bfloat16)
+                if precision == "bf16" else None)
+    if name == "megamlm":
+        from megamlm.model import build_model
+        from megamlm.objectives import combine
+
+        mc, oc = _model_cfgs(o)
+        model = build_model(mc, oc, o.vocab_size).to(o.device).train()
+        fwd = torch.compile(model) if o.compile else model
+        n_mlm = batch.mlm_positions.numel()
+        n_pair = batch.input_ids.shape[0]
+
+        def loss_fn():
+            return combine(fwd(batch), n_mlm, n_pair)
+    elif name == "hf":
+        from transformers import BertConfig, BertForPreTraining
+
+        cfg = BertConfig(vocab_size=o.vocab_size, hidden_size=o.hidden_size, num_hidden_layers=o.num_layers,
+                         num_attention_heads=o.num_heads, intermediate_size=o.ffn_size,
+                         max_position_embeddings=max(512, o.seq_len), hidden_act="gelu",
+                         hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout,
+                         layer_norm_eps=1e-12)
+        cfg._attn_implementation = "sdpa"
+        model = BertForPreTraining(cfg).to(o.device).train()
+        kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                  token_type_ids=batch.token_type_ids, labels=batch.mlm_labels)
+        if o.pair != "none":
+            kw["next_sentence_label"] = batch.pair_labels
+
+        def loss_fn():
+            out = model(**kw)
+            if out.loss is not None:
+                return out.loss
+            return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1).float(),
+                                                     batch.mlm_labels.view(-1))
+    else:
+        raise ValueError(f"unknown model {name!r}; choose megamlm or hf")
+    opt = _optimizer(model.parameters(), o.device)
+
+    def step():
+        if autocast is not None:
+            with autocast:
+                loss = loss_fn()
+        else:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return step, n_params
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _memory_child(name: str, o: BenchOptions) -> dict:
+    """In a fresh process: RSS before building, peak RSS after warmup + a few steps."""
+    batch = random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
+                         o.pair != "none", o.seed, o.device)
+    if name == "hf":
+        import transformers  # noqa: F401  (import cost outside the measurement)
+    if o.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    if o.malloc_tuned:
+        _tune_malloc()
+    _reset_peak_rss()
+    before = _proc_status_kb("VmRSS")
+    step, _ = _build_step(name, o, batch)
+    for _ in range(max(2, o.warmup) + 1):
+        step()
+    _sync(o.device)
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+    peak = _proc_status_kb("VmHWM")
+    out = {"peak_rss_delta_mb": (peak - before) / 1024}
+    if o.device.startswith("cuda"):
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def _measure_memory(name: str, o: BenchOptions) -> dict:
+    if o.device.startswith("cuda"):
+        return _memory_child(name, o)
+    cmd = [sys.executable, "-c",
+           "import json,sys; from megamlm.bench import BenchOptions, _memory_child; "
+           "o = BenchOptions(**json.loads(sys.argv[1])); print(json.dumps(_memory_child(sys.argv[2], o)))",
+           json.dumps(asdict(o)), name]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if res.returncode:
+        raise RuntimeError(f"memory measurement of {name} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_bench(o: BenchOptions) -> dict:
+    """Time both models interleaved; return the numbers (see :func:`format_report`)."""
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    if o.malloc_tuned and not _tune_malloc():
+        log.warning("malloc_tuned: mallopt unavailable (not glibc?); running untuned")
+    names = [n.strip() for n in o.models.split(",") if n.strip()]
+    for n in names:
+        _split_spec(n, o)
+    batch = random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
+                         o.pair != "none", o.seed, o.device)
+    flops = train_flops(batch, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    precisions = sorted({_split_spec(n, o)[1] for n in names})
+    peaks = {p: [matmul_peak(dtypes[p], device=o.device)] for p in precisions}
+    steps = {}
+    for n in names:
+        steps[n], n_params = _build_step(n, o, batch)
+        for _ in range(o.warmup):
+            steps[n]()
+        _sync(o.device)
+        log.info("built %s (%d parameters)", n, n_params)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(o.rounds):
+        for n in names:
+            _sync(o.device)
+            t = time.perf_counter()
+            for _ in range(o.steps):
+                steps[n]()
+            _sync(o.device)
+            times[n].append((time.perf_counter() - t) / o.steps)
+        log.info("round %d: %s", r, {n: round(times[n][-1], 4) for n in names})
+    for p in precisions:  # before and after the rounds: the best of both
+        peaks[p].append(matmul_peak(dtypes[p], device=o.device))
+    peak_of = {p: max(v) for p, v in peaks.items()}
+    result = {"options": asdict(o), "n_tokens": batch.n_tokens, "n_masked": int(batch.mlm_positions.numel()),
+              "flops_per_step": flops, "matmul_peak_flops": peak_of, "models": {}}
+    for n in names:
+        tps = sorted(batch.n_tokens / t for t in times[n])
+        med_t = statistics.median(times[n])
+        result["models"][n] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": tps[0],
+                               "tokens_per_s_max": tps[-1], "step_s_median": med_t, "step_s_rounds": times[n],
+                               "mfu": flops / med_t / peak_of[_split_spec(n, o)[1]]}
+    result["ratios"] = {}  # the first model's speed over each other's, per round (same round = same machine state)
+    for other in names[1:]:
+        ratios = sorted(a / b for a, b in zip(times[other], times[names[0]]))
+        result["ratios"][other] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+    del steps
+    if o.memory:
+        for n in names:
+            result["models"][n].update(_measure_memory(n, o))
+    return result
+
+
+def format_report(r: dict) -> str:
+    o = r["options"]
+    lines = [f"model: H={o['hidden_size']} L={o['num_layers']} heads={o['num_heads']} F={o['ffn_size']} "
+             f"V={o['vocab_size']}; batch {o['batch_size']}x{o['seq_len']} ({r['n_tokens']} real tokens, "
+             f"{r['n_masked']} masked); {o['precision']}{' +compile' if o['compile'] else ''}; "
+             f"dropout {o['dropout']}; threads {torch.get_num_threads()}"
+             f"{'; malloc tuned' if o.get('malloc_tuned') else ''}{'; padded' if o['padding'] else ''}",
+             f"needed FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; matmul peak "
+             + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in r["matmul_peak_flops"].items())
+             + f" (MFU against the model's precision); {o['rounds']} rounds x {o['steps']} steps"]
+    for n, m in r["models"].items():
+        mem = ""
+        if "peak_rss_delta_mb" in m:
+            mem = f"  peak RSS delta {m['peak_rss_delta_mb']:.0f} MB"
+        if "cuda_max_allocated_mb" in m:
+            mem += f"  cuda max allocated {m['cuda_max_allocated_mb']:.0f} MB"
+        lines.append(f"{n:>10}: {m['tokens_per_s_median']:8.0f} tok/s (min {m['tokens_per_s_min']:.0f}, max "
+                     f"{m['tokens_per_s_max']:.0f})  step {m['step_s_median'] * 1e3:.0f} ms  MFU "
+                     f"{100 * m['mfu']:.1f}%{mem}")
+    first = next(iter(r["models"]), "")
+    for other, q in r.get("ratios", {}).items():
+        lines.append(f"   ratio: {first} / {other} = {q['median']:.2f}x (per-round min {q['min']:.2f}, "
+                     f"max {q['max']:.2f})")
+    return "\n".join(lines)
+
+
+_HELP = {
+    "padding": "right-pad rows to lengths uniform in [seq_len/2, seq_len] (one row full)",
+    "pair": "pair head: nsp, sop or none",
+    "dropout": "hidden and attention dropout of both models",
+    "precision": "fp32 or bf16 (autocast) for every model without its own :precision",
+    "compile": "torch.compile the megamlm model",
+    "rounds": "interleaved rounds (median, min, max over them)",
+    "steps": "timed training steps per round and model",
+    "warmup": "untimed steps per model before the rounds",
+    "models": "comma list of megamlm | hf, each optionally :fp32 or :bf16 (e.g. megamlm,hf:fp32); "
+              "ratios are the first model's speed over each other's",
+    "memory": "peak memory of each model, in a fresh subprocess on CPU",
+    "malloc_tuned": "glibc mallopt: no mmap and no trimming for big blocks (both models): removes the "
+                    "page faults that fresh large tensors cost every step",
+    "threads": "torch.set_num_threads (0 = torch's default)",
+}
+
+
+def add_arguments(parser) -> None:
+    """argparse options for :class:`BenchOptions` (shared by the CLI and ``tools/bench_model.py``)."""
+    d = BenchOptions()
+    for f in d.__dataclass_fields__.values():
+        default = getattr(d, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool) and default:
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=f"skip: {_HELP.get(f.name, f.name)}")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name, f"enable {f.name}"))
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                help=f"{_HELP.get(f.name, '')} (default {default})".strip())
+
+
+def bench_model_main(options: BenchOptions, json_path: str | None = None) -> dict:
+    """Entry point for ``megamlm bench model`` and ``tools/bench_model.py``: run, print, maybe save."""
+    r = run_bench(options)
+    print(format_report(r))  # bench output is the CLI's product
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=2)
+    return r
+
+
+def build_arg_parser():
+    """``megamlm bench model [options]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="megamlm bench", description="benchmarks")
+    sub = ap.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("model", help="training-step tokens/s, MFU and peak memory: megamlm vs HF BertForPreTraining",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each round")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``megamlm bench model ...`` (argv without the leading ``bench``)."""
+    args = vars(build_arg_parser().parse_args(argv))
+    args.pop("what")
+    json_path = args.pop("json")
+    if args.pop("verbose"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    bench_model_main(BenchOptions(**args), json_path)
+    return 0

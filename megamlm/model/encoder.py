@@ -1,0 +1,285 @@
+"""The BERT encoder for one device, in plain PyTorch: embeddings → N blocks → hidden [B, T, H].
+
+Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward`, :class:`Block`,
+:class:`Encoder`. The encoder knows nothing of MLM, NSP or SOP; heads live in ``heads.py``.
+
+* Post-LN (BERT) by default, pre-LN with ``norm_position="pre"`` (then a final LayerNorm closes the
+  stack).
+* Attention goes through ``F.scaled_dot_product_attention`` so GPUs get flash / memory-efficient
+  kernels. Q, K and V come from one fused ``qkv`` linear ([3H, H], rows ordered q, k, v: the HF
+  conversion table splits it into query / key / value).
+* The padding mask is passed to SDPA only when the batch may contain padding; ``attention_mask=None``
+  means "every position is real" and lets SDPA take its fastest path (see
+  :meth:`Encoder.forward`).
+* No tensor parallelism in here: ``embeddings.word_embeddings`` is a plain ``nn.Embedding`` attribute
+  that a parallelize function can swap on a finished model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Dropout", "Embeddings", "SelfAttention", "FeedForward", "Block", "Encoder", "init_bert_weights",
+           "activation_fn", "check_model_inputs"]
+
+
+def activation_fn(name: str):
+    """``gelu`` = exact erf GELU (BERT, HF ``"gelu"``); ``gelu_tanh`` = tanh approximation."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"activation={name!r} is not supported; choose 'gelu' or 'gelu_tanh'")
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT initialisation: linear and embedding weights ~ N(0, std), biases 0, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Dropout with a cheaper CPU mask: 16 random bits per element from ``int64.random_`` (4 elements
+    per draw of the global generator) instead of ``bernoulli_``, which costs ~5× more on CPU. Keep
+    probability 1 - p up to 2⁻¹⁶; the mask is saved as bool."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+        threshold = round(p * 65536) - 32768  # P(int16 >= threshold) = 1 - p
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # [x.shape] bool
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` semantics; CPU tensors take :class:`_CPUDropout`."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    if x.device.type != "cpu" or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return F.dropout(x, p, True)
+    return _CPUDropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the cheaper CPU mask of :func:`dropout` (same module interface)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class Embeddings(nn.Module):
+    """word + position + segment embeddings → LayerNorm → dropout."""
+
+    def __init__(self, vocab_size: int, hidden: int, max_positions: int, type_vocab_size: int,
+                 eps: float, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden)  # swappable by a vocab-parallel pass
+        self.position_embeddings = nn.Embedding(max_positions, hidden)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_positions), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        # Every table is read through its module's forward (ZeRO-3 gathers parameters per module call).
+        T = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)  # [B, T, H]
+        x = x + self.position_embeddings(self.position_ids[:T])  # [T, H] broadcast over B
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings(self.position_ids[:1])  # [1, H]: segment 0
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)  # [B, T, H]
+        return self.dropout(self.norm(x))  # [B, T, H]
+
+
+def _attention_with_dropout(q, k, v, attn_mask, p: float) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) with dropout, times v; what SDPA's math path does, with :func:`dropout`."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, nh, T, T]
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))  # mask [B, 1, 1, T]
+    probs = dropout(torch.softmax(scores, dim=-1), p, True)  # [B, nh, T, T]
+    return torch.matmul(probs, v)  # [B, nh, T, hd]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: fused QKV projection, SDPA, output projection."""
+
+    def __init__(self, hidden: int, num_heads: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)  # rows: [q; k; v], each [H, H]
+        self.out = nn.Linear(hidden, hidden)
+        self.attention_dropout = attention_dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, nh, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, T, hd] (strided views)
+        p = self.attention_dropout if self.training else 0.0
+        if p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # SDPA's CPU kernels have no dropout: it would fall back to the math path with bernoulli_
+            y = _attention_with_dropout(q, k, v, attn_mask, p)  # [B, nh, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, nh, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, H)  # [B, T, H]
+        return self.out(y)  # [B, T, H]
+
+
+class FeedForward(nn.Module):
+    """Linear H → F, activation, linear F → H."""
+
+    def __init__(self, hidden: int, ffn: int, activation: str):
+        super().__init__()
+        self.up = nn.Linear(hidden, ffn)
+        self.down = nn.Linear(ffn, hidden)
+        self.act = activation_fn(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))  # [B, T, H] via [B, T, F]
+
+
+class Block(nn.Module):
+    """One transformer block; ``pre_norm`` chooses x + f(LN(x)) over LN(x + f(x))."""
+
+    def __init__(self, hidden: int, num_heads: int, ffn: int, eps: float, dropout: float,
+                 attention_dropout: float, activation: str, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn = SelfAttention(hidden, num_heads, attention_dropout)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn = FeedForward(hidden, ffn, activation)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))  # [B, T, H]
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))  # [B, T, H]
+        x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))  # [B, T, H]
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))  # [B, T, H]
+
+
+def check_model_inputs(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                       attention_mask: torch.Tensor | None, max_positions: int,
+                       vocab_size: int | None = None, type_vocab_size: int | None = None) -> None:
+    """Raise a ValueError naming the bad value. Shape checks are free; the id ranges (given
+    ``vocab_size``) read the tensors, which is a host sync on an accelerator."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if T > max_positions:
+        raise ValueError(f"sequence length {T} exceeds model.max_position_embeddings={max_positions}")
+    if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, "
+                         f"input_ids has {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                         f"{tuple(input_ids.shape)} like input_ids ([batch, seq], True on real tokens)")
+    if vocab_size is not None and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if type_vocab_size is not None and token_type_ids is not None and token_type_ids.numel():
+        lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+        if lo < 0 or hi >= type_vocab_size:
+            bad = hi if hi >= type_vocab_size else lo
+            raise ValueError(f"token type id {bad} is outside [0, model.type_vocab_size={type_vocab_size})")
+
+
+class Encoder(nn.Module):
+    """Embeddings and a stack of blocks: (input_ids, token_type_ids, attention_mask) → hidden [B, T, H].
+
+    ``check_inputs``: verify id ranges on every call. Off by default on accelerators (it syncs);
+    inputs on the CPU are always checked, which costs a pass over B×T ids and no sync.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                 ffn_size: int = 3072, max_position_embeddings: int = 512, type_vocab_size: int = 2,
+                 dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
+                 norm_position: str = "post", activation: str = "gelu", init_std: float = 0.02,
+                 check_inputs: bool = False):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"model.hidden_size={hidden_size} is not divisible by model.num_heads={num_heads}")
+        if norm_position not in ("post", "pre"):
+            raise ValueError(f"model.norm_position={norm_position!r}; choose 'post' or 'pre'")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size} must be >= 1")
+        activation_fn(activation)  # validates the name
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.max_positions = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.check_inputs = check_inputs
+        self.embeddings = Embeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
+                                     layer_norm_eps, dropout)
+        self.layers = nn.ModuleList(
+            Block(hidden_size, num_heads, ffn_size, layer_norm_eps, dropout, attention_dropout, activation,
+                  pre_norm=norm_position == "pre") for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if norm_position == "pre" else None
+        init_bert_weights(self, init_std)
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int, check_inputs: bool = False) -> "Encoder":
+        """Build from a :class:`megamlm.config.ModelConfig` with ``vocab_size`` embedding rows."""
+        m = model_cfg
+        return cls(vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.ffn_size,
+                   m.max_position_embeddings, m.type_vocab_size, m.dropout, m.attention_dropout,
+                   m.layer_norm_eps, m.norm_position, m.activation, m.init_std, check_inputs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embeddings.word_embeddings.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] int64, token_type_ids [B, T] or None (all segment 0), attention_mask [B, T]
+        bool (True on real tokens) or None (no padding: SDPA runs without a mask). → hidden [B, T, H].
+
+        Hidden states at padded positions are computed but meaningless; real positions never attend
+        to padding, so they do not depend on how much padding follows.
+        """
+        # value checks read the ids: free on CPU, a sync on accelerators, data-dependent under compile
+        check_ids = ((self.check_inputs or input_ids.device.type == "cpu")
+                     and not torch.compiler.is_compiling())
+        check_model_inputs(input_ids, token_type_ids, attention_mask, self.max_positions,
+                           self.vocab_size if check_ids else None,
+                           self.type_vocab_size if check_ids else None)
+        attn_mask = None
+        if attention_mask is not None:
+            attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T] True = attend
+        x = self.embeddings(input_ids, token_type_ids)  # [B, T, H]
+        for layer in self.layers:
+            x = layer(x, attn_mask)  # [B, T, H]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x  # [B, T, H]
+
+
+def num_params(module: nn.Module) -> int:
+    """Parameters counted once even when tied."""
+    return sum(p.numel() for p in module.parameters())
+

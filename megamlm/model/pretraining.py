@@ -1,0 +1,141 @@
+"""The pretraining model (like HF ``BertForPreTraining``): encoder + MLM head + optional pair head.
+
+``forward(batch)`` returns :class:`megamlm.objectives.LossTerms` (sums and counts, never a mean: the
+trainer divides once by the step's global counts with :func:`megamlm.objectives.combine`).
+``logits(batch)`` returns the MLM logits at the masked rows and the pair logits, for parity tests and
+evaluation.
+
+No host sync on the way: masked positions come from the loader; whether the batch is padded is read
+from ``batch.n_tokens`` (a host int) or, for CPU tensors, from the mask itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megamlm.model.encoder import Encoder
+from megamlm.model.heads import MLMHead, PairHead
+from megamlm.objectives import LossTerms, mlm_terms, pair_terms
+
+__all__ = ["PretrainingModel", "build_model", "attention_mask_or_none", "weight_decay_groups"]
+
+
+def attention_mask_or_none(batch) -> torch.Tensor | None:
+    """The batch's [B, T] mask, or None when it certainly has no padding (then SDPA runs unmasked).
+
+    Decided without a device sync: ``batch.n_tokens == B*T`` (the loader's host count of real tokens),
+    or for a CPU mask by reading it (cheap, no device; not under torch.compile). Otherwise the mask is
+    passed (always correct)."""
+    mask = batch.attention_mask
+    if mask is None:
+        return None
+    if getattr(batch, "n_tokens", 0) and batch.n_tokens == batch.input_ids.numel():
+        return None
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
+
+
+class PretrainingModel(nn.Module):
+    """Encoder + MLM head (tied) + pair head (``pair`` = "nsp" / "sop"; none for "none").
+
+    ``real_vocab_size``: ids below it are real pieces; rows from there to the embedding size are
+    vocabulary padding, never predicted. ``vocab_group``: the vocab-parallel process group, None
+    unless a parallelize function sets it (with the decoder it swaps in).
+    """
+
+    def __init__(self, encoder: Encoder, pair: str = "nsp", real_vocab_size: int | None = None,
+                 layer_norm_eps: float = 1e-12, activation: str = "gelu", init_std: float = 0.02):
+        super().__init__()
+        if pair not in ("nsp", "sop", "none"):
+            raise ValueError(f"objective.pair={pair!r}; choose 'nsp', 'sop' or 'none'")
+        self.encoder = encoder
+        self.pair = pair
+        H = encoder.hidden_size
+        self.mlm_head = MLMHead(H, layer_norm_eps, activation, encoder.embeddings.word_embeddings.weight,
+                                real_vocab_size, init_std)
+        self.pair_head = PairHead(H, init_std) if pair != "none" else None
+        self.vocab_group = None
+
+    @property
+    def real_vocab_size(self) -> int:
+        return self.mlm_head.decoder.n_predicted
+
+    def _check_batch(self, batch) -> None:
+        ids = batch.input_ids
+        pos, tgt = batch.mlm_positions, batch.mlm_targets
+        if pos.dim() != 1 or tgt.shape != pos.shape:
+            raise ValueError(f"mlm_positions {tuple(pos.shape)} and mlm_targets {tuple(tgt.shape)} must be "
+                             f"two [N] vectors")
+        if self.pair_head is not None:
+            if batch.pair_labels is None:
+                raise ValueError(f"objective.pair={self.pair!r} but the batch has no pair_labels")
+            if batch.pair_labels.shape != ids.shape[:1]:
+                raise ValueError(f"pair_labels has shape {tuple(batch.pair_labels.shape)}; expected "
+                                 f"[{ids.shape[0]}] (one per sequence)")
+        check_values = self.encoder.check_inputs or pos.device.type == "cpu"
+        if check_values and pos.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(pos.min()), int(pos.max())
+            if lo < 0 or hi >= ids.numel():
+                raise ValueError(f"mlm_positions holds {hi if hi >= ids.numel() else lo}, outside the "
+                                 f"flattened batch [0, {ids.numel()})")
+            valid = tgt[tgt != -100]
+            if valid.numel():
+                lo, hi = int(valid.min()), int(valid.max())
+                n = self.real_vocab_size
+                if lo < 0 or hi >= n:
+                    raise ValueError(f"MLM target id {hi if hi >= n else lo} is outside the real vocabulary "
+                                     f"[0, {n}) (padded rows are never targets)")
+
+    def hidden(self, batch) -> torch.Tensor:
+        """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch`."""
+        return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch))
+
+    def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None)."""
+        self._check_batch(batch)
+        h = self.hidden(batch)  # [B, T, H]
+        mlm = self.mlm_head(h, batch.mlm_positions)  # [N, V_real]
+        pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
+        return mlm, pair
+
+    def forward(self, batch) -> LossTerms:
+        mlm_logits, pair_logits = self.logits(batch)
+        terms = LossTerms()
+        # the logits exist for the loss alone: its backward may write the gradient into them
+        terms.add("mlm", *mlm_terms(mlm_logits, batch.mlm_targets, self.vocab_group, logits_are_scratch=True))
+        if pair_logits is not None:
+            terms.add("pair", *pair_terms(pair_logits, batch.pair_labels))
+        return terms
+
+
+def build_model(model_cfg, objective_cfg, vocab_size: int, real_vocab_size: int | None = None,
+                check_inputs: bool = False) -> PretrainingModel:
+    """The pretraining model from its config sections.
+
+    vocab_size: the tokenizer's padded vocabulary size (used when ``model_cfg.vocab_size`` is 0);
+    real_vocab_size: the tokenizer's real piece count (None = every row is real);
+    check_inputs: check id ranges on accelerator inputs too (a host sync per batch; CPU inputs are
+    always checked).
+    """
+    rows = model_cfg.vocab_size or vocab_size
+    if rows < 1:
+        raise ValueError(f"vocabulary size {rows} must be >= 1 (model.vocab_size or the tokenizer's)")
+    if real_vocab_size is not None and real_vocab_size > rows:
+        raise ValueError(f"the tokenizer has {real_vocab_size} pieces but the model only {rows} embedding rows "
+                         f"(model.vocab_size={model_cfg.vocab_size})")
+    encoder = Encoder.from_config(model_cfg, rows, check_inputs=check_inputs)
+    return PretrainingModel(encoder, objective_cfg.pair, real_vocab_size, model_cfg.layer_norm_eps,
+                            model_cfg.activation, model_cfg.init_std)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: decay on matrices (linear and embedding weights), none on biases
+    and LayerNorm parameters (every 1-d tensor). Tied parameters appear once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
