@@ -93,6 +93,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from megamlm.pretrain import main_from_cli
+
+    return main_from_cli(args.config, list(args.overrides), args.resume)
+
+
 def cmd_bench(args) -> int:
     from megamlm import bench
 
@@ -133,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prepare)
 
+    p = sub.add_parser("pretrain", help="pretrain (under deepspeed, torchrun, mpirun, srun, or alone)")
+    _config_args(p)
+    p.add_argument("--resume", default=None,
+                   help="auto (the latest complete checkpoint, if any), a checkpoint tag or folder, or none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_pretrain)
+
     p = sub.add_parser("bench", help="benchmarks (`megamlm bench model --help`)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
@@ -148,13 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = list(args.overrides) + rest
-    from megamlm.data.corpus import CorpusError
-    from megamlm.data.shards import ShardError
-    from megamlm.tokenizer import TokenizerError
-
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CorpusError, ShardError, TokenizerError) as e:
+    except Exception as e:  # noqa: BLE001 - user-facing errors print as one message, the rest as tracebacks
+        if not (isinstance(e, ConfigError) or getattr(e, "user_facing", False)):
+            raise
         print(f"megamlm {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

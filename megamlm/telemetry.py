@@ -27,3 +27,37 @@ def setup_logging(level: str = "INFO") -> None:
     h._megamlm = True  # type: ignore[attr-defined]
     root.addHandler(h)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+class TensorBoardWriter:
+    """Rank 0's TensorBoard sink under ``<output_dir>/tb``; other ranks get no writer at all."""
+
+    def __init__(self, log_dir: str, config_yaml: str | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = log_dir
+        self._w = SummaryWriter(log_dir=log_dir)
+        if config_yaml:
+            self._w.add_text("config", "```\n" + config_yaml + "\n```", 0)
+
+    def add_hparams(self, cfg_dict: dict, metrics: dict[str, float]) -> None:
+        """The resolved config as hparams, with the run's final metrics (``hparam/<name>``)."""
+        self._w.add_hparams(flat_hparams(cfg_dict), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._w.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def flat_hparams(cfg_dict: dict) -> dict:
+    """``{"section/key": value}`` for TensorBoard's hparams plugin (lists become strings)."""
+    out = {}
+    for section, values in cfg_dict.items():
+        for k, v in values.items():
+            out[f"{section}/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -38,6 +38,8 @@ SIDECAR_FORMAT = "megamlm-tokenizer/1"
 class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable or inconsistent with its sidecar."""
 
+    user_facing = True  # the CLI prints it as one message, no traceback
+
 
 def padded_size(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple

@@ -20,7 +20,17 @@ if [ -z "${MEGAMLM_TORCH:-}" ]; then
   fi
 fi
 
-stamp_src="$(cat "$root/pyproject.toml" "$root/tools/setup.sh" "$root/tools/constraints-cpu.txt") $MEGAMLM_TORCH"
+# System packages the launchers need (Open MPI for `mpirun`), where apt-get runs as root; elsewhere
+# the mpirun tests skip and say why. MEGAMLM_NO_APT=1 skips this.
+if [ -z "${MEGAMLM_NO_APT:-}" ] && ! command -v mpirun >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Open MPI (apt-get)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin) \
+    >/dev/null 2>&1 || echo "[setup] apt-get could not install Open MPI; mpirun launches will be skipped" >&2
+fi
+
+mpi_present=$(command -v mpicc || true)
+stamp_src="$mpi_present $(cat "$root/pyproject.toml" "$root/tools/setup.sh" "$root/tools/constraints-cpu.txt") $MEGAMLM_TORCH"
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
 if [ -f "$venv/.megamlm-setup" ] && [ "$(cat "$venv/.megamlm-setup")" = "$stamp" ]; then
   exit 0

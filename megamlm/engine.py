@@ -1,0 +1,218 @@
+"""The DeepSpeed engine: its config dict is built here from megamlm's config (no hand-kept JSON),
+with the optimizer, the learning-rate schedule and the process group. DeepSpeed specifics live here
+alone (DESIGN.md seam 7).
+
+Batch arithmetic: ``global = micro × data-parallel × accumulation`` (checked when the config is
+loaded with the world size). The loss handed to :func:`backward` is the micro-batch's share of the
+step's mean loss (sums divided by the step's global target counts); DeepSpeed averages gradients over
+data-parallel ranks and divides by the accumulation steps, so the share is multiplied back by
+``dp × accumulation`` first: the gradient is then exactly that of the step's mean loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """An engine setting that cannot work on this machine (e.g. LAMB without CUDA)."""
+
+    user_facing = True  # the CLI prints it as one message, no traceback
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_backend(engine_cfg) -> str:
+    if engine_cfg.backend != "auto":
+        return engine_cfg.backend
+    return "nccl" if device_type() == "cuda" else "gloo"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro: int
+    dp: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.dp * self.accumulation
+
+
+def batch_plan(cfg, world_size: int) -> BatchPlan:
+    dp = world_size // cfg.parallel.vocab_parallel_size
+    micro = cfg.data.micro_batch_size
+    acc = cfg.engine.global_batch_size // (micro * dp) if cfg.engine.global_batch_size else 1
+    return BatchPlan(micro, dp, max(acc, 1))
+
+
+def build_ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed config for ``cfg`` on ``world_size`` ranks."""
+    plan = batch_plan(cfg, world_size)
+    e = cfg.engine
+    ds: dict = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": e.grad_clip,
+        "zero_optimization": {"stage": e.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if e.zero_stage >= 2:
+        ds["zero_optimization"].update({"overlap_comm": device_type() == "cuda", "contiguous_gradients": True,
+                                        "reduce_scatter": True})
+    if e.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    if e.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif e.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": e.initial_loss_scale_power,
+                      "loss_scale_window": e.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.optim.name == "lamb":
+        if device_type() != "cuda":
+            raise EngineError("optim.name='lamb' uses DeepSpeed's fused LAMB, which needs CUDA; on this "
+                              "machine use optim.name=adamw")
+        ds["optimizer"] = {"type": "Lamb", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                                                      "eps": cfg.optim.eps,
+                                                      "weight_decay": cfg.optim.weight_decay}}
+    return ds
+
+
+class WarmupDecay:
+    """Learning-rate multiplier: linear warm-up, then constant / linear / cosine / polynomial decay to
+    ``min_lr``. A picklable callable so LambdaLR's state_dict (and so the checkpoint) carries it."""
+
+    def __init__(self, lr: float, min_lr: float, warmup: int, total: int, schedule: str, power: float = 1.0):
+        self.lr, self.min_lr, self.warmup, self.total, self.schedule, self.power = (
+            lr, min_lr, warmup, max(total, 1), schedule, power)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        span = max(self.total - self.warmup, 1)
+        frac = min(max(step - self.warmup, 0) / span, 1.0)
+        floor = self.min_lr / self.lr
+        if self.schedule == "linear":
+            shape = 1.0 - frac
+        elif self.schedule == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+        elif self.schedule == "polynomial":
+            shape = (1.0 - frac) ** self.power
+        else:  # pragma: no cover - validated by the config
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        return floor + (1.0 - floor) * shape
+
+
+def total_steps(cfg, plan: BatchPlan) -> int:
+    """The step budget; with a token budget only, an estimate at full sequences (stated in the log)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    est = math.ceil(cfg.train.max_tokens / (plan.global_batch * cfg.data.seq_len))
+    log.info("schedule horizon estimated from train.max_tokens at full sequences: %d steps", est)
+    return est
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``.
+
+    DeepSpeed's ZeRO 1–3 optimizers already skip such steps (they check the global norm); at ZeRO 0
+    in fp32 the client optimizer runs bare, so this one does the check (one device read per step, the
+    same DeepSpeed makes for its norm). The engine reads ``overflow`` and counts a skipped step.
+    """
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            self.overflow = not bool(torch.stack(norms).isfinite().all())
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg):
+    from megamlm.model.pretraining import weight_decay_groups
+
+    o = cfg.optim
+    groups = weight_decay_groups(model, o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if device_type() == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    cls = GuardedAdamW if cfg.engine.zero_stage == 0 else torch.optim.AdamW
+    return cls(groups, **kwargs)
+
+
+def init_distributed(dist_env, backend: str) -> None:
+    """Create the default process group from a DistEnv (exported first, so DeepSpeed sees the same)."""
+    import torch.distributed as dist
+
+    from megamlm.distributed.env import export
+
+    export(dist_env)
+    if dist.is_initialized():
+        return
+    if dist_env.world_size == 1 and backend == "gloo":
+        os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
+    import deepspeed
+
+    if device_type() == "cuda":
+        torch.cuda.set_device(dist_env.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               rank=dist_env.rank, world_size=dist_env.world_size)
+
+
+def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
+    """deepspeed.initialize with megamlm's optimizer and schedule; returns (engine, BatchPlan)."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    plan = batch_plan(cfg, world_size)
+    ds_config = build_ds_config(cfg, world_size)
+    o = cfg.optim
+    schedule = WarmupDecay(o.lr, o.min_lr, o.warmup_steps, total_steps(cfg, plan), o.schedule, o.power)
+    if "optimizer" in ds_config:  # LAMB: DeepSpeed builds it; the schedule wraps it afterwards
+        from megamlm.model.pretraining import weight_decay_groups
+
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=weight_decay_groups(model, o.weight_decay), config=ds_config, mpu=mpu)
+        engine.lr_scheduler = LambdaLR(optimizer, schedule)
+    else:
+        optimizer = build_optimizer(model, cfg)
+        scheduler = LambdaLR(optimizer, schedule)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, mpu=mpu)
+    return engine, plan
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def loss_scale(engine) -> float:
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        v = getattr(opt, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, torch.Tensor):
+            return float(v)
+    return 1.0

@@ -1,0 +1,191 @@
+"""``megamlm pretrain``: environment → process group → tokenizer, model, engine, loaders → Trainer.
+
+Everything that can be checked before a process group exists is checked first (config with the world
+size, paths, shards and their tokenizer), so a bad run fails in seconds with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from megamlm import checkpoint as ckpt
+from megamlm.config import Config, ConfigError, config_to_dict, dump_config
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: Config, world_size: int) -> list[str]:
+    """Problems found without any process group: config arithmetic, tokenizer, shards."""
+    from megamlm.config import cross_check
+    from megamlm.data.shards import ShardError, load_manifest
+    from megamlm.tokenizer import Tokenizer, TokenizerError
+
+    problems = cross_check(cfg, world_size)
+    tok = None
+    try:
+        tok = Tokenizer(cfg.tokenizer.model)
+    except TokenizerError as e:
+        problems.append(str(e))
+    try:
+        man = load_manifest(cfg.data.shards_dir)
+        if tok is not None:
+            man.check_tokenizer(tok)
+        if not man.shards("train"):
+            problems.append(f"{cfg.data.shards_dir} has no training shards")
+        if cfg.train.eval_every and not man.shards("val"):
+            problems.append(f"{cfg.data.shards_dir} has no validation shards but train.eval_every="
+                            f"{cfg.train.eval_every}; set train.eval_every=0 or data.val_fraction > 0")
+    except ShardError as e:
+        problems.append(str(e))
+    if tok is not None and cfg.model.vocab_size and cfg.model.vocab_size < tok.padded_vocab_size:
+        problems.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's padded "
+                        f"vocabulary {tok.padded_vocab_size}")
+    return problems
+
+
+def _resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
+    if not resume or resume == "none":
+        return None
+    if resume == "auto":
+        return ckpt.read_latest(ckpt_dir)
+    tag = Path(resume).name if Path(resume).is_dir() else resume
+    if not (ckpt_dir / tag / ckpt.COMPLETE).is_file():
+        raise ckpt.CheckpointError(f"--resume {resume!r}: {ckpt_dir / tag} is not a complete checkpoint")
+    return tag
+
+
+def _disable_ds_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at init (35–70 s) that only serves
+    inference; training on CPU goes through gloo. Skip it unless MEGAMLM_DS_SHM=1."""
+    if os.environ.get("MEGAMLM_DS_SHM") == "1" or torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
+    """Run pretraining on this rank; returns the trainer's summary (losses, final state, evals).
+
+    ``batch_source``: optional callable(topology, state_dict) → loader, replacing the shard loader
+    (tests feed recorded batches through it to compare with a single-process reference).
+    """
+    from megamlm.distributed.env import from_environ
+    from megamlm.distributed.topology import build_topology
+    from megamlm.engine import build_engine, init_distributed, resolve_backend
+    from megamlm.model.pretraining import build_model
+    from megamlm.telemetry import TensorBoardWriter
+    from megamlm.tokenizer import Tokenizer
+    from megamlm.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    de = from_environ()
+    problems = preflight(cfg, de.world_size) if batch_source is None else []
+    if problems:
+        raise ConfigError(problems, f"pretrain with world size {de.world_size}")
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    tag = _resolve_resume(resume, ckpt_dir)
+    if tag:
+        ckpt.check_shape(ckpt_dir / tag, config_to_dict(cfg.model))
+
+    _disable_ds_shm_op()
+    init_distributed(de, resolve_backend(cfg.engine))
+    topo = build_topology(cfg.parallel.vocab_parallel_size)
+    tok = Tokenizer(cfg.tokenizer.model)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
+    mpu = None
+    if topo.vp_size > 1:
+        raise ConfigError([f"parallel.vocab_parallel_size={topo.vp_size}: vocabulary parallelism is not "
+                           "available yet; use 1"])
+    engine, plan = build_engine(model, cfg, de.world_size, mpu=mpu)
+    torch.manual_seed(cfg.train.seed + 1 + de.rank)  # dropout streams differ per rank, fixed per run
+
+    state = ckpt.TrainState()
+    if tag:
+        state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=config_to_dict(cfg.model))
+        log.info("resumed from %s at step %d (%d samples, %d tokens consumed)", ckpt_dir / tag, state.step,
+                 state.consumed_samples, state.consumed_tokens)
+
+    if batch_source is not None:
+        train_loader = batch_source(topo, state.loader)
+        make_eval = lambda: None  # noqa: E731
+    else:
+        from megamlm.data.loader import build_loader
+
+        train_loader = build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="train",
+                                    state=state.loader or None)
+
+        def make_eval():
+            return build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="val")
+
+    writer = None
+    if de.rank == 0 and cfg.telemetry.tensorboard:
+        writer = TensorBoardWriter(str(Path(cfg.train.output_dir) / "tb"), dump_config(cfg))
+    from megamlm.bench import matmul_peak
+
+    # The MFU denominator: this device's best matmul rate in the training precision, measured now.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the measurement must not move the dropout stream
+        peak = matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
+                           device=engine.device.type)
+    meta_group = _host_world_group(resolve_backend(cfg.engine)) if de.world_size > 1 else None
+    trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer, peak, meta_group)
+    try:
+        result = trainer.run()
+        if writer is not None:
+            final = result.get("eval_end") or {}
+            writer.add_hparams(config_to_dict(cfg), {k: v for k, v in final.items() if k.endswith(("loss", "accuracy"))})
+    finally:
+        if writer is not None:
+            writer.close()
+        _shutdown(engine, de.world_size)
+    return result
+
+
+def _host_world_group(backend: str):
+    """A gloo group over every rank for the step's host-side counts (never a device sync)."""
+    import torch.distributed as dist
+
+    return None if backend == "gloo" else dist.new_group(backend="gloo")
+
+
+def _shutdown(engine, world_size: int) -> None:
+    """barrier → engine.destroy → destroy_process_group: ZeRO-3 aborted at exit without it (ENVIRONMENT.md)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone; still tear down what we can
+            pass
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main_from_cli(config_path: str, overrides: list[str], resume: str | None) -> int:
+    from megamlm.config import load_config
+    from megamlm.distributed.env import from_environ
+    from megamlm.telemetry import setup_logging
+
+    de = from_environ()
+    cfg = load_config(config_path, overrides)  # the world-size checks run in preflight, with the paths
+    setup_logging(cfg.telemetry.log_level if de.rank == 0 else "WARNING")
+    result = pretrain(cfg, resume)
+    if de.rank == 0:
+        s, e = result.get("eval_start") or {}, result.get("eval_end") or {}
+        if s and e:
+            print(f"held-out MLM accuracy: {s['mlm_accuracy']:.4f} at start -> {e['mlm_accuracy']:.4f} at end "
+                  f"(loss {s['mlm_loss']:.3f} -> {e['mlm_loss']:.3f})")
+        print(f"done: step {result['state']['step']}, {result['state']['consumed_tokens']} tokens; "
+              f"checkpoints in {cfg.checkpoint_dir}", file=sys.stdout)
+    return 0
+

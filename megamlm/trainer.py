@@ -1,0 +1,314 @@
+"""The pretraining loop: batches → objectives → engine → telemetry → checkpoint cadence.
+
+One optimizer step:
+
+1. take ``accumulation`` micro-batches from the loader (host tensors);
+2. one small all-reduce on a CPU (gloo) group of the host counts — MLM targets, pairs, real tokens,
+   sequences, and the stop flag (a preemption signal on any rank) — so every rank divides by the
+   step's *global* number of targets (DESIGN.md seam 6) and all ranks stop at the same step;
+3. forward/backward of each micro-batch with loss = its share of the step's mean loss;
+4. ``engine.step()`` after each micro-batch (DeepSpeed updates at the accumulation boundary); it skips a step whose gradients are not finite (ZeRO 1–3 check the
+   global norm; at ZeRO 0 :class:`GuardedAdamW` does) and the trainer counts it.
+
+No host sync on the device inside a step: the metrics are summed on the device and read every
+``train.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megamlm import checkpoint as ckpt
+from megamlm.config import Config, dump_config
+from megamlm.objectives import LossTerms, combine
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite steps in a row); a checkpoint of the last good state exists."""
+
+    user_facing = True  # the CLI prints it as one message, no traceback
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (preemption); read at step boundaries and agreed on by all ranks."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        log.warning("received signal %d: checkpoint and stop at the end of this step", signum)
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _sum_terms(acc: LossTerms | None, terms: LossTerms) -> LossTerms:
+    terms = terms.detach()
+    return terms if acc is None else acc + terms
+
+
+class Trainer:
+    """Holds the engine, the loaders and the state; :meth:`run` trains until the budget or a stop."""
+
+    def __init__(self, cfg: Config, engine, plan, topology, dist_env, tokenizer, train_loader, make_eval_loader,
+                 state: ckpt.TrainState, writer=None, peak_flops: float = 0.0, meta_group=None):
+        self.cfg, self.engine, self.plan, self.topo, self.env = cfg, engine, plan, topology, dist_env
+        self.tok = tokenizer
+        self.loader = train_loader
+        self.make_eval_loader = make_eval_loader
+        self.state = state
+        self.writer = writer
+        self.peak_flops = peak_flops
+        self.device = engine.device
+        self.stop = StopFlag()
+        self.losses: list[float] = []  # per-step total loss when log_every == 1 (tests, resume checks)
+        self.meta_group = meta_group  # gloo group over all ranks (None: the default group, when it is gloo)
+        self.dp_group = topology.dp_group
+        self._batches = iter(train_loader)
+        self._nonfinite_in_a_row = 0
+        self.ckpt_dir = Path(cfg.checkpoint_dir)
+
+    # ------------------------------------------------------------------ collectives
+    def _all_reduce_host(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.meta_group)
+        return t.tolist()
+
+    def _barrier(self) -> None:
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.meta_group)
+
+    # ------------------------------------------------------------------ one step
+    def _next_micro_batches(self):
+        return [next(self._batches) for _ in range(self.plan.accumulation)]
+
+    def train_step(self, micro) -> tuple[LossTerms, dict]:
+        n_mlm = sum(b.n_targets for b in micro)
+        n_pair = sum(int(b.pair_labels.numel()) for b in micro if b.pair_labels is not None)
+        n_tok = sum(b.n_tokens for b in micro)
+        n_seq = sum(int(b.input_ids.shape[0]) for b in micro)
+        # Global counts of this step + the stop flag, agreed by every rank in one tiny CPU all-reduce.
+        # Ranks of one vocab-parallel group hold the same batch: divide their share out.
+        vp = self.topo.vp_size
+        g_mlm, g_pair, g_tok, g_seq, stop = self._all_reduce_host(
+            [n_mlm / vp, n_pair / vp, n_tok / vp, n_seq / vp, float(self.stop.signum != 0)])
+        scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
+        acc = None
+        w = self.cfg.objective.pair_loss_weight
+        for b in micro:
+            b = b.to(self.device)
+            terms = self.engine(b)
+            loss = combine(terms, g_mlm, g_pair if g_pair else None, w) * scale
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
+            acc = _sum_terms(acc, terms)
+        info = {"tokens": g_tok, "samples": g_seq, "stop": stop > 0, "applied": self.engine.was_step_applied(),
+                "flops": self._flops(micro)}
+        return acc, info
+
+    def _flops(self, micro) -> float:
+        if not self.peak_flops:
+            return 0.0
+        from megamlm.bench import train_flops
+
+        m = self.cfg.model
+        return sum(train_flops(b, m.hidden_size, m.num_layers, m.ffn_size, self.tok.vocab_size,
+                               self.cfg.objective.pair != "none") for b in micro)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        # Evaluation must leave the training RNG streams (dropout) as they were: the cadence of
+        # evaluations, or a resume between them, then cannot change the training run.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out MLM loss / accuracy (and pair accuracy) over ``train.eval_batches`` batches per rank, at
+        most one pass over the validation split, with the same masks at every evaluation (epoch 0)."""
+        loader = self.make_eval_loader()
+        if loader is None:
+            return {}
+        self.engine.eval()
+        acc = None
+        batches = loader.iter_with_info() if hasattr(loader, "iter_with_info") else ((b, {}) for b in loader)
+        for i, (b, info) in enumerate(batches):
+            if i >= self.cfg.train.eval_batches or info.get("epoch", 0) > 0:
+                break  # at most one pass over the validation split; every rank stops at the same batch
+            acc = _sum_terms(acc, self.engine(b.to(self.device)))
+        batches.close()
+        self.engine.train()
+        if acc is None:
+            return {}
+        return self._reduce_metrics(acc)
+
+    def _reduce_metrics(self, terms: LossTerms) -> dict[str, float]:
+        """Sum terms over data-parallel ranks (on the device), then one host read."""
+        flat = []
+        keys = sorted(terms.loss_sum)
+        for k in keys:
+            flat += [terms.loss_sum[k].float(), terms.n_targets[k].float(), terms.n_correct[k].float()]
+        t = torch.stack([x.to(self.device) for x in flat])
+        if self.topo.dp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.dp_group)
+        vals = t.tolist()
+        out = {}
+        for i, k in enumerate(keys):
+            s, n, c = vals[3 * i: 3 * i + 3]
+            out[f"{k}_loss"] = s / max(n, 1.0)
+            out[f"{k}_accuracy"] = c / max(n, 1.0)
+            out[f"{k}_targets"] = n
+        out["loss"] = out.get("mlm_loss", 0.0) + self.cfg.objective.pair_loss_weight * out.get("pair_loss", 0.0)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        self.state.loader = self.loader.state_dict()
+        return ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.env.rank, config_yaml=dump_config(self.cfg),
+                         tokenizer_path=self.tok.path, keep_last=self.cfg.checkpoint.keep_last,
+                         barrier=self._barrier)
+
+    # ------------------------------------------------------------------ the loop
+    def _budget_left(self) -> bool:
+        t = self.cfg.train
+        if t.max_steps and self.state.step >= t.max_steps:
+            return False
+        if t.max_tokens and self.state.consumed_tokens >= t.max_tokens:
+            return False
+        return True
+
+    def _log(self, metrics: dict[str, float], prefix: str) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, self.state.step)
+
+    def run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        t_cfg = cfg.train
+        if cfg.checkpoint.save_on_signal:
+            self.stop.install()
+        result: dict = {"preempted": False}
+        if t_cfg.eval_every:
+            ev = self.evaluate()
+            result["eval_start"] = ev
+            self._log(ev, "eval")
+            if self.env.rank == 0 and ev:
+                log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f%s", st.step, ev["mlm_loss"],
+                         ev["mlm_accuracy"], f", pair accuracy {ev['pair_accuracy']:.4f}" if "pair_accuracy" in ev else "")
+        window = None
+        win_tokens = win_samples = win_flops = 0.0
+        win_start = time.perf_counter()
+        run_start = time.perf_counter() - st.elapsed_seconds
+        steps_at_start = st.step
+        while self._budget_left():
+            micro = self._next_micro_batches()
+            terms, info = self.train_step(micro)
+            st.step += 1
+            st.consumed_tokens += int(info["tokens"])
+            st.consumed_samples += int(info["samples"])
+            if info["applied"]:
+                self._nonfinite_in_a_row = 0
+            else:
+                self._nonfinite_in_a_row += 1
+                st.counters["skipped_steps"] = st.counters.get("skipped_steps", 0) + 1
+                log.warning("step %d: non-finite gradients, update skipped (%d in a row)", st.step,
+                            self._nonfinite_in_a_row)
+                if self._nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
+                    self.save()
+                    raise TrainingStopped(
+                        f"{self._nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{t_cfg.max_nonfinite_steps}) at step {st.step}; the last good state is saved in "
+                        f"{self.ckpt_dir}. Lower optim.lr, check the data, or use engine.precision=bf16/fp32")
+            window = _sum_terms(window, terms)
+            win_tokens += info["tokens"]
+            win_samples += info["samples"]
+            win_flops += info["flops"]
+            if st.step % t_cfg.log_every == 0 or not self._budget_left():
+                m = self._reduce_metrics(window)
+                dt = time.perf_counter() - win_start
+                m["tokens_per_second"] = win_tokens / dt
+                m["samples_per_second"] = win_samples / dt
+                if self.peak_flops:
+                    # flops were counted on this rank's batches: scale by data-parallel size.
+                    m["mfu"] = win_flops * self.plan.dp / dt / (self.peak_flops * self.env.world_size)
+                m["lr"] = float(self.engine.get_lr()[0])
+                gn = self.engine.get_global_grad_norm()
+                m["grad_norm"] = float(gn) if gn is not None else float("nan")
+                from megamlm.engine import loss_scale
+
+                m["loss_scale"] = loss_scale(self.engine)
+                m["skipped_steps"] = float(st.counters.get("skipped_steps", 0))
+                for k, v in getattr(self.loader, "stats", {}).items():
+                    m[f"data_{k}"] = float(v)
+                if self.device.type == "cuda":
+                    m["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if t_cfg.log_every == 1:
+                    self.losses.append(m["loss"])
+                self._log(m, "train")
+                if self.env.rank == 0:
+                    done = st.step - steps_at_start
+                    rate = done / max(time.perf_counter() - run_start + st.elapsed_seconds, 1e-9)
+                    eta = (t_cfg.max_steps - st.step) / rate if t_cfg.max_steps and rate > 0 else float("nan")
+                    log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s%s | eta %s",
+                             st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
+                             f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
+                             m["grad_norm"], m["tokens_per_second"],
+                             f" | mfu {m['mfu']:.1%}" if "mfu" in m else "", _fmt_eta(eta))
+                window, win_tokens, win_samples, win_flops = None, 0.0, 0.0, 0.0
+                win_start = time.perf_counter()
+            st.elapsed_seconds = time.perf_counter() - run_start
+            if info["stop"]:
+                tag = self.save()
+                result["preempted"] = True
+                log.warning("preempted: checkpoint %s saved at step %d; resume with --resume auto", tag, st.step)
+                break
+            if t_cfg.eval_every and st.step % t_cfg.eval_every == 0 and self._budget_left():
+                ev = self.evaluate()
+                self._log(ev, "eval")
+                if self.env.rank == 0 and ev:
+                    log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f", st.step, ev["mlm_loss"],
+                             ev["mlm_accuracy"])
+            if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 and self._budget_left():
+                self.save()
+        if not result["preempted"]:
+            self.save()
+            if t_cfg.eval_every:
+                ev = self.evaluate()
+                result["eval_end"] = ev
+                self._log(ev, "eval")
+        self.stop.uninstall()
+        result["state"] = asdict(st)
+        result["losses"] = list(self.losses)
+        if self.writer is not None:
+            self.writer.flush()
+        return result
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,85 @@
+"""Helpers for tests that launch real training processes: launchers, weights from checkpoints,
+TensorBoard scalars read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def clean_env(threads: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "SLURM_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def launch(cmd: list[str], timeout: float = 300, threads: int = 1) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=ROOT, env=clean_env(threads), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
+                             f"--- stderr\n{r.stderr[-8000:]}")
+    return r
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
+def free_port() -> int:
+    from tests._spawn import free_port as fp
+
+    return fp()
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of the newest checkpoint, consolidated from any ZeRO stage."""
+    return final_weights_at(ckpt_dir, (ckpt_dir / "latest").read_text().strip())
+
+
+def final_weights_at(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of checkpoint ``tag``, consolidated from any ZeRO stage."""
+    states = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    optim = list((ckpt_dir / tag).glob("*optim_states.pt"))
+    if optim:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v.detach() for k, v in sd.items()}
+    return dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
+
+
+def tb_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """Scalars of ``tag`` by step from every event file under log_dir (a resumed run appends files;
+    the last value written for a step wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in sorted(Path(log_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                out[e.step] = e.value
+    return out
+
+
+def tiny_tokenizer(directory: Path):
+    """A small BPE SentencePiece model trained on generated sentences (well under a second)."""
+    from megamlm.tokenizer import train_tokenizer
+    from tests.unit.test_tokenizer import fake_sentences
+
+    return train_tokenizer(fake_sentences(2000), Path(directory) / "spm.model", vocab_size=600, model_type="bpe")

@@ -1,0 +1,230 @@
+"""`megamlm pretrain` end to end on the real default corpus: launchers, TensorBoard, checkpoints, exact
+resume after SIGKILL, preemption by SIGTERM, fail-fast checks.
+
+A failure here points at megamlm/pretrain.py and megamlm/trainer.py (the loop, the stop flag), at
+megamlm/checkpoint.py (what a checkpoint holds, `latest`), at megamlm/distributed/env.py (a launcher's
+variables), or at the loader's resumable state (megamlm/data/loader.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch, read_json, tb_scalars
+
+CFG = """
+tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
+data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
+       micro_batch_size: 8, num_workers: 1, shuffle_buffer: 200}
+model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64}
+objective: {pair: nsp}
+optim: {lr: 2.0e-3, warmup_steps: 2}
+train: {max_steps: 8, log_every: 1, eval_every: 4, eval_batches: 2}
+checkpoint: {every_steps: 3, keep_last: 5}
+"""
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def cfg_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrain")
+    p = d / "cfg.yaml"
+    p.write_text(CFG % {"dir": d})
+    launch([sys.executable, "-m", "megamlm", "prepare", str(p), "--no-progress"])
+    return p
+
+
+def pretrain_cmd(launcher: str, cfg: Path, out: Path, *over: str) -> list[str]:
+    args = ["pretrain", str(cfg), f"train.output_dir={out}", *over]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "megamlm", *args]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()), "--no_local_rank",
+                "--module", "megamlm", *args]
+    if launcher == "mpirun":
+        return ["mpirun", "--allow-run-as-root", "--bind-to", "none", "--mca", "btl", "self,vader",
+                "--mca", "oob_tcp_if_include", "lo", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "DS_ACCELERATOR",
+                "-x", "GLOO_SOCKET_IFNAME", "-x", f"MASTER_PORT={free_port()}", "-np", "2",
+                sys.executable, "-m", "megamlm", *args]
+    if launcher == "single":
+        return [sys.executable, "-m", "megamlm", *args]
+    raise ValueError(launcher)
+
+
+def mpirun_missing() -> str:
+    if shutil.which("mpirun") is None:
+        return "mpirun not installed (tools/setup.sh installs Open MPI where apt-get runs as root)"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def reference(cfg_file, tmp_path_factory):
+    """The uninterrupted 2-rank run (torchrun, ZeRO 1): per-step losses and final weights."""
+    out = tmp_path_factory.mktemp("ref")
+    r = launch(pretrain_cmd("torchrun", cfg_file, out, "engine.zero_stage=1"))
+    return out, r
+
+
+def losses(out: Path) -> dict[int, float]:
+    return tb_scalars(out / "tb", "train/loss")
+
+
+def test_demo_run_trains_logs_and_checkpoints(reference):
+    out, r = reference
+    assert "held-out MLM accuracy:" in r.stdout and "done: step 8" in r.stdout
+    tb = out / "tb"
+    l = losses(out)
+    assert sorted(l) == list(range(1, STEPS + 1))
+    for tag in ("train/mlm_loss", "train/pair_loss", "train/mlm_accuracy", "train/pair_accuracy", "train/lr",
+                "train/grad_norm", "train/loss_scale", "train/tokens_per_second", "train/samples_per_second",
+                "train/mfu", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",
+                "eval/mlm_accuracy", "eval/pair_accuracy"):
+        assert tb_scalars(tb, tag), f"no TensorBoard scalar {tag}"
+    assert sorted(tb_scalars(tb, "eval/mlm_loss")) == [0, 4, 8]
+    lr = tb_scalars(tb, "train/lr")
+    assert lr[2] == pytest.approx(2e-3) and lr[8] < lr[3]  # warm-up then linear decay
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags, hparams = set(), set()
+    for f in tb.glob("events*"):
+        acc = EventAccumulator(str(f), size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["tensors"])
+        try:
+            hparams |= set(acc.PluginTagToContent("hparams"))
+        except KeyError:
+            pass
+    assert "config/text_summary" in tags  # the resolved config as text
+    assert "_hparams_/session_start_info" in hparams  # and as hparams, with the final metrics
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step00000008"
+    assert sorted(p.name for p in ck.glob("step*")) == ["step00000003", "step00000006", "step00000008"]
+    st = read_json(ck / "step00000008" / "train_state.json")
+    assert st["step"] == 8 and st["consumed_samples"] == 8 * 16 and st["consumed_tokens"] > 0
+    assert (ck / "step00000008" / "tokenizer" / "spm.model").is_file()
+    assert (ck / "step00000008" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_launchers_give_the_same_losses(launcher, cfg_file, reference, tmp_path):
+    if launcher == "mpirun" and mpirun_missing():
+        pytest.skip(mpirun_missing())
+    ref_out, _ = reference
+    launch(pretrain_cmd(launcher, cfg_file, tmp_path, "engine.zero_stage=1", "train.eval_every=0"))
+    got, ref = losses(tmp_path), losses(ref_out)
+    assert sorted(got) == sorted(ref)
+    assert [got[k] for k in sorted(got)] == pytest.approx([ref[k] for k in sorted(ref)], abs=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def _run_until(cmd: list[str], trigger, sig: int, whole_group: bool, timeout: float = 240):
+    """Start cmd, poll ``trigger()`` every 5 ms, then send ``sig`` to the whole process group, or else to
+    the launcher's first child alone (one rank); return (returncode, output, sent)."""
+    log = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + timeout
+    sent = False
+    while p.poll() is None and time.monotonic() < deadline:
+        if not sent and trigger():
+            if whole_group:
+                os.killpg(p.pid, sig)
+            else:
+                os.kill(_children(p.pid)[0], sig)
+            sent = True
+        time.sleep(0.005)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    rc = p.wait(timeout=120)
+    log.seek(0)
+    return rc, log.read(), sent
+
+
+KILL_OVER = ("train.max_steps=12", "data.micro_batch_size=32", "train.eval_every=0")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, cfg_file, tmp_path, tmp_path_factory):
+    """Uninterrupted vs killed with SIGKILL (all ranks, the moment the step-6 checkpoint is complete, so in
+    the middle of a later step) and resumed with --resume auto: the same loss at every step, the same final
+    weights, the same data position."""
+    over = (f"engine.zero_stage={stage}", *KILL_OVER)
+    full = tmp_path_factory.mktemp(f"full{stage}")
+    launch(pretrain_cmd("torchrun", cfg_file, full, *over))
+    ck = tmp_path / "checkpoints"
+    rc, log, sent = _run_until(pretrain_cmd("torchrun", cfg_file, tmp_path, *over),
+                               lambda: (ck / "step00000006" / "COMPLETE").exists(), signal.SIGKILL, whole_group=True)
+    assert sent and rc != 0, log[-3000:]
+    killed_at = (ck / "latest").read_text().strip()
+    assert killed_at in ("step00000006", "step00000009"), killed_at  # never the end: it was killed mid-run
+    launch(pretrain_cmd("torchrun", cfg_file, tmp_path, *over) + ["--resume", "auto"])
+    a, b = losses(full), losses(tmp_path)
+    assert sorted(b) == list(range(1, 13))
+    assert [b[k] for k in range(1, 13)] == pytest.approx([a[k] for k in range(1, 13)], abs=1e-6)
+    wa, wb = final_weights(full / "checkpoints"), final_weights(ck)
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= 1e-6, f"final weights differ by {worst}"
+    sa = read_json(full / "checkpoints" / "step00000012" / "train_state.json")
+    sb = read_json(ck / "step00000012" / "train_state.json")
+    assert sa["loader"] == sb["loader"] and sa["consumed_samples"] == sb["consumed_samples"] == 12 * 64
+    assert sa["consumed_tokens"] == sb["consumed_tokens"]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(cfg_file, tmp_path, tmp_path_factory):
+    """SIGTERM to one rank (Slurm signals every task; one is the hard case): every rank finishes the step,
+    one checkpoint is written, the run exits 0; the resumed run's losses equal an uninterrupted run's."""
+    over = ("engine.zero_stage=1", *KILL_OVER, "checkpoint.every_steps=0")
+    full = tmp_path_factory.mktemp("full-term")
+    launch(pretrain_cmd("torchrun", cfg_file, full, *over))
+    cmd = pretrain_cmd("torchrun", cfg_file, tmp_path, *over)
+    rc, log, sent = _run_until(cmd, lambda: len(losses(tmp_path)) >= 2 if (tmp_path / "tb").exists() else False,
+                               signal.SIGTERM, whole_group=False)
+    assert sent and rc == 0, log[-3000:]
+    assert "preempted: checkpoint" in log
+    ck = tmp_path / "checkpoints"
+    stopped_at = int((ck / "latest").read_text().strip()[4:])
+    assert 2 <= stopped_at < 12
+    launch(cmd + ["--resume", "auto"])
+    a, b = losses(full), losses(tmp_path)
+    assert [b[k] for k in range(1, 13)] == pytest.approx([a[k] for k in range(1, 13)], abs=1e-6)
+
+
+def test_bad_setups_fail_before_any_process_group(cfg_file, tmp_path):
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "engine.global_batch_size=12",
+                                    f"data.shards_dir={tmp_path}/none"), cwd=ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "global_batch_size=12 is not a multiple" in r.stderr
+    assert "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "--resume", "step00000099"), cwd=ROOT,
+                       env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a complete checkpoint" in r.stderr
+
+
+def test_resume_refuses_another_model_shape(cfg_file, reference, tmp_path):
+    ref_out, _ = reference
+    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "model.hidden_size=32", "--resume", "auto"),
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "from another model shape: model.hidden_size: checkpoint 64, config 32" in r.stderr

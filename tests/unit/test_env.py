@@ -1,0 +1,114 @@
+"""Launcher environments → DistEnv (torchrun, deepspeed, Open MPI, MPICH/PMI, Slurm) and the
+engine's batch arithmetic and learning-rate schedule.
+
+A failure here points at megamlm/distributed/env.py (variable precedence, Slurm host lists) or at
+megamlm/engine.py (build_ds_config, WarmupDecay).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megamlm.config import load_config
+from megamlm.distributed.env import DistEnvError, expand_nodelist, from_environ
+from megamlm.engine import WarmupDecay, batch_plan, build_ds_config
+
+
+def test_single_process_by_default():
+    d = from_environ({})
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single")
+
+
+def test_torchrun_and_deepspeed():
+    base = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "2222"}
+    d = from_environ({**base, "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "4"})
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port, d.launcher) == (
+        3, 8, 1, 4, "n1", 2222, "torchrun")
+    d = from_environ({**base, "CROSS_RANK": "1", "LOCAL_SIZE": "2"})
+    assert d.launcher == "deepspeed" and d.local_world_size == 2
+
+
+def test_openmpi_single_host_uses_loopback():
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    d = from_environ(env)
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.launcher) == (1, 2, 1, "127.0.0.1", "mpi")
+    assert from_environ({**env, "MASTER_ADDR": "head", "MASTER_PORT": "4000"}).master_addr == "head"
+
+
+def test_pmi():
+    d = from_environ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"})
+    assert (d.rank, d.world_size, d.launcher) == (0, 2, "mpi")
+
+
+def test_slurm_srun_master_from_nodelist_and_port_from_job():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "123456"}
+    d = from_environ(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (5, 8, 1, 4)
+    assert d.master_addr == "gpu07" and d.master_port == 15000 + 123456 % 20000 and d.launcher == "slurm"
+
+
+def test_torchrun_inside_slurm_wins():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "a",
+           "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "r"}
+    assert from_environ(env).rank == 1
+
+
+def test_expand_nodelist():
+    assert expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert expand_nodelist("a1") == ["a1"]
+
+
+def test_bad_values_are_named():
+    with pytest.raises(DistEnvError, match="RANK='x' is not an integer"):
+        from_environ({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(DistEnvError, match="rank 4 is outside world size 2"):
+        from_environ({"RANK": "4", "WORLD_SIZE": "2"})
+    with pytest.raises(DistEnvError, match="SLURM_JOB_NODELIST is not set"):
+        from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
+
+
+def test_ds_config_batch_arithmetic_and_precision():
+    cfg = load_config("configs/tiny-cpu.yaml", ["data.micro_batch_size=4", "engine.global_batch_size=32",
+                                                "engine.zero_stage=2", "engine.precision=bf16"], world_size=4)
+    plan = batch_plan(cfg, 4)
+    assert (plan.micro, plan.dp, plan.accumulation, plan.global_batch) == (4, 4, 2, 32)
+    ds = build_ds_config(cfg, 4)
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    cfg16 = load_config("configs/tiny-cpu.yaml", ["engine.precision=fp16", "engine.initial_loss_scale_power=12"])
+    assert build_ds_config(cfg16, 1)["fp16"]["initial_scale_power"] == 12
+
+
+def test_lamb_needs_cuda_here():
+    import torch
+
+    from megamlm.engine import EngineError
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb"])
+    if torch.cuda.is_available():
+        assert build_ds_config(cfg, 1)["optimizer"]["type"] == "Lamb"
+    else:
+        with pytest.raises(EngineError, match="needs CUDA"):
+            build_ds_config(cfg, 1)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "polynomial"])
+def test_warmup_then_decay(schedule):
+    f = WarmupDecay(lr=1e-3, min_lr=1e-4, warmup=10, total=110, schedule=schedule, power=2.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    end = f(110)
+    if schedule == "constant":
+        assert end == 1.0
+    else:
+        assert end == pytest.approx(0.1)  # min_lr / lr
+        mid = f(60)
+        expect = {"linear": 0.5, "cosine": 0.5, "polynomial": 0.25}[schedule]
+        assert mid == pytest.approx(0.1 + 0.9 * expect)
+    assert all(math.isfinite(f(s)) for s in range(0, 300, 7))
+    assert f(500) == pytest.approx(end)  # flat after the horizon
