@@ -55,6 +55,20 @@ def batch_plan(cfg, world_size: int) -> BatchPlan:
     return BatchPlan(micro, dp, max(acc, 1))
 
 
+def device_problems(cfg) -> list[str]:
+    """Engine settings this machine cannot run, found before any process group exists."""
+    p = []
+    if device_type() != "cuda":
+        if cfg.optim.name == "lamb":
+            p.append("optim.name='lamb' uses DeepSpeed's fused LAMB, which needs CUDA; on this machine use "
+                     "optim.name=adamw")
+        if cfg.engine.precision == "fp16":
+            p.append("engine.precision='fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
+        if cfg.engine.backend == "nccl":
+            p.append("engine.backend='nccl' needs CUDA; use auto or gloo")
+    return p
+
+
 def build_ds_config(cfg, world_size: int) -> dict:
     """The DeepSpeed config for ``cfg`` on ``world_size`` ranks."""
     plan = batch_plan(cfg, world_size)
@@ -80,10 +94,10 @@ def build_ds_config(cfg, world_size: int) -> dict:
     elif e.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": e.initial_loss_scale_power,
                       "loss_scale_window": e.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
+    problems = device_problems(cfg)
+    if problems:
+        raise EngineError("; ".join(problems))
     if cfg.optim.name == "lamb":
-        if device_type() != "cuda":
-            raise EngineError("optim.name='lamb' uses DeepSpeed's fused LAMB, which needs CUDA; on this "
-                              "machine use optim.name=adamw")
         ds["optimizer"] = {"type": "Lamb", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                       "eps": cfg.optim.eps,
                                                       "weight_decay": cfg.optim.weight_decay}}

@@ -25,7 +25,9 @@ def preflight(cfg: Config, world_size: int) -> list[str]:
     from megamlm.data.shards import ShardError, load_manifest
     from megamlm.tokenizer import Tokenizer, TokenizerError
 
-    problems = cross_check(cfg, world_size)
+    from megamlm.engine import device_problems
+
+    problems = cross_check(cfg, world_size) + device_problems(cfg)
     tok = None
     try:
         tok = Tokenizer(cfg.tokenizer.model)

@@ -81,7 +81,15 @@ def test_ds_config_batch_arithmetic_and_precision():
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
     cfg16 = load_config("configs/tiny-cpu.yaml", ["engine.precision=fp16", "engine.initial_loss_scale_power=12"])
-    assert build_ds_config(cfg16, 1)["fp16"]["initial_scale_power"] == 12
+    import torch
+
+    from megamlm.engine import EngineError
+
+    if torch.cuda.is_available():
+        assert build_ds_config(cfg16, 1)["fp16"]["initial_scale_power"] == 12
+    else:
+        with pytest.raises(EngineError, match="fp16' needs a CUDA device"):
+            build_ds_config(cfg16, 1)
 
 
 def test_lamb_needs_cuda_here():

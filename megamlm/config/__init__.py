@@ -1,0 +1,43 @@
+"""Typed configuration: one dataclass per section, loaded from YAML plus ``section.key=value`` overrides.
+
+Every field carries its help text and its allowed values in ``field(metadata=...)``; that metadata is
+the single source for validation, for ``megamlm check-config`` and for the docs. Problems are
+collected and raised together as one :class:`ConfigError` (a ``ValueError``), each naming the key, the
+value and what is allowed. Builders take their own section, never the whole :class:`Config`.
+"""
+
+from megamlm.config.load import (
+    config_from_dict,
+    config_to_dict,
+    cross_check,
+    data_parallel_size,
+    describe_fields,
+    dump_config,
+    grad_accumulation_steps,
+    load_config,
+    parse_overrides,
+)
+from megamlm.config.sections import (
+    SECTIONS,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ParallelConfig,
+    TelemetryConfig,
+    TokenizerConfig,
+    TrainConfig,
+    opt,
+)
+
+__all__ = [
+    "Config", "ConfigError", "SECTIONS", "opt",
+    "TokenizerConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "ParallelConfig", "OptimConfig",
+    "EngineConfig", "TrainConfig", "CheckpointConfig", "TelemetryConfig",
+    "load_config", "parse_overrides", "config_to_dict", "config_from_dict", "cross_check", "dump_config",
+    "describe_fields", "data_parallel_size", "grad_accumulation_steps",
+]

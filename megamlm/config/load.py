@@ -1,0 +1,287 @@
+"""Loading and validating configs: YAML + ``section.key=value`` overrides → a checked :class:`Config`.
+
+Problems are collected and raised together as one :class:`ConfigError`, each naming the key, the value
+and what is allowed; cross-section checks (batch arithmetic with the world size among them) run too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megamlm.config.sections import SECTIONS, Config, ConfigError
+
+# --------------------------------------------------------------------------- conversion and checks
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if inner is str and isinstance(value, str):
+                return [value]
+            problems.append(f"{where}: expected a {_type_name(tp)}, got {value!r}")
+            return value
+        return [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_range(value: Any, md: dict, where: str, problems: list[str]) -> None:
+    choices = md.get("choices")
+    if choices is not None and value not in choices:
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{where}={value!r} is not allowed; choose one of "
+                        f"{', '.join(repr(c) for c in choices)}{hint}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi = md.get("min"), md.get("max")
+    if lo is not None:
+        if md.get("min_exclusive") and not value > lo:
+            problems.append(f"{where}={value!r} is out of range; it must be > {lo}"
+                            + (f" and <= {hi}" if hi is not None else ""))
+            return
+        if value < lo:
+            problems.append(f"{where}={value!r} is out of range; it must be >= {lo}"
+                            + (f" and <= {hi}" if hi is not None else ""))
+            return
+    if hi is not None and value > hi:
+        problems.append(f"{where}={value!r} is out of range; it must be <= {hi}")
+
+
+def _unknown(key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {where}{key!r}{hint}; valid keys: {', '.join(valid)}"
+
+
+def _section_from_dict(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(_unknown(str(key), list(fields), f"{name}."))
+            continue
+        where = f"{name}.{key}"
+        before = len(problems)
+        value = _coerce(value, hints[key], where, problems)
+        if len(problems) == before:
+            _check_range(value, fields[key].metadata, where, problems)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        problems.append(f"{name}: {e}")
+        return cls()
+
+
+def config_from_dict(raw: dict, source: str | None = None, world_size: int | None = None) -> Config:
+    """Build and validate a :class:`Config`; every problem found is raised together."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    sections = {}
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(_unknown(str(key), list(SECTIONS), "section "))
+    for name, cls in SECTIONS.items():
+        sections[name] = _section_from_dict(cls, name, raw.get(name), problems)
+    cfg = Config(**sections)
+    try:  # cross-section checks also run when a field failed, so every problem shows in one go
+        problems.extend(cross_check(cfg, world_size))
+    except (TypeError, ValueError, ArithmeticError):
+        pass
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
+    """Checks that involve more than one field; ``world_size`` adds the batch and topology arithmetic."""
+    p: list[str] = []
+    m, o, d, e = cfg.model, cfg.objective, cfg.data, cfg.engine
+    if m.hidden_size % m.num_heads:
+        p.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if d.seq_len > m.max_position_embeddings:
+        p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if o.mask_token_ratio + o.random_token_ratio > 1.0 + 1e-9:
+        p.append(f"objective.mask_token_ratio + objective.random_token_ratio = "
+                 f"{o.mask_token_ratio + o.random_token_ratio:g} exceeds 1")
+    if o.pair != "none" and m.type_vocab_size < 2:
+        p.append(f"objective.pair={o.pair!r} needs model.type_vocab_size >= 2, got {m.type_vocab_size}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        p.append(f"optim.betas={cfg.optim.betas!r} must be two numbers in [0, 1)")
+    if cfg.optim.lr > 0 and cfg.optim.min_lr > cfg.optim.lr:
+        p.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.train.max_steps == 0 and cfg.train.max_tokens == 0:
+        p.append("train.max_steps and train.max_tokens are both 0: set a budget")
+    pad = cfg.tokenizer.pad_vocab_to_multiple
+    if m.vocab_size and m.vocab_size % pad:
+        p.append(f"model.vocab_size={m.vocab_size} is not a multiple of tokenizer.pad_vocab_to_multiple={pad}")
+    tp = cfg.parallel.vocab_parallel_size
+    if (m.vocab_size or pad) % tp:
+        what = f"model.vocab_size={m.vocab_size}" if m.vocab_size else f"tokenizer.pad_vocab_to_multiple={pad}"
+        p.append(f"parallel.vocab_parallel_size={tp} does not divide the padded vocabulary ({what}); "
+                 f"make it a multiple of {tp}")
+    if world_size is not None:
+        if world_size < 1:
+            p.append(f"world size {world_size} must be >= 1")
+        elif world_size % tp:
+            p.append(f"world size {world_size} is not divisible by parallel.vocab_parallel_size={tp}")
+        else:
+            dp = world_size // tp
+            per_step = d.micro_batch_size * dp
+            if e.global_batch_size and e.global_batch_size % per_step:
+                p.append(f"engine.global_batch_size={e.global_batch_size} is not a multiple of "
+                         f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp} = {per_step}")
+    return p
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.vocab_parallel_size
+
+
+def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
+    per_step = cfg.data.micro_batch_size * data_parallel_size(cfg, world_size)
+    return max(1, cfg.engine.global_batch_size // per_step) if cfg.engine.global_batch_size else 1
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """``section.key=value`` strings → a nested dict (values parsed as YAML scalars/lists) and problems."""
+    out: dict = {}
+    problems: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} is not of the form section.key=value")
+            continue
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            problems.append(f"override {item!r}: the key must be section.key, e.g. data.seq_len=128")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            continue
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out, problems
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw: Any = {}
+    source = str(path) if path else "<defaults>"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist"], source)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"not UTF-8 at byte {e.start}"], source) from None
+    over, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(problems, source)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    return config_from_dict(_merge(raw, over), source, world_size)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def describe_fields() -> str:
+    """Every section and key with its type, default, constraint and help (``check-config --describe``)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            md = f.metadata
+            allowed = ""
+            if md.get("choices"):
+                allowed = " one of " + "|".join(str(c) for c in md["choices"])
+            elif md.get("min") is not None or md.get("max") is not None:
+                lo = md.get("min")
+                op = ">" if md.get("min_exclusive") else ">="
+                allowed = " " + " ".join(x for x in (f"{op} {lo}" if lo is not None else "",
+                                                     f"<= {md['max']}" if md.get("max") is not None else "") if x)
+            lines.append(f"  {f.name}: {default!r}  # {_type_name(hints[f.name])}{allowed}. {md['help']}")
+    return "\n".join(lines)
