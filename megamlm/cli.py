@@ -100,6 +100,15 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    what = args.bench_args[0] if args.bench_args else ""
+    if what == "engine":
+        from megamlm import bench_engine
+
+        return bench_engine.main(args.bench_args[1:])
+    if what == "loader":
+        from megamlm.data import bench as data_bench
+
+        return data_bench.main(args.bench_args[1:])
     from megamlm import bench
 
     return bench.main(args.bench_args)
@@ -146,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_pretrain)
 
-    p = sub.add_parser("bench", help="benchmarks (`megamlm bench model --help`)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loader --help`", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
     return ap

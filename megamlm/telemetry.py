@@ -61,3 +61,20 @@ def flat_hparams(cfg_dict: dict) -> dict:
         for k, v in values.items():
             out[f"{section}/{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def read_scalars(log_dir, tag: str) -> dict[int, float]:
+    """Scalars of ``tag`` by step from every event file under ``log_dir``, oldest file first, so a
+    resumed run's values (appended in new files) win for the steps it repeated."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in sorted(Path(log_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                out[e.step] = e.value
+    return out

@@ -63,19 +63,10 @@ def final_weights_at(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def tb_scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    """Scalars of ``tag`` by step from every event file under log_dir (a resumed run appends files;
-    the last value written for a step wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Scalars of ``tag`` by step, read back from the event files (megamlm.telemetry.read_scalars)."""
+    from megamlm.telemetry import read_scalars
 
-    out: dict[int, float] = {}
-    for f in sorted(Path(log_dir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            for e in acc.Scalars(tag):
-                out[e.step] = e.value
-    return out
-
+    return read_scalars(log_dir, tag)
 
 def tiny_tokenizer(directory: Path):
     """A small BPE SentencePiece model trained on generated sentences (well under a second)."""
