@@ -67,7 +67,8 @@ class Trainer:
     """Holds the engine, the loaders and the state; :meth:`run` trains until the budget or a stop."""
 
     def __init__(self, cfg: Config, engine, plan, topology, dist_env, tokenizer, train_loader, make_eval_loader,
-                 state: ckpt.TrainState, writer=None, peak_flops: float = 0.0, meta_group=None):
+                 state: ckpt.TrainState, writer=None, peak_flops: float = 0.0, meta_group=None,
+                 vocab_parallel: dict | None = None):
         self.cfg, self.engine, self.plan, self.topo, self.env = cfg, engine, plan, topology, dist_env
         self.tok = tokenizer
         self.loader = train_loader
@@ -83,6 +84,7 @@ class Trainer:
         self._batches = iter(train_loader)
         self._nonfinite_in_a_row = 0
         self.ckpt_dir = Path(cfg.checkpoint_dir)
+        self.vocab_parallel = vocab_parallel  # the vocabulary split, written beside each checkpoint
 
     # ------------------------------------------------------------------ collectives
     def _all_reduce_host(self, values: list[float]) -> list[float]:
@@ -189,7 +191,7 @@ class Trainer:
         self.state.loader = self.loader.state_dict()
         return ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.env.rank, config_yaml=dump_config(self.cfg),
                          tokenizer_path=self.tok.path, keep_last=self.cfg.checkpoint.keep_last,
-                         barrier=self._barrier)
+                         barrier=self._barrier, vocab_parallel=self.vocab_parallel)
 
     # ------------------------------------------------------------------ the loop
     def _budget_left(self) -> bool:
@@ -265,6 +267,10 @@ class Trainer:
                     m[f"data_{k}"] = float(v)
                 if self.device.type == "cuda":
                     m["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                else:  # peak resident memory of this process (Linux reports KiB)
+                    import resource
+
+                    m["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 if t_cfg.log_every == 1:
                     self.losses.append(m["loss"])
                 self._log(m, "train")

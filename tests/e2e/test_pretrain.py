@@ -86,7 +86,7 @@ def test_demo_run_trains_logs_and_checkpoints(reference):
     assert sorted(l) == list(range(1, STEPS + 1))
     for tag in ("train/mlm_loss", "train/pair_loss", "train/mlm_accuracy", "train/pair_accuracy", "train/lr",
                 "train/grad_norm", "train/loss_scale", "train/tokens_per_second", "train/samples_per_second",
-                "train/mfu", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",
+                "train/mfu", "train/memory_gb", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",
                 "eval/mlm_accuracy", "eval/pair_accuracy"):
         assert tb_scalars(tb, tag), f"no TensorBoard scalar {tag}"
     assert sorted(tb_scalars(tb, "eval/mlm_loss")) == [0, 4, 8]
@@ -207,6 +207,17 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(cfg_file,
     launch(cmd + ["--resume", "auto"])
     a, b = losses(full), losses(tmp_path)
     assert [b[k] for k in range(1, 13)] == pytest.approx([a[k] for k in range(1, 13)], abs=1e-6)
+
+
+def test_token_budget_in_a_single_process(cfg_file, tmp_path):
+    """train.max_tokens alone: one process (no launcher) stops at the first step past the budget."""
+    launch(pretrain_cmd("single", cfg_file, tmp_path, "train.max_steps=0", "train.max_tokens=3000",
+                        "train.eval_every=0", "checkpoint.every_steps=0"), threads=2)
+    st = read_json(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+                   / "train_state.json")
+    per_step = st["consumed_tokens"] / st["step"]
+    assert 3000 <= st["consumed_tokens"] < 3000 + per_step * 1.5, st
+    assert sorted(losses(tmp_path)) == list(range(1, st["step"] + 1))
 
 
 def test_bad_setups_fail_before_any_process_group(cfg_file, tmp_path):
