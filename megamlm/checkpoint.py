@@ -9,6 +9,10 @@ Layout of ``<checkpoint dir>``::
         train_state.json   step, consumed samples/tokens, loader position, counters (rank 0)
         rng/rank00000.pt   each rank's torch (and CUDA) and Python RNG states
         config.yaml        the resolved config (the checkpoint describes itself)
+        vocab_parallel.json  the vocabulary split: {"vocab_parallel_size": t, "padded_vocab_size": V,
+                           "real_vocab_size": n, "sharded": {param name: dim}} (rank 0); with t > 1
+                           DeepSpeed writes one mp_rank_XX_model_states.pt per vocab-parallel rank, whose
+                           sharded tensors concatenated along dim in rank order give the full ones
         tokenizer/         a copy of the SentencePiece model and its sidecar
         COMPLETE           written last, after every rank finished
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+VOCAB_PARALLEL_JSON = "vocab_parallel.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -89,8 +94,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save(engine, ckpt_dir: str | Path, state: TrainState, *, rank: int, config_yaml: str,
-         tokenizer_path: str | Path | None, keep_last: int, barrier) -> str:
-    """Save a checkpoint on every rank (collective); returns its tag."""
+         tokenizer_path: str | Path | None, keep_last: int, barrier, vocab_parallel: dict | None = None) -> str:
+    """Save a checkpoint on every rank (collective); returns its tag. ``vocab_parallel``: the layout
+    written to ``vocab_parallel.json`` (see :func:`megamlm.parallel.vocab.vocab_parallel_layout`)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(state.step)
     out = ckpt_dir / tag
@@ -106,6 +112,8 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, *, rank: int, config_y
     if rank == 0:
         _write_text_atomic(out / "train_state.json", json.dumps(asdict(state), indent=1))
         _write_text_atomic(out / "config.yaml", config_yaml)
+        if vocab_parallel is not None:
+            _write_text_atomic(out / VOCAB_PARALLEL_JSON, json.dumps(vocab_parallel, indent=1))
         if tokenizer_path:
             tdir = out / "tokenizer"
             tdir.mkdir(exist_ok=True)
@@ -132,28 +140,46 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
-def check_shape(ckpt: Path, model_cfg: dict) -> None:
-    """Refuse a checkpoint of another model shape with the differing keys named."""
+def saved_vocab_parallel_size(ckpt: Path, saved_cfg: dict | None = None) -> int:
+    """The vocab-parallel size a checkpoint was saved with: ``vocab_parallel.json``, else its config.yaml."""
+    f = Path(ckpt) / VOCAB_PARALLEL_JSON
+    if f.is_file():
+        return int(json.loads(f.read_text())["vocab_parallel_size"])
+    return int(((saved_cfg or {}).get("parallel") or {}).get("vocab_parallel_size", 1))
+
+
+def check_shape(ckpt: Path, model_cfg: dict, vocab_parallel_size: int | None = None) -> None:
+    """Refuse a checkpoint of another model shape with the differing keys named; with
+    ``vocab_parallel_size``, also one saved with another vocab-parallel size (its shards would not fit)."""
     import yaml
 
     cfg_file = ckpt / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"{ckpt} has no config.yaml: not a megamlm checkpoint, or incomplete")
-    saved = (yaml.safe_load(cfg_file.read_text()) or {}).get("model", {})
+    saved_cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    saved = saved_cfg.get("model", {})
     shape_keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position_embeddings",
                   "type_vocab_size", "norm_position")
     diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_cfg.get(k)!r}" for k in shape_keys
             if saved.get(k) != model_cfg.get(k)]
     if diff:
         raise CheckpointError(f"checkpoint {ckpt} is from another model shape: " + "; ".join(diff))
+    if vocab_parallel_size is not None:
+        saved_t = saved_vocab_parallel_size(ckpt, saved_cfg)
+        if saved_t != vocab_parallel_size:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was saved with parallel.vocab_parallel_size={saved_t} but this run uses "
+                f"parallel.vocab_parallel_size={vocab_parallel_size}: its vocabulary shards do not fit; resume "
+                f"with parallel.vocab_parallel_size={saved_t}, or merge the shards with the conversion tool")
 
 
-def load(engine, ckpt_dir: str | Path, tag: str, *, rank: int, model_cfg: dict) -> TrainState:
+def load(engine, ckpt_dir: str | Path, tag: str, *, rank: int, model_cfg: dict,
+         vocab_parallel_size: int | None = None) -> TrainState:
     """Load engine state, this rank's RNG and the training state of checkpoint ``tag``."""
     path = Path(ckpt_dir) / tag
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    check_shape(path, model_cfg)
+    check_shape(path, model_cfg, vocab_parallel_size)
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

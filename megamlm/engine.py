@@ -181,11 +181,18 @@ def init_distributed(dist_env, backend: str) -> None:
 
     from megamlm.distributed.env import export
 
+    if dist_env.launcher == "single" and "MASTER_PORT" not in os.environ:
+        # One process without a launcher: its rendezvous needs a port, and a fixed one collides with
+        # any other run on the machine. Take a free one.
+        import dataclasses
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            dist_env = dataclasses.replace(dist_env, master_port=sock.getsockname()[1])
     export(dist_env)
     if dist.is_initialized():
         return
-    if dist_env.world_size == 1 and backend == "gloo":
-        os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
     import deepspeed
 
     if device_type() == "cuda":

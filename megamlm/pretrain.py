@@ -71,16 +71,20 @@ def _disable_ds_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
+def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None) -> dict:
     """Run pretraining on this rank; returns the trainer's summary (losses, final state, evals).
 
     ``batch_source``: optional callable(topology, state_dict) → loader, replacing the shard loader
     (tests feed recorded batches through it to compare with a single-process reference).
+    ``init_from``: weights only (a megamlm checkpoint folder / tag folder, a megamlm export, or an HF BERT
+    directory converted on the fly), loaded into the full model before DeepSpeed partitions it; the
+    optimizer, schedule and data position start fresh. Ignored when ``resume`` finds a checkpoint.
     """
     from megamlm.distributed.env import from_environ
     from megamlm.distributed.topology import build_topology
     from megamlm.engine import build_engine, init_distributed, resolve_backend
     from megamlm.model.pretraining import build_model
+    from megamlm.parallel.vocab import parallelize_vocab, vocab_parallel_layout
     from megamlm.telemetry import TensorBoardWriter
     from megamlm.tokenizer import Tokenizer
     from megamlm.trainer import Trainer
@@ -93,7 +97,15 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
     ckpt_dir = Path(cfg.checkpoint_dir)
     tag = _resolve_resume(resume, ckpt_dir)
     if tag:
-        ckpt.check_shape(ckpt_dir / tag, config_to_dict(cfg.model))
+        ckpt.check_shape(ckpt_dir / tag, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
+
+    init_weights = None
+    if init_from and tag:
+        log.warning("--init-from %s ignored: resuming from %s", init_from, ckpt_dir / tag)
+    elif init_from:
+        from megamlm.convert.core import load_any
+
+        init_weights = load_any(init_from)  # before any process group: a bad source fails in seconds
 
     _disable_ds_shm_op()
     init_distributed(de, resolve_backend(cfg.engine))
@@ -101,16 +113,20 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
     tok = Tokenizer(cfg.tokenizer.model)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
-    mpu = None
-    if topo.vp_size > 1:
-        raise ConfigError([f"parallel.vocab_parallel_size={topo.vp_size}: vocabulary parallelism is not "
-                           "available yet; use 1"])
-    engine, plan = build_engine(model, cfg, de.world_size, mpu=mpu)
-    torch.manual_seed(cfg.train.seed + 1 + de.rank)  # dropout streams differ per rank, fixed per run
+    if init_weights is not None:
+        _load_init_weights(model, init_weights, tok.vocab_size, de.rank)
+    # Vocabulary parallelism: each rank keeps its rows of the full, identically seeded embedding and decoder.
+    model = parallelize_vocab(model, topo)
+    vp_layout = vocab_parallel_layout(model, topo.vp_size)
+    engine, plan = build_engine(model, cfg, de.world_size, mpu=topo.mpu())
+    # Dropout streams differ per data-parallel rank, fixed per run; the ranks of one vocab-parallel group
+    # share theirs (they run the same replicated layers on the same batch).
+    torch.manual_seed(cfg.train.seed + 1 + topo.dp_rank)
 
     state = ckpt.TrainState()
     if tag:
-        state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=config_to_dict(cfg.model))
+        state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=config_to_dict(cfg.model),
+                          vocab_parallel_size=topo.vp_size)
         log.info("resumed from %s at step %d (%d samples, %d tokens consumed)", ckpt_dir / tag, state.step,
                  state.consumed_samples, state.consumed_tokens)
 
@@ -137,9 +153,12 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
         peak = matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
                            device=engine.device.type)
     meta_group = _host_world_group(resolve_backend(cfg.engine)) if de.world_size > 1 else None
-    trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer, peak, meta_group)
+    trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer, peak, meta_group,
+                      vocab_parallel=vp_layout)
     try:
         result = trainer.run()
+        if de.rank == 0:
+            write_run_status(Path(cfg.train.output_dir), result)
         if writer is not None:
             final = result.get("eval_end") or {}
             writer.add_hparams(config_to_dict(cfg), {k: v for k, v in final.items() if k.endswith(("loss", "accuracy"))})
@@ -148,6 +167,33 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None) -> dict:
             writer.close()
         _shutdown(engine, de.world_size)
     return result
+
+
+def _load_init_weights(model, weights, real_vocab_size: int, rank: int) -> None:
+    """``--init-from``: the full state dict into the full model, on every rank, before ZeRO partitions it
+    and before vocabulary parallelism keeps each rank's rows."""
+    from megamlm.convert.core import init_state_for
+
+    state, fresh = init_state_for(model, weights, real_vocab_size)
+    model.load_state_dict(state, strict=True)
+    if rank == 0:
+        log.info("initialised weights from %s (%d tensors)%s", weights.source, len(state) - len(fresh),
+                 f"; kept fresh (absent from the source): {', '.join(fresh)}" if fresh else "")
+
+
+RUN_STATUS = "run_status"
+
+
+def write_run_status(output_dir: Path, result: dict) -> None:
+    """``<output_dir>/run_status``, one line for schedulers (slurm/pretrain.sbatch reads it to requeue):
+    ``preempted STEP TAG`` when a signal stopped the run before its budget (checkpoint TAG saved), or
+    ``complete STEP TAG`` when the budget was reached."""
+    step = result["state"]["step"]
+    line = f"{'preempted' if result.get('preempted') else 'complete'} {step} {ckpt.tag_for(step)}\n"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{RUN_STATUS}.tmp-{os.getpid()}"
+    tmp.write_text(line)
+    os.replace(tmp, output_dir / RUN_STATUS)
 
 
 def _host_world_group(backend: str):
@@ -173,7 +219,8 @@ def _shutdown(engine, world_size: int) -> None:
         dist.destroy_process_group()
 
 
-def main_from_cli(config_path: str, overrides: list[str], resume: str | None) -> int:
+def main_from_cli(config_path: str, overrides: list[str], resume: str | None,
+                  init_from: str | None = None) -> int:
     from megamlm.config import load_config
     from megamlm.distributed.env import from_environ
     from megamlm.telemetry import setup_logging
@@ -181,7 +228,7 @@ def main_from_cli(config_path: str, overrides: list[str], resume: str | None) ->
     de = from_environ()
     cfg = load_config(config_path, overrides)  # the world-size checks run in preflight, with the paths
     setup_logging(cfg.telemetry.log_level if de.rank == 0 else "WARNING")
-    result = pretrain(cfg, resume)
+    result = pretrain(cfg, resume, init_from=init_from)
     if de.rank == 0:
         s, e = result.get("eval_start") or {}, result.get("eval_end") or {}
         if s and e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -44,18 +45,27 @@ class StopFlag:
     def __init__(self):
         self.signum = 0
         self._old = {}
+        self._pid = 0
 
     def install(self) -> None:
+        """Idempotent. Install before the loader forks its workers: Slurm signals every process of a step,
+        and a worker with the default action would die of SIGUSR1; with this handler inherited it ignores it."""
+        if self._old:
+            return
+        self._pid = os.getpid()
         for s in (signal.SIGTERM, signal.SIGUSR1):
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: only the rank itself stops
         self.signum = signum
         log.warning("received signal %d: checkpoint and stop at the end of this step", signum)
 
     def uninstall(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
 
 
 def _sum_terms(acc: LossTerms | None, terms: LossTerms) -> LossTerms:
@@ -78,6 +88,8 @@ class Trainer:
         self.peak_flops = peak_flops
         self.device = engine.device
         self.stop = StopFlag()
+        if cfg.checkpoint.save_on_signal:
+            self.stop.install()  # before iter(train_loader) forks the workers
         self.losses: list[float] = []  # per-step total loss when log_every == 1 (tests, resume checks)
         self.meta_group = meta_group  # gloo group over all ranks (None: the default group, when it is gloo)
         self.dp_group = topology.dp_group

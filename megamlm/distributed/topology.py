@@ -11,6 +11,10 @@ Ranks of one vocab-parallel group hold the same ``dp_rank`` and therefore read t
 gloo group over the same ranks as ``dp_group`` for small host-side collectives (the data loader's
 "does every rank still have a batch" all-reduce): it never touches a device. With a gloo default backend
 it is simply ``dp_group``. In a single process every group is None.
+
+:meth:`Topology.mpu` is the object DeepSpeed takes as ``mpu`` so that ZeRO partitions and all-reduces
+over the data-parallel group only, counts vocab-sharded parameters once per shard in the gradient norm
+and names checkpoint files ``mp_rank_XX_*`` by vocab-parallel rank.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Topology", "single_process_topology", "rank_layout", "build_topology"]
+__all__ = ["Topology", "VocabParallelMPU", "single_process_topology", "rank_layout", "build_topology"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,53 @@ class Topology:
                             f"the layout vp_rank = rank % vp_size, dp_rank = rank // vp_size")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def mpu(self) -> "VocabParallelMPU | None":
+        """DeepSpeed's ``mpu`` for this layout; None without vocabulary parallelism (vp_size == 1)."""
+        return None if self.vp_size == 1 else VocabParallelMPU(self)
+
+
+class VocabParallelMPU:
+    """The model-parallel unit DeepSpeed asks for: model (= tensor = vocab) parallel and data parallel.
+
+    Exactly these methods: DeepSpeed reads them for batch arithmetic, the gradient-norm all-reduce and
+    checkpoint names. No ``initialize_sequence_parallel``: with it DeepSpeed would take this object for a
+    sequence-parallel unit and ignore it for model and data parallelism (ENVIRONMENT.md, "DeepSpeed with an mpu").
+    """
+
+    def __init__(self, topology: "Topology"):
+        self._t = topology
+
+    def get_model_parallel_rank(self) -> int:
+        return self._t.vp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._t.vp_size
+
+    def get_model_parallel_group(self):
+        return self._t.vp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._t.vp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._t.vp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self._t.vp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._t.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._t.dp_size
+
+    def get_data_parallel_group(self):
+        return self._t.dp_group
+
+    def __repr__(self) -> str:
+        t = self._t
+        return f"VocabParallelMPU(vp {t.vp_rank}/{t.vp_size}, dp {t.dp_rank}/{t.dp_size})"
 
 
 def rank_layout(rank: int, world_size: int, vp_size: int) -> tuple[int, int]:

@@ -1,4 +1,6 @@
-"""Vocabulary parallelism: cross-entropy and argmax over logits split along the vocabulary.
+"""Vocabulary parallelism: cross-entropy and argmax over logits split along the vocabulary, and
+:func:`parallelize_vocab`, which splits a finished model's embedding and tied decoder (the layers and
+collectives it swaps in live in :mod:`megamlm.parallel.layers`).
 
 Each rank of a vocab-parallel group holds the logits of a contiguous slice of the vocabulary,
 ``local_logits [N, V/t]`` for ids ``[rank * V/t, (rank + 1) * V/t)``; every rank holds the same labels.
@@ -9,9 +11,13 @@ size 1 short-circuits to the same path.
 
 The recipe (Megatron ``tensor_parallel/cross_entropy.py``): compute in fp32; all-reduce the row max,
 the sum of exponentials and the target logit over the group; the backward needs no collective
-(softmax minus the one-hot of the target, on the local slice). ``ignore_index`` rows give loss 0 and
-gradient 0. The caller's logits are never mutated. The output is per row: the objective chooses the
-reduction.
+(softmax minus the one-hot of the target, on the local slice). Both paths read the logits in row
+chunks and keep only the row log-sum-exp, so the peak is the logits themselves plus their gradient
+(or just the logits, with ``inplace_backward``): per rank [N, V/t]. ``ignore_index`` rows give loss 0 and
+gradient 0. The caller's logits are never mutated (unless ``inplace_backward``, then in backward only).
+The output is per row: the objective chooses the reduction. Columns of padded vocabulary rows arrive as −inf (the vocab-parallel decoder masks them):
+they get exactly zero probability and zero gradient, so the result equals the single-rank one over the
+real rows only.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
+__all__ = ["IGNORE_INDEX", "VOCAB_SHARDED_PARAMS", "VOCAB_TIED_PARAMS", "group_size_rank",
+           "vocab_parallel_cross_entropy", "vocab_parallel_argmax", "parallelize_vocab", "vocab_parallel_layout"]
 
 
 def group_size_rank(group) -> tuple[int, int]:
@@ -82,49 +89,60 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-row CE over vocab-sharded logits; collectives in forward only."""
+    """Per-row CE over vocab-sharded logits; collectives in forward only. Same memory recipe as
+    :class:`_CrossEntropy`: forward reads the logits in row chunks (no [N, V/t] temporary besides the
+    saved reference to fp32 logits) and keeps the row log-sum-exp; backward writes
+    exp(logits - lse) · g - onehot · g chunk by chunk, into the logits' storage when allowed."""
 
     @staticmethod
-    def forward(ctx, local_logits: torch.Tensor, labels: torch.Tensor, group, ignore_index: int):
+    def forward(ctx, local_logits: torch.Tensor, labels: torch.Tensor, group, ignore_index: int,
+                inplace_backward: bool = False):
         import torch.distributed as dist
 
         size, rank = group_size_rank(group)
-        n_local = local_logits.shape[-1]
+        x = local_logits.float()  # [N, V/t] fp32 (a copy unless already fp32); not written to in forward
+        N, n_local = x.shape
         start = rank * n_local
-        logits = local_logits.float()  # [N, V/t] fp32 (a copy unless already fp32: never written below)
 
-        row_max = logits.max(dim=-1).values  # [N]
+        row_max = x.amax(dim=-1)  # [N]; -inf on a rank whose columns are all padding
         if size > 1:
             _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        shifted = logits - row_max.unsqueeze(-1)  # [N, V/t], our own tensor from here on
+        sum_exp = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
+        step = max(1, _CHUNK_BYTES // (4 * max(n_local, 1)))
+        for s in range(0, N, step):
+            sum_exp[s:s + step] = torch.sub(x[s:s + step], row_max[s:s + step].unsqueeze(-1)).exp_().sum(dim=-1)
 
         valid = labels != ignore_index  # [N]
         local_label = labels - start  # [N]
         in_slice = valid & (local_label >= 0) & (local_label < n_local)  # [N]
         local_label = torch.where(in_slice, local_label, torch.zeros_like(local_label))  # [N]
-        target = shifted.gather(1, local_label.unsqueeze(-1)).squeeze(-1) * in_slice  # [N]
-        exp = shifted.exp_()  # [N, V/t]
-        sum_exp = exp.sum(dim=-1)  # [N]
+        target = x.gather(1, local_label.unsqueeze(-1)).squeeze(-1)  # [N]
+        target = torch.where(in_slice, target, torch.zeros_like(target))  # not `* in_slice`: -inf * 0 is nan
         if size > 1:
-            _all_reduce(target, dist.ReduceOp.SUM, group)
+            _all_reduce(target, dist.ReduceOp.SUM, group)  # one rank holds each row's target
             _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
-        loss = torch.where(valid, torch.log(sum_exp) - target, torch.zeros_like(target))  # [N]
+        loss = torch.where(valid, torch.log(sum_exp) - (target - row_max), torch.zeros_like(target))  # [N]
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))  # [N, V/t]
-        ctx.save_for_backward(softmax, local_label, in_slice, valid)
+        lse = torch.log(sum_exp).add_(row_max)  # [N] global log-sum-exp
+        ctx.save_for_backward(x, lse, local_label, in_slice, valid)
         ctx.input_dtype = local_logits.dtype
+        ctx.inplace = inplace_backward or x is not local_logits  # our own fp32 copy may always be reused
+        ctx.n_inputs = len(ctx.needs_input_grad)  # 4 or 5: inplace_backward is optional
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        softmax, local_label, in_slice, valid = ctx.saved_tensors
-        # d loss_i / d logit_ij = softmax_ij - [j == label_i]; written into the saved softmax (the graph
-        # is freed after backward, as in Megatron: no retain_graph through this Function).
-        grad = softmax
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_label] -= in_slice.to(grad.dtype)
-        grad.mul_((grad_loss * valid).unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None
+        x, lse, local_label, in_slice, valid = ctx.saved_tensors
+        # d loss_i / d logit_ij = softmax_ij - [j == label_i] on this rank's columns: no collective.
+        N, n_local = x.shape
+        g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
+        grad = x if ctx.inplace else torch.empty_like(x)  # [N, V/t]
+        step = max(1, _CHUNK_BYTES // (4 * max(n_local, 1)))
+        for s in range(0, N, step):
+            e = s + step
+            torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
+        grad[torch.arange(N, device=x.device), local_label] -= g * in_slice
+        return (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, group=None,
@@ -132,16 +150,17 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     """local_logits [N, V/t] (any float dtype), labels [N] global ids → per-row fp32 loss [N]
     (0 where ``labels == ignore_index``).
 
-    The logits are never written in forward. ``inplace_backward=True`` lets the single-rank backward
-    write the gradient into fp32 logits' storage (saves an [N, V] buffer); only for logits that
-    nothing reads after the loss, e.g. those the model makes for the loss alone."""
+    The logits are never written in forward. ``inplace_backward=True`` lets the backward (single-rank
+    or vocab-parallel) write the gradient into fp32 logits' storage (saves an [N, V/t] buffer); only for
+    logits that nothing reads after the loss, e.g. those the model makes for the loss alone. Columns
+    set to −inf (padded vocabulary rows) get zero probability and zero gradient."""
     if local_logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != local_logits.shape[0]:
         raise ValueError(f"expected local_logits [N, V] and labels [N], got {tuple(local_logits.shape)} "
                          f"and {tuple(labels.shape)}")
     size, _ = group_size_rank(group)
     if size == 1:
         return _CrossEntropy.apply(local_logits, labels, ignore_index, inplace_backward)
-    return _VocabParallelCrossEntropy.apply(local_logits, labels, group, ignore_index)
+    return _VocabParallelCrossEntropy.apply(local_logits, labels, group, ignore_index, inplace_backward)
 
 
 @torch.no_grad()
@@ -159,3 +178,61 @@ def vocab_parallel_argmax(local_logits: torch.Tensor, group=None) -> torch.Tenso
     cand = torch.where(local_max == global_max, local_idx + rank * n_local,
                        torch.full_like(local_idx, big))  # [N]
     return _all_reduce(cand, dist.ReduceOp.MIN, group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying vocabulary parallelism to a finished model
+
+#: Tensors of the pretraining model split along the vocabulary: name → dim; concatenated in vp-rank order
+#: they give the padded [V, H] / [V]. Every other tensor is replicated over the vocab-parallel group.
+VOCAB_SHARDED_PARAMS: dict[str, int] = {"encoder.embeddings.word_embeddings.weight": 0,
+                                        "mlm_head.decoder.bias": 0}
+#: Tied aliases (not tensors of their own): rebuild them from their source after merging, as for t=1.
+#: In a checkpoint ``mlm_head.decoder.weight`` appears as each rank's [V/t, H] embedding rows in the stage
+#: 0–2 ``module`` dict, and DeepSpeed records the tie in ``shared_params`` on global rank 0's file only.
+VOCAB_TIED_PARAMS: dict[str, str] = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"}
+
+
+def parallelize_vocab(model, topology):
+    """Split a finished :class:`megamlm.model.pretraining.PretrainingModel` along the vocabulary, in place.
+
+    The word embedding becomes a :class:`~megamlm.parallel.layers.VocabParallelEmbedding` holding this
+    rank's rows of the full, identically seeded table (so every vocab-parallel size starts from the same
+    weights); the MLM decoder becomes a :class:`~megamlm.parallel.layers.VocabParallelDecoder` tied to it
+    with this rank's slice of the bias; both are tagged ``tensor_model_parallel``; ``model.vocab_group``
+    is set so the objective's cross-entropy runs over the group. With ``topology.vp_size == 1`` the model
+    is returned unchanged. Call it before the engine wraps the model. Returns the model.
+    """
+    from megamlm.parallel.layers import VocabParallelDecoder, VocabParallelEmbedding
+
+    if topology.vp_size == 1:
+        return model
+    group = topology.vp_group
+    size, rank = group_size_rank(group)
+    if (size, rank) != (topology.vp_size, topology.vp_rank):
+        raise ValueError(f"topology says vocab-parallel rank {topology.vp_rank} of {topology.vp_size}, its "
+                         f"vp_group says {rank} of {size}")
+    emb = model.encoder.embeddings.word_embeddings
+    dec = model.mlm_head.decoder
+    if isinstance(emb, VocabParallelEmbedding):
+        raise ValueError("the model is already vocab-parallel")
+    if dec.weight is not emb.weight:
+        raise ValueError("the MLM decoder is not tied to the word embedding; parallelize_vocab expects the tie")
+    new_emb = VocabParallelEmbedding.from_full(emb.weight, group)
+    model.encoder.embeddings.word_embeddings = new_emb
+    model.mlm_head.decoder = VocabParallelDecoder.tied_to(new_emb, dec.bias, dec.n_predicted)
+    model.vocab_group = group
+    return model
+
+
+def vocab_parallel_layout(model, vp_size: int) -> dict:
+    """What a checkpoint's ``vocab_parallel.json`` says: the split of the vocabulary-sharded tensors.
+
+    Concatenating each ``sharded`` tensor of the ``mp_rank_XX_model_states.pt`` files along its dim in
+    vp-rank order gives the padded [V, H] / [V]; every other tensor is replicated (tied aliases, see
+    :data:`VOCAB_TIED_PARAMS`, follow their source)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {"vocab_parallel_size": int(vp_size),
+            "padded_vocab_size": int(model.encoder.vocab_size),
+            "real_vocab_size": int(model.real_vocab_size),
+            "sharded": {n: d for n, d in VOCAB_SHARDED_PARAMS.items() if n in names}}
