@@ -96,7 +96,23 @@ def cmd_prepare(args) -> int:
 def cmd_pretrain(args) -> int:
     from megamlm.pretrain import main_from_cli
 
-    return main_from_cli(args.config, list(args.overrides), args.resume)
+    return main_from_cli(args.config, list(args.overrides), args.resume, args.init_from)
+
+
+def cmd_convert(args) -> int:
+    from megamlm.telemetry import setup_logging
+
+    setup_logging("INFO")
+    from megamlm.convert import main
+
+    return main(args)
+
+
+def cmd_finetune(args) -> int:
+    from megamlm.finetune.train import main_from_cli
+
+    return main_from_cli(args.config, list(args.overrides), args.resume, seeds=args.seeds, report=args.report,
+                         export=args.export)
 
 
 def cmd_bench(args) -> int:
@@ -152,8 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", default=None,
                    help="auto (the latest complete checkpoint, if any), a checkpoint tag or folder, or none")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from these weights only (fresh optimizer, schedule and data position): a megamlm "
+                        "checkpoint folder or tag folder, a `megamlm convert --to megamlm` export, or a Hugging "
+                        "Face BERT directory; ignored when --resume finds a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("convert", help="offline checkpoint conversion: megamlm (any ZeRO stage) <-> consolidated "
+                       "fp32 <-> Hugging Face BERT")
+    from megamlm.convert import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder on a sequence / pair / token task "
+                       "(a fine-tuning config: configs/finetune/*.yaml)")
+    _config_args(p)
+    p.add_argument("--resume", default=None, help="auto, a checkpoint tag or folder, or none")
+    p.add_argument("--seeds", type=int, default=1, help="run N seeds (train.seed, +1, ...) under "
+                   "<output_dir>/seed<k> and report the median and spread of the test metrics")
+    p.add_argument("--report", action="store_true", help="write report.png / report.md / report.json")
+    p.add_argument("--export", default=None, metavar="DIR", help="export the best weights to a Hugging Face "
+                   "directory (BertForSequenceClassification / BertForTokenClassification)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loader --help`", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

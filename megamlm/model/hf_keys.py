@@ -16,7 +16,8 @@ from collections.abc import Mapping
 import torch
 
 __all__ = ["EMBEDDING_KEYS", "LAYER_KEYS", "MLM_HEAD_KEYS", "PAIR_HEAD_KEYS", "TIED_MEGAMLM", "TIED_HF",
-           "key_table", "to_hf", "from_hf", "map_grads_to_hf"]
+           "HF_ARCHS", "HF_ARCH_DROPS", "HF_BUFFERS", "key_table", "to_hf", "from_hf", "map_grads_to_hf",
+           "to_hf_arch", "hf_with_prefix", "from_hf_partial"]
 
 EMBEDDING_KEYS: list[tuple[str, tuple[str, ...]]] = [
     ("encoder.embeddings.word_embeddings.weight", ("bert.embeddings.word_embeddings.weight",)),
@@ -128,3 +129,67 @@ def map_grads_to_hf(named_grads: Mapping[str, torch.Tensor]) -> dict[str, torch.
     """Gradients by megamlm parameter name → by HF parameter name (tied grads appear once, as in
     ``named_parameters``)."""
     return to_hf({k: v for k, v in named_grads.items() if k not in TIED_MEGAMLM}, tied=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three HF BERT classes a conversion writes or reads. Each is the BertForPreTraining layout (above)
+# minus some prefixes; BertModel also has no "bert." in front of its keys.
+HF_ARCHS = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
+HF_ARCH_DROPS: dict[str, tuple[str, ...]] = {
+    "BertForPreTraining": (),
+    "BertForMaskedLM": ("bert.pooler.", "cls.seq_relationship."),
+    "BertModel": ("cls.",),
+}
+HF_BASE_PREFIX = "bert."
+# non-persistent buffers older transformers versions saved: read and dropped (reported), never mapped
+HF_BUFFERS = ("bert.embeddings.position_ids",)
+
+
+def to_hf_arch(state: Mapping[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """megamlm state dict → the state dict of HF ``arch`` (tied decoder weight left out, as HF saves it)."""
+    if arch not in HF_ARCHS:
+        raise ValueError(f"unknown HF architecture {arch!r}; choose one of {', '.join(HF_ARCHS)}")
+    out = {k: v for k, v in to_hf(state, tied=False).items() if not k.startswith(HF_ARCH_DROPS[arch])}
+    if arch == "BertModel":
+        out = {k[len(HF_BASE_PREFIX):]: v for k, v in out.items()}
+    return out
+
+
+def hf_with_prefix(hf_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Keys of a BertModel checkpoint (no "bert." prefix) given the BertForPreTraining prefix; returns
+    (state, whether it was a bare BertModel)."""
+    bare = not any(k.startswith((HF_BASE_PREFIX, "cls.")) for k in hf_state)
+    if not bare:
+        return dict(hf_state), False
+    return {HF_BASE_PREFIX + k: v for k, v in hf_state.items()}, True
+
+
+def from_hf_partial(hf_state: Mapping[str, torch.Tensor], num_layers: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Any of the three HF layouts → (megamlm state dict, megamlm keys absent from the checkpoint,
+    HF keys the table does not know). A table row is mapped whole or reported missing whole; a row
+    present in part (e.g. a query without its key) raises. Tied HF copies must equal their source."""
+    hf, _ = hf_with_prefix(hf_state)
+    n = _num_layers(hf, "bert.encoder.layer.", ".attention.self.query.weight") if num_layers is None else num_layers
+    table = key_table(n, pair=True)
+    known = {h for _, hs in table for h in hs} | set(TIED_HF) | set(HF_BUFFERS)
+    unknown = sorted(set(hf) - known)
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for m, hs in table:
+        have = [h for h in hs if h in hf]
+        if not have:
+            missing.append(m)
+            continue
+        if len(have) != len(hs):
+            raise ValueError(f"HF checkpoint has {have[0]} but lacks {sorted(set(hs) - set(have))[0]} (both needed "
+                             f"for {m})")
+        out[m] = torch.cat([hf[h] for h in hs], dim=0) if len(hs) > 1 else hf[hs[0]].clone()
+    for h, src in TIED_HF.items():
+        if h in hf and src in hf and not torch.equal(hf[h], hf[src]):
+            raise ValueError(f"HF checkpoint has {h} different from {src}: an untied decoder, which megamlm's tied "
+                             f"MLM head cannot represent")
+    for m, src in TIED_MEGAMLM.items():
+        if src in out:
+            out[m] = out[src]
+    return out, missing, unknown

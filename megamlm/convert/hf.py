@@ -1,0 +1,184 @@
+"""megamlm weights ↔ a Hugging Face BERT directory (config.json + safetensors / bin + tokenizer files).
+
+Export writes the BertForPreTraining layout (BertForMaskedLM when the run had no pair head) through the
+key table; ``arch`` picks BertForMaskedLM or BertModel instead. Import reads BertForPreTraining,
+BertForMaskedLM or BertModel (safetensors, sharded safetensors or ``pytorch_model.bin`` read with
+``weights_only=True``), checks every tensor's shape against config.json, and reports the heads it lacks
+(``--init-from`` initialises them). A non-BERT directory, a post-LN-incompatible setting or an unknown key
+is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megamlm.convert.core import (TIED, ConvertError, Weights, check_state, expected_shapes,
+                                  read_safetensors)
+from megamlm.convert.zero import safe_load
+from megamlm.model.hf_keys import HF_ARCHS, HF_BUFFERS, from_hf_partial, to_hf_arch
+
+__all__ = ["is_hf_dir", "load_hf", "save_hf", "hf_config"]
+
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+def is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file()
+
+
+def hf_config(w: Weights, arch: str) -> dict:
+    m = w.model
+    if m.get("norm_position", "post") != "post":
+        raise ConvertError(f"{w.source}: model.norm_position={m['norm_position']!r}: HF BERT is post-LN only")
+    return {"architectures": [arch], "model_type": "bert", "vocab_size": w.real_vocab_size,
+            "hidden_size": m["hidden_size"], "num_hidden_layers": m["num_layers"],
+            "num_attention_heads": m["num_heads"], "intermediate_size": m["ffn_size"],
+            "hidden_act": _ACT_TO_HF[m.get("activation", "gelu")], "hidden_dropout_prob": m.get("dropout", 0.1),
+            "attention_probs_dropout_prob": m.get("attention_dropout", 0.1),
+            "max_position_embeddings": m["max_position_embeddings"], "type_vocab_size": m["type_vocab_size"],
+            "initializer_range": m.get("init_std", 0.02), "layer_norm_eps": m.get("layer_norm_eps", 1e-12),
+            "pad_token_id": 0, "position_embedding_type": "absolute", "tie_word_embeddings": True,
+            "dtype": "float32"}
+
+
+def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_model: Path | None = None) -> Path:
+    """Write an HF directory for ``arch`` (default: BertForPreTraining, or BertForMaskedLM without a pair
+    head). The tokenizer files come from the SentencePiece model beside the weights."""
+    from safetensors.torch import save_file
+
+    from megamlm.convert.hf_tokenizer import save_hf_tokenizer
+
+    arch = arch or ("BertForPreTraining" if w.pair != "none" else "BertForMaskedLM")
+    if arch not in HF_ARCHS:
+        raise ConvertError(f"--hf-arch {arch!r}: choose one of {', '.join(HF_ARCHS)}")
+    if arch == "BertForPreTraining" and w.pair == "none":
+        raise ConvertError(f"{w.source} has no pair head (objective.pair=none): export BertForMaskedLM or BertModel")
+    if arch == "BertModel" and w.pair == "none":
+        raise ConvertError(f"{w.source} has no pooler (objective.pair=none): BertModel would load it newly "
+                           "initialised; export BertForMaskedLM")
+    cfg = hf_config(w, arch)
+    try:
+        tensors = to_hf_arch({k: v for k, v in w.state.items()}, arch)
+    except ValueError as e:
+        raise ConvertError(f"{w.source}: {e}") from None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    files = ["config.json", "model.safetensors"]
+    spm = tokenizer_model or (next(iter(sorted(Path(w.tokenizer_dir).glob("*.model"))), None)
+                              if w.tokenizer_dir else None)
+    if spm is not None:
+        files += save_hf_tokenizer(spm, out, w.model["max_position_embeddings"])
+    (out / "convert_report.json").write_text(json.dumps({**w.report, "hf_arch": arch, "files": files},
+                                                        indent=1, default=str) + "\n")
+    return out
+
+
+def _read_hf_weights(d: Path) -> tuple[dict[str, torch.Tensor], str]:
+    single = d / "model.safetensors"
+    index = d / "model.safetensors.index.json"
+    binf = d / "pytorch_model.bin"
+    if single.is_file():
+        return read_safetensors(single)[0], str(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+        out: dict[str, torch.Tensor] = {}
+        for s in shards:
+            out.update(read_safetensors(d / s)[0])
+        return out, str(index)
+    if binf.is_file():
+        sd = safe_load(binf)
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConvertError(f"{binf}: not a flat state dict of tensors")
+        return dict(sd), str(binf)
+    raise ConvertError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf(d: str | Path) -> Weights:
+    """An HF BERT directory → megamlm weights (heads it lacks listed in ``report['initialise']``)."""
+    d = Path(d)
+    cfg_file = d / "config.json"
+    try:
+        c = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{cfg_file}: cannot read ({e})") from None
+    archs = c.get("architectures") or []
+    if c.get("model_type") != "bert" or (archs and not set(archs) & set(HF_ARCHS)):
+        raise ConvertError(f"{cfg_file}: model_type={c.get('model_type')!r}, architectures={archs}: not a BERT "
+                           f"model megamlm converts ({', '.join(HF_ARCHS)})")
+    problems = []
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type={c['position_embedding_type']!r} (only 'absolute')")
+    if c.get("hidden_act", "gelu") not in _ACT_FROM_HF:
+        problems.append(f"hidden_act={c.get('hidden_act')!r} (only {', '.join(_ACT_FROM_HF)})")
+    if c.get("is_decoder") or c.get("add_cross_attention"):
+        problems.append("a decoder / cross-attention BERT")
+    if problems:
+        raise ConvertError(f"{cfg_file}: unsupported: " + "; ".join(problems))
+    model = {"vocab_size": 0, "hidden_size": c["hidden_size"], "num_layers": c["num_hidden_layers"],
+             "num_heads": c["num_attention_heads"], "ffn_size": c["intermediate_size"],
+             "max_position_embeddings": c["max_position_embeddings"], "type_vocab_size": c.get("type_vocab_size", 2),
+             "dropout": c.get("hidden_dropout_prob", 0.1), "attention_dropout": c.get("attention_probs_dropout_prob", 0.1),
+             "layer_norm_eps": c.get("layer_norm_eps", 1e-12), "norm_position": "post",
+             "activation": _ACT_FROM_HF[c.get("hidden_act", "gelu")], "init_std": c.get("initializer_range", 0.02)}
+    hf_state, wfile = _read_hf_weights(d)
+    try:
+        state, missing, unknown = from_hf_partial(hf_state, c["num_hidden_layers"])
+    except ValueError as e:
+        raise ConvertError(f"{wfile}: {e}") from None
+    if unknown:
+        raise ConvertError(f"{wfile}: {len(unknown)} key(s) the BERT key table does not know: "
+                           f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    core = [k for k in missing if k.startswith("encoder.")]
+    if core:
+        raise ConvertError(f"{wfile}: encoder tensors missing: {', '.join(core[:8])}")
+    pair = "nsp" if any(k.startswith("pair_head.") for k in state) or "pair_head.pooler.weight" in missing else "none"
+    # what a pretraining model needs but the file lacks: kept at their fresh initialisation by --init-from
+    initialise = [k for k in missing if pair != "none" or not k.startswith("pair_head.")]
+    vocab = int(c["vocab_size"])
+    exp = expected_shapes(model, pair, vocab, vocab)
+    present = {k: v for k, v in state.items()}
+    check_state({**present, **{k: torch.empty(exp[k], device="meta") for k in initialise}}, exp, wfile)
+    dropped = sorted(k for k in hf_state if k in HF_BUFFERS or k.split(".", 1)[-1] in
+                     {b.split(".", 1)[-1] for b in HF_BUFFERS})
+    arch = archs[0] if archs else "?"
+    w = Weights({k: v.float() for k, v in present.items()}, model, pair, vocab, None, None, str(d))
+    for k, src in TIED.items():
+        if src in w.state:
+            w.state[k] = w.state[src]
+    w.report = {"source": str(d), "hf_arch": arch, "weights": wfile, "initialise": initialise,
+                "dropped_buffers": dropped, "real_vocab_size": vocab}
+    return w
+
+
+def complete_heads(w: Weights, seed: int = 0) -> Weights:
+    """Fill the heads an HF file lacks with megamlm's initialisation (for an export that
+    ``pretrain --init-from`` and ``--to hf`` can use as a whole model); they are named in the report."""
+    from megamlm.config import ModelConfig, ObjectiveConfig
+    from megamlm.model import build_model
+
+    missing = w.report.get("initialise") or []
+    if not missing:
+        return w
+    mc = ModelConfig(**{k: v for k, v in w.model.items() if k in ModelConfig.__dataclass_fields__})
+    torch.manual_seed(seed)
+    fresh = build_model(mc, ObjectiveConfig(pair=w.pair), w.real_vocab_size, w.real_vocab_size).state_dict()
+    state = dict(w.state)
+    for k in missing:
+        state[k] = fresh[k].clone()
+    for k, src in TIED.items():
+        state[k] = state[src]
+    check_state(state, {k: tuple(v.shape) for k, v in fresh.items()}, w.source)
+    out = Weights(state, w.model, w.pair, w.real_vocab_size, w.config_yaml, w.tokenizer_dir, w.source,
+                  {**w.report, "initialised": missing})
+    return out
+
