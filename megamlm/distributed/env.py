@@ -123,6 +123,8 @@ def from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
         else:
             addr = _mpi_broadcast_address()
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        # SLURM_STEP_ID marks an srun task. The batch shell also has SLURM_PROCID=0 and SLURM_NTASKS=N (the
+        # allocation's) but no SLURM_STEP_ID (Slurm 22.05): a command it runs directly is one process.
         launcher = "slurm"
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
@@ -140,9 +142,16 @@ def from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str], world: int) -> int:
-    per_node = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or ""
-    m = re.match(r"(\d+)", per_node)
-    return int(m.group(1)) if m else world
+    """This node's task count: the step's list (srun may lay out fewer tasks than the job, e.g. one
+    launcher per node), else the job's, in Slurm's compressed form ("4(x2),2"), indexed by SLURM_NODEID."""
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts: list[int] = []
+    for m in re.finditer(r"(\d+)(?:\(x(\d+)\))?", per_node):
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not counts:
+        return world
+    node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0
+    return counts[node] if 0 <= node < len(counts) else counts[0]
 
 
 def _mpi_broadcast_address() -> str:

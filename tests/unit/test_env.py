@@ -120,3 +120,44 @@ def test_warmup_then_decay(schedule):
         assert mid == pytest.approx(0.1 + 0.9 * expect)
     assert all(math.isfinite(f(s)) for s in range(0, 300, 7))
     assert f(500) == pytest.approx(end)  # flat after the horizon
+
+
+# ---------------------------------------------------------------- Slurm (values as Slurm 22.05 sets them)
+def test_slurm_batch_shell_is_a_single_process():
+    """The batch step has SLURM_PROCID/SLURM_NTASKS of the allocation but no SLURM_STEP_ID: a command the
+    sbatch script runs directly (megamlm check-config) must not wait for N-1 peers."""
+    batch = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "2"}
+    d = from_environ(batch)
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single")
+
+
+def test_slurm_srun_task_on_one_node():
+    task = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm", "SLURM_STEP_NODELIST": "vm", "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEPID": "0", "SLURM_STEP_ID": "0",
+            "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2"}
+    d = from_environ(task)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port, d.launcher) == (
+        1, 2, 1, 2, "vm", 15007, "slurm")
+
+
+def test_slurm_tasks_per_node_of_this_node_and_of_the_step():
+    base = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "10",
+            "SLURM_TASKS_PER_NODE": "4(x2),2"}
+    d = from_environ({**base, "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "2"})
+    assert d.local_world_size == 2 and d.master_addr == "n1"
+    d = from_environ({**base, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"})
+    assert d.local_world_size == 4
+    # one launcher per node (slurm/pretrain.sbatch MEGAMLM_LAUNCHER=deepspeed): the step's layout wins
+    step = {**base, "SLURM_NTASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "1(x3)", "SLURM_PROCID": "2",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "2"}
+    assert from_environ(step).local_world_size == 1
+
+
+def test_slurm_explicit_master_wins_and_bad_local_rank_is_named():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "a[1-2]",
+           "SLURM_JOB_ID": "5", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242", "SLURM_TASKS_PER_NODE": "1(x2)"}
+    d = from_environ({**env, "SLURM_LOCALID": "0"})
+    assert (d.master_addr, d.master_port) == ("10.0.0.1", 4242)
+    with pytest.raises(DistEnvError, match="local rank 1 is outside local world size 1"):
+        from_environ({**env, "SLURM_LOCALID": "1"})
