@@ -24,7 +24,8 @@ from megamlm.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # pretraining configs
+FINETUNE_CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
 
 
 def test_configs_folder_is_not_empty():
@@ -40,6 +41,13 @@ def test_every_shipped_config_validates(path):
 
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_finetune_config_validates(path):
+    from megamlm.finetune.config import load_finetune_config
+
+    assert load_finetune_config(path) is not None
 
 
 def test_defaults_are_valid():

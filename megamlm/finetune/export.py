@@ -1,0 +1,101 @@
+"""A fine-tuned model → a Hugging Face directory: ``BertForSequenceClassification`` (sequence, pair joint;
+the head's pooler is BERT's pooler) or ``BertForTokenClassification`` (token), with the label names in
+config.json (``id2label`` / ``label2id``) and the tokenizer files. Pair ``concat`` and pooler-less
+sequence heads have no HF class: refused with the reason.
+
+The encoder goes through the key table of megamlm/model/hf_keys.py; the config through
+megamlm.convert.hf's ``hf_config`` when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megamlm.model.hf_keys import EMBEDDING_KEYS, LAYER_KEYS
+
+__all__ = ["ExportError", "export_hf", "hf_state"]
+
+
+class ExportError(ValueError):
+    user_facing = True
+
+
+def hf_state(state: dict[str, torch.Tensor], num_layers: int, task_type: str) -> dict[str, torch.Tensor]:
+    """FinetuneModel state dict → the HF classification model's state dict."""
+    rows = list(EMBEDDING_KEYS) + [(m.format(i=i), tuple(h.format(i=i) for h in hs))
+                                   for i in range(num_layers) for m, hs in LAYER_KEYS]
+    out = {}
+    for m, hs in rows:
+        t = state[m]
+        for h, part in zip(hs, t.chunk(len(hs), 0) if len(hs) > 1 else (t,)):
+            out[h] = part.clone().contiguous()
+    if task_type != "token":
+        out["bert.pooler.dense.weight"] = state["head.pooler.weight"]
+        out["bert.pooler.dense.bias"] = state["head.pooler.bias"]
+    out["classifier.weight"] = state["head.classifier.weight"]
+    out["classifier.bias"] = state["head.classifier.bias"]
+    return out
+
+
+def _config(model: dict, arch: str, vocab: int) -> dict:
+    try:
+        from megamlm.convert.hf import hf_config
+        from types import SimpleNamespace
+
+        return hf_config(SimpleNamespace(model=model, real_vocab_size=vocab, source="fine-tuned model"), arch)
+    except ImportError:
+        act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[model["activation"]]
+        return {"architectures": [arch], "model_type": "bert", "vocab_size": vocab, "hidden_size": model["hidden_size"],
+                "num_hidden_layers": model["num_layers"], "num_attention_heads": model["num_heads"],
+                "intermediate_size": model["ffn_size"], "hidden_act": act, "hidden_dropout_prob": model["dropout"],
+                "attention_probs_dropout_prob": model["attention_dropout"],
+                "max_position_embeddings": model["max_position_embeddings"],
+                "type_vocab_size": model["type_vocab_size"], "layer_norm_eps": model["layer_norm_eps"],
+                "pad_token_id": 0, "initializer_range": model["init_std"]}
+
+
+def export_hf(best: str | Path, out: str | Path) -> Path:
+    """``<output_dir>/best/model.pt`` (written by ``megamlm finetune``) → an HF directory ``out``."""
+    from safetensors.torch import save_file
+
+    best = Path(best)
+    if not best.is_file():
+        raise ExportError(f"{best} does not exist: run `megamlm finetune` first (it writes the best weights there)")
+    ck = torch.load(best, map_location="cpu", weights_only=False)
+    task, head, model, labels = ck["task"], ck["head"], ck["model"], ck["labels"]
+    if model.get("norm_position", "post") != "post":
+        raise ExportError("model.norm_position='pre' has no Hugging Face BERT equivalent")
+    if task["type"] == "pair" and task["pair_mode"] == "concat":
+        raise ExportError("task.pair_mode='concat' encodes A and B apart: no Hugging Face BERT class does that; "
+                          "fine-tune with pair_mode=joint to export")
+    if task["type"] != "token" and not head["pooler"]:
+        raise ExportError("head.pooler=false: BertForSequenceClassification always applies its pooler; fine-tune "
+                          "with head.pooler=true to export")
+    arch = "BertForTokenClassification" if task["type"] == "token" else "BertForSequenceClassification"
+    state = ck["state_dict"]
+    vocab = state["encoder.embeddings.word_embeddings.weight"].shape[0]
+    tensors = hf_state(state, model["num_layers"], task["type"])
+    cfg = _config(model, arch, vocab)
+    cfg.update(id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
+               num_labels=len(labels), classifier_dropout=head["dropout"],
+               problem_type="single_label_classification" if task["type"] != "token" else None)
+    cfg.pop("tie_word_embeddings", None)
+    if cfg["problem_type"] is None:
+        cfg.pop("problem_type")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    tok = Path(ck.get("tokenizer") or "")
+    if tok.is_file():
+        try:
+            from megamlm.convert.hf_tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tok, out, model["max_position_embeddings"])
+        except ImportError:
+            pass
+    return out
