@@ -219,6 +219,14 @@ class Trainer:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, self.state.step)
 
+    def _evaluate_and_log(self) -> dict:
+        ev = self.evaluate()
+        self._log(ev, "eval")
+        if self.env.rank == 0 and ev:
+            log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f%s", self.state.step, ev["mlm_loss"],
+                     ev["mlm_accuracy"], f", pair accuracy {ev['pair_accuracy']:.4f}" if "pair_accuracy" in ev else "")
+        return ev
+
     def run(self) -> dict:
         cfg, st = self.cfg, self.state
         t_cfg = cfg.train
@@ -226,16 +234,12 @@ class Trainer:
             self.stop.install()
         result: dict = {"preempted": False}
         if t_cfg.eval_every:
-            ev = self.evaluate()
-            result["eval_start"] = ev
-            self._log(ev, "eval")
-            if self.env.rank == 0 and ev:
-                log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f%s", st.step, ev["mlm_loss"],
-                         ev["mlm_accuracy"], f", pair accuracy {ev['pair_accuracy']:.4f}" if "pair_accuracy" in ev else "")
+            result["eval_start"] = self._evaluate_and_log()
         window = None
         win_tokens = win_samples = win_flops = 0.0
         win_start = time.perf_counter()
-        run_start = time.perf_counter() - st.elapsed_seconds
+        this_run_start = time.perf_counter()
+        run_start = this_run_start - st.elapsed_seconds  # elapsed_seconds: the whole run, across resumes
         steps_at_start = st.step
         while self._budget_left():
             micro = self._next_micro_batches()
@@ -288,7 +292,7 @@ class Trainer:
                 self._log(m, "train")
                 if self.env.rank == 0:
                     done = st.step - steps_at_start
-                    rate = done / max(time.perf_counter() - run_start + st.elapsed_seconds, 1e-9)
+                    rate = done / max(time.perf_counter() - this_run_start, 1e-9)  # steps/s of this process
                     eta = (t_cfg.max_steps - st.step) / rate if t_cfg.max_steps and rate > 0 else float("nan")
                     log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s%s | eta %s",
                              st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
@@ -304,19 +308,13 @@ class Trainer:
                 log.warning("preempted: checkpoint %s saved at step %d; resume with --resume auto", tag, st.step)
                 break
             if t_cfg.eval_every and st.step % t_cfg.eval_every == 0 and self._budget_left():
-                ev = self.evaluate()
-                self._log(ev, "eval")
-                if self.env.rank == 0 and ev:
-                    log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f", st.step, ev["mlm_loss"],
-                             ev["mlm_accuracy"])
+                self._evaluate_and_log()
             if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 and self._budget_left():
                 self.save()
         if not result["preempted"]:
             self.save()
             if t_cfg.eval_every:
-                ev = self.evaluate()
-                result["eval_end"] = ev
-                self._log(ev, "eval")
+                result["eval_end"] = self._evaluate_and_log()
         self.stop.uninstall()
         result["state"] = asdict(st)
         result["losses"] = list(self.losses)

@@ -47,7 +47,7 @@ if [ "$MEGAMLM_TORCH" = cpu ]; then
   cons=(-c "$root/tools/constraints-cpu.txt")
   "${pip[@]}" "${cons[@]}" torch
 fi
-"${pip[@]}" "${cons[@]}" -e "$root[test]"
+"${pip[@]}" "${cons[@]}" -e "$root[test,finetune]"
 # mpi4py is optional (the `mpi` extra): install it where an MPI is present.
 if command -v mpicc >/dev/null 2>&1; then
   "${pip[@]}" "${cons[@]}" -e "$root[mpi]" || echo "[setup] mpi4py did not install; mpirun launches disabled" >&2

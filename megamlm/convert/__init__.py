@@ -12,6 +12,7 @@ No process group, CPU only; the model shape comes from the source. See core.py (
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from megamlm.convert.zero import ConvertError
@@ -35,12 +36,23 @@ def convert(src: str | Path, out: str | Path, to: str, *, tag: str | None = None
         log.warning("%s lacks %d tensor(s), initialised fresh: %s", src, len(w.report["initialise"]),
                     ", ".join(w.report["initialise"]))
         w = complete_heads(w)
-    if to == "megamlm":
-        save_export(w, out)
-    elif to == "hf":
-        save_hf(w, out, hf_arch, Path(tokenizer) if tokenizer else None)
-    else:
+    if to not in ("megamlm", "hf"):
         raise ConvertError(f"--to {to!r}: choose 'megamlm' or 'hf'")
+    # Written beside the output under a hidden name and renamed when whole: a failure (or a kill) part-way
+    # never leaves a partial folder under the final name.
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if to == "megamlm":
+            save_export(w, tmp)
+        else:
+            save_hf(w, tmp, hf_arch, Path(tokenizer) if tokenizer else None)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return w.report
 
 

@@ -1,5 +1,5 @@
 """Evaluation metrics: accuracy and macro-F1 for classification; entity-level precision / recall / F1
-for BIO tagging (CoNLL-2000 ``conlleval`` chunking, the default mode of seqeval: an I- tag that does not
+for BIO tagging by seqeval (its default CoNLL-2000 ``conlleval`` chunking: an I- tag that does not
 continue an entity of its type starts a new one); median and spread over seeds.
 """
 
@@ -35,47 +35,41 @@ def classification_metrics(gold: list, pred: list) -> dict[str, float]:
     return {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred)}
 
 
-def _split(tag: str) -> tuple[str, str]:
-    if tag == "O" or not tag:
-        return "O", ""
-    prefix, _, typ = tag.partition("-")
-    return prefix, typ
+def _seqeval():
+    try:
+        from seqeval.metrics.sequence_labeling import get_entities
+        from seqeval.metrics import f1_score, precision_score, recall_score
+    except ImportError as e:  # pragma: no cover - the `finetune` extra installs it
+        raise ImportError("entity-level metrics need seqeval: pip install 'megamlm[finetune]' (or seqeval)") from e
+    return get_entities, precision_score, recall_score, f1_score
 
 
 def bio_entities(tags: list[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end inclusive) of each entity in one sentence's BIO tags (conlleval chunking)."""
-    out = set()
-    start, cur = None, ""
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, typ = _split(tag)
-        ends = start is not None and (prefix in ("O", "B") or typ != cur)
-        if ends:
-            out.add((cur, start, i - 1))
-            start, cur = None, ""
-        if prefix == "B" or (prefix == "I" and start is None):
-            start, cur = i, typ
-    return out
+    """(type, start, end inclusive) of each entity in one sentence's BIO tags: seqeval's default
+    (conlleval) chunking, where an I- tag that does not continue an entity of its type starts a new one."""
+    get_entities = _seqeval()[0]
+    return set(get_entities(list(tags)))
 
 
 def entity_prf(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
-    """Micro precision / recall / F1 over entities (exact type and span) of all sentences."""
+    """Micro precision / recall / F1 over entities (exact type and span) of all sentences, computed by
+    seqeval (the library the CoNLL / WNUT results are reported with); plus tag accuracy and entity counts."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted")
-    tp = n_gold = n_pred = 0
-    correct_tags = total_tags = 0
+    get_entities, precision_score, recall_score, f1_score = _seqeval()
+    correct_tags = total_tags = n_gold = n_pred = 0
     for i, (g, p) in enumerate(zip(gold, pred)):
         if len(g) != len(p):
             raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted")
-        ge, pe = bio_entities(g), bio_entities(p)
-        tp += len(ge & pe)
-        n_gold += len(ge)
-        n_pred += len(pe)
+        n_gold += len(get_entities(list(g)))
+        n_pred += len(get_entities(list(p)))
         correct_tags += sum(a == b for a, b in zip(g, p))
         total_tags += len(g)
-    prec = tp / n_pred if n_pred else 0.0
-    rec = tp / n_gold if n_gold else 0.0
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"precision": prec, "recall": rec, "f1": f1, "accuracy": correct_tags / max(total_tags, 1),
+    gold_l, pred_l = [list(g) for g in gold], [list(p) for p in pred]
+    kw = {"zero_division": 0}
+    return {"precision": float(precision_score(gold_l, pred_l, **kw)),
+            "recall": float(recall_score(gold_l, pred_l, **kw)),
+            "f1": float(f1_score(gold_l, pred_l, **kw)), "accuracy": correct_tags / max(total_tags, 1),
             "entities_gold": float(n_gold), "entities_pred": float(n_pred)}
 
 

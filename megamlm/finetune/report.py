@@ -22,24 +22,24 @@ def write_report(out_dir: str | Path, summaries: list[dict]) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-    if plt is not None:
-        keys = [k for k in _MAIN + ("loss",) if any(k in h for s in summaries for h in s["history"])]
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            for s in summaries:
-                pts = [(h["step"], h[k]) for h in s["history"] if k in h]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"seed {s['seed']}")
-            ax.set_title(f"validation {k}")
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        png = out_dir / "report.png"
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        written.append(png)
+    except ImportError as e:
+        raise ImportError("--report draws report.png with matplotlib: pip install 'megamlm[finetune]' "
+                          "(or matplotlib)") from e
+    keys = [k for k in _MAIN + ("loss",) if any(k in h for s in summaries for h in s["history"])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for s in summaries:
+            pts = [(h["step"], h[k]) for h in s["history"] if k in h]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"seed {s['seed']}")
+        ax.set_title(f"validation {k}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    png = out_dir / "report.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    written.append(png)
     agg = seed_summary([s["test"] for s in summaries])
     s0 = summaries[0]
     doc = {"task": s0["task"], "reader": s0["reader"], "init": s0["init"], "freeze_encoder": s0["freeze_encoder"],
@@ -57,8 +57,7 @@ def write_report(out_dir: str | Path, summaries: list[dict]) -> list[Path]:
     for k, v in agg.items():
         if k in _MAIN + ("loss",):
             lines.append(f"| {k} | {v['median']:.4f} | {v['min']:.4f} | {v['max']:.4f} | {v['std']:.4f} |")
-    if plt is not None:
-        lines += ["", "![validation metrics](report.png)"]
+    lines += ["", "![validation metrics](report.png)"]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     written.append(out_dir / "report.md")
     return written

@@ -56,6 +56,18 @@ def test_hf_dir_round_trip_and_missing_heads(tmp_path):
     assert json.loads((tmp_path / "exp" / "convert_report.json").read_text())["initialised"]
 
 
+def test_a_failure_part_way_leaves_no_output(tmp_path):
+    w = weights()
+    src = save_hf(w, tmp_path / "src", "BertForPreTraining")
+    bad_tok = tmp_path / "bad.model"
+    bad_tok.write_bytes(b"not a sentencepiece model")  # fails after the weights were written
+    with pytest.raises(Exception):
+        convert(src, tmp_path / "out", "hf", tokenizer=bad_tok)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    convert(src, tmp_path / "out", "hf")  # the same call without the bad tokenizer succeeds
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not list(tmp_path.glob(".out*"))
+
+
 def test_bad_hf_directories_are_refused_by_name(tmp_path):
     w = weights()
     d = save_hf(w, tmp_path / "a")

@@ -135,13 +135,16 @@ def test_entity_prf_by_hand():
     assert m["precision"] == 0.5 and abs(m["recall"] - 1 / 3) < 1e-12 and abs(m["f1"] - 0.4) < 1e-12
 
 
-def test_entity_prf_matches_seqeval_when_installed():
-    seqeval = pytest.importorskip("seqeval.metrics")
+def test_entity_prf_counts_and_zero_cases():
     gold = [["B-PER", "I-PER", "O", "I-LOC", "B-LOC"], ["B-ORG", "I-ORG", "I-PER", "O"]]
     pred = [["B-PER", "O", "O", "I-LOC", "B-LOC"], ["B-ORG", "I-ORG", "B-PER", "O"]]
-    m = entity_prf(gold, pred)
-    assert abs(m["f1"] - seqeval.f1_score(gold, pred)) < 1e-12
-    assert abs(m["precision"] - seqeval.precision_score(gold, pred)) < 1e-12
+    m = entity_prf(gold, pred)  # gold: PER LOC LOC ORG PER; pred: PER LOC LOC ORG PER, 4 of 5 exact (PER span)
+    assert (m["entities_gold"], m["entities_pred"]) == (5, 5)
+    assert abs(m["precision"] - 0.8) < 1e-12 and abs(m["recall"] - 0.8) < 1e-12
+    none = entity_prf([["O", "O"]], [["O", "O"]])  # no entity anywhere: 0, not a division error
+    assert none["f1"] == 0.0 and none["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="sentence 0: 2 gold tags but 1 predicted"):
+        entity_prf([["O", "O"]], [["O"]])
 
 
 def test_macro_f1_and_seed_summary():
