@@ -238,6 +238,13 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 world_size: int | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    return config_from_dict(read_with_overrides(path, overrides), source, world_size)
+
+
+def read_with_overrides(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """A YAML file's mapping (``{}`` for None) with ``section.key=value`` overrides merged in; a missing
+    file, bad YAML, non-UTF-8 bytes, a bad override or a non-mapping top level raise ConfigError."""
     raw: Any = {}
     source = str(path) if path else "<defaults>"
     if path:
@@ -255,7 +262,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         raise ConfigError(problems, source)
     if not isinstance(raw, dict):
         raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
-    return config_from_dict(_merge(raw, over), source, world_size)
+    return _merge(raw, over)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from megamlm.config import ConfigError, EngineConfig, TelemetryConfig, opt
-from megamlm.config.load import _merge, _section_from_dict, _unknown, parse_overrides
+from megamlm.config.load import _section_from_dict, _unknown, read_with_overrides
 
 __all__ = ["FinetuneConfig", "InitConfig", "TaskConfig", "HeadConfig", "FtOptimConfig", "FtTrainConfig",
            "FtCheckpointConfig", "load_finetune_config", "finetune_config_from_dict", "dump_finetune_config"]
@@ -195,20 +195,7 @@ def finetune_config_from_dict(raw: Any, source: str | None = None) -> FinetuneCo
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """YAML file + ``section.key=value`` overrides → a validated :class:`FinetuneConfig`."""
-    source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file {source!r} does not exist"], source)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], source) from None
-    over, problems = parse_overrides(overrides or [])
-    if problems:
-        raise ConfigError(problems, source)
-    if not isinstance(raw, dict):
-        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
-    return finetune_config_from_dict(_merge(raw, over), source)
+    return finetune_config_from_dict(read_with_overrides(path, overrides), str(path))
 
 
 def finetune_config_to_dict(cfg: FinetuneConfig) -> dict:

@@ -64,7 +64,7 @@ def export_hf(best: str | Path, out: str | Path) -> Path:
     best = Path(best)
     if not best.is_file():
         raise ExportError(f"{best} does not exist: run `megamlm finetune` first (it writes the best weights there)")
-    ck = torch.load(best, map_location="cpu", weights_only=False)
+    ck = torch.load(best, map_location="cpu", weights_only=True)  # plain tensors, dicts, strings
     task, head, model, labels = ck["task"], ck["head"], ck["model"], ck["labels"]
     if model.get("norm_position", "post") != "post":
         raise ExportError("model.norm_position='pre' has no Hugging Face BERT equivalent")

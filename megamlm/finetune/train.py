@@ -282,7 +282,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
         log.info("early stop at step %d: %d evaluations without a better %s", state.step,
                  state.counters["bad_evals"], metric)
     barrier()
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
     engine.module.load_state_dict(best["state_dict"])
     test = Evaluator(cfg, enc["test"], splits["test"], labels, dev, world, de.rank)(engine.module)
     summary = {"task": cfg.task.type, "reader": cfg.task.reader, "pair_mode": cfg.task.pair_mode,

@@ -87,6 +87,18 @@ def _load_quiet(cls, path, caplog, **kw):
     return model.eval(), info, text
 
 
+def _assert_same_pretraining_logits(ours, hf, tok):
+    """HF BertForPreTraining's MLM logits at the masked positions and pair logits equal megamlm's within
+    1e-5 on one batch; returns (batch, megamlm's MLM logits)."""
+    b = _batch(tok.vocab_size)
+    with torch.no_grad():
+        mlm, pair = ours.logits(b)
+        out = hf(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), token_type_ids=b.token_type_ids)
+    torch.testing.assert_close(out.prediction_logits.reshape(-1, tok.vocab_size)[b.mlm_positions], mlm, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.seq_relationship_logits, pair, atol=1e-5, rtol=0)
+    return b, mlm
+
+
 def test_zero3_run_to_hf_logit_parity(run, caplog):
     d, cfg = run
     # megamlm's own forward on DeepSpeed's own consolidation (tests/e2e/_runs.py), not on ours
@@ -94,12 +106,7 @@ def test_zero3_run_to_hf_logit_parity(run, caplog):
     hf, info, text = _load_quiet(transformers.BertForPreTraining, d / "hf", caplog)
     assert not any(info.values()) and "LOAD REPORT" not in text, (info, text)
     assert hf.config.vocab_size == tok.vocab_size  # padding stripped
-    b = _batch(tok.vocab_size)
-    with torch.no_grad():
-        mlm, pair = ours.logits(b)
-        out = hf(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), token_type_ids=b.token_type_ids)
-    torch.testing.assert_close(out.prediction_logits.reshape(-1, tok.vocab_size)[b.mlm_positions], mlm, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.seq_relationship_logits, pair, atol=1e-5, rtol=0)
+    b, mlm = _assert_same_pretraining_logits(ours, hf, tok)
     # the same directory in the MLM and base classes: nothing missing; what they lack is exactly the heads
     mlm_model, info, _ = _load_quiet(transformers.AutoModelForMaskedLM, d / "hf", caplog)
     assert not info["missing_keys"] and not info["mismatched_keys"]
@@ -205,12 +212,7 @@ def test_bad_checkpoints_are_refused_by_name(run, tmp_path):
 
 def test_vocab_parallel_2_zero3_checkpoint_converts(run, tmp_path):
     d, cfg = run
-    try:
-        torchrun(cfg, tmp_path / "vp", "engine.zero_stage=3", "parallel.vocab_parallel_size=2")
-    except AssertionError as e:
-        if "vocabulary parallelism is not available" in str(e):
-            pytest.skip("megamlm pretrain still refuses parallel.vocab_parallel_size=2 (vocab parallelism not landed)")
-        raise
+    torchrun(cfg, tmp_path / "vp", "engine.zero_stage=3", "parallel.vocab_parallel_size=2")
     ck = tmp_path / "vp" / "checkpoints"
     tag = (ck / "latest").read_text().strip()
     layout = json.loads((ck / tag / "vocab_parallel.json").read_text())
@@ -221,12 +223,7 @@ def test_vocab_parallel_2_zero3_checkpoint_converts(run, tmp_path):
     w = load_megamlm_checkpoint(ck)
     ours, tok = _ours_from(pad_vocab(w.state, layout["padded_vocab_size"]), cfg)
     hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
-    b = _batch(tok.vocab_size)
-    with torch.no_grad():
-        mlm, pair = ours.logits(b)
-        out = hf(input_ids=b.input_ids, attention_mask=b.attention_mask.long(), token_type_ids=b.token_type_ids)
-    torch.testing.assert_close(out.prediction_logits.reshape(-1, tok.vocab_size)[b.mlm_positions], mlm, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.seq_relationship_logits, pair, atol=1e-5, rtol=0)
+    _assert_same_pretraining_logits(ours, hf, tok)
 
 
 def minilm_dir() -> Path | None:
