@@ -81,7 +81,7 @@ def check_state(state: dict, expected: dict, where: str) -> None:
 def strip_vocab(state: dict, real: int) -> dict:
     out = dict(state)
     for k in VOCAB_ROWS:
-        out[k] = state[k][:real].clone()
+        out[k] = state[k][:real]  # leading rows of a contiguous tensor: contiguous, no copy
     for k, src in TIED.items():
         if k in out:
             out[k] = out[src]
@@ -150,15 +150,15 @@ def load_megamlm_checkpoint(path: str | Path, tag: str | None = None) -> Weights
 
 # --------------------------------------------------------------------------------- megamlm export
 def save_export(w: Weights, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     import yaml
+
+    from megamlm.convert.safetensors_io import write_safetensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in w.state.items() if k not in TIED}
-    save_file(tensors, str(out / "model.safetensors"),
-              metadata={"format": EXPORT_FORMAT, "real_vocab_size": str(w.real_vocab_size), "pair": w.pair})
+    write_safetensors(tensors, out / "model.safetensors",
+                      metadata={"format": EXPORT_FORMAT, "real_vocab_size": str(w.real_vocab_size), "pair": w.pair})
     text = w.config_yaml or yaml.safe_dump({"model": w.model, "objective": {"pair": w.pair}}, sort_keys=False)
     (out / "config.yaml").write_text(text, encoding="utf-8")
     if w.tokenizer_dir is not None:

@@ -48,9 +48,8 @@ def hf_config(w: Weights, arch: str) -> dict:
 def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_model: Path | None = None) -> Path:
     """Write an HF directory for ``arch`` (default: BertForPreTraining, or BertForMaskedLM without a pair
     head). The tokenizer files come from the SentencePiece model beside the weights."""
-    from safetensors.torch import save_file
-
     from megamlm.convert.hf_tokenizer import save_hf_tokenizer
+    from megamlm.convert.safetensors_io import write_safetensors
 
     arch = arch or ("BertForPreTraining" if w.pair != "none" else "BertForMaskedLM")
     if arch not in HF_ARCHS:
@@ -67,8 +66,8 @@ def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_mode
         raise ConvertError(f"{w.source}: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_safetensors({k: v.float() for k, v in tensors.items()}, out / "model.safetensors",
+                      metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     files = ["config.json", "model.safetensors"]
     spm = tokenizer_model or (next(iter(sorted(Path(w.tokenizer_dir).glob("*.model"))), None)

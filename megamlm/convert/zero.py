@@ -53,7 +53,7 @@ def _safe_globals() -> list:
     return out
 
 
-def safe_load(path: Path, deepspeed_classes: bool = False) -> dict:
+def safe_load(path: Path, deepspeed_classes: bool = False, mmap: bool = False) -> dict:
     """``torch.load(weights_only=True)`` (optionally allowing DeepSpeed's plain classes); a clear error
     for a missing, truncated or foreign file."""
     path = Path(path)
@@ -62,7 +62,7 @@ def safe_load(path: Path, deepspeed_classes: bool = False) -> dict:
     try:
         ctx = torch.serialization.safe_globals(_safe_globals()) if deepspeed_classes else contextlib.nullcontext()
         with ctx:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / UnpicklingError / EOFError / zip errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"{path}: cannot be read as a weights-only checkpoint (truncated, corrupt or "
@@ -113,7 +113,8 @@ def _ds_merge(stage: int, model_states: list[dict], optim: list[dict], where: st
     except (ValueError, RuntimeError, KeyError, IndexError) as e:
         raise ConvertError(f"{where}: DeepSpeed could not consolidate the ZeRO-{stage} partitions: {e}") from None
     log.debug("zero_to_fp32: %s", buf.getvalue().strip())
-    return {k: v.detach().clone().float() for k, v in sd.items()}
+    # fp32 already (DeepSpeed builds each full tensor anew): no second copy of the model
+    return {k: v.detach().float() for k, v in sd.items()}
 
 
 def _stage0_fp32(ms: dict, where: str) -> dict[str, torch.Tensor]:
@@ -160,7 +161,8 @@ def _consolidate_mp_rank(folder: Path, r: int, stage: int) -> dict[str, torch.Te
                                "files are present: the fp32 partitions are missing")
         f = folder / f"mp_rank_{r:02d}_model_states.pt"
         return _stage0_fp32(safe_load(f, deepspeed_classes=True), str(f))
-    first = safe_load(optim[min(optim)], deepspeed_classes=True)
+    # Memory-mapped: only the fp32 partitions are read from disk, never the Adam moments beside them.
+    first = safe_load(optim[min(optim)], deepspeed_classes=True, mmap=True)
     osd = first.get("optimizer_state_dict", {})
     pc = osd.get("partition_count")
     dp = max(pc) if isinstance(pc, (list, tuple)) else int(pc) if pc is not None else len(optim)
@@ -174,8 +176,8 @@ def _consolidate_mp_rank(folder: Path, r: int, stage: int) -> dict[str, torch.Te
         log.warning("%s: optimizer files say ZeRO stage %d, config.yaml says %d; using %d", folder, saved_stage,
                     stage, saved_stage)
     stage = saved_stage
-    optim_sds = [first] + [safe_load(optim[d], deepspeed_classes=True) for d in range(1, dp)] if min(optim) == 0 \
-        else [safe_load(optim[d], deepspeed_classes=True) for d in range(dp)]
+    optim_sds = [first] + [safe_load(optim[d], deepspeed_classes=True, mmap=True) for d in range(1, dp)] \
+        if min(optim) == 0 else [safe_load(optim[d], deepspeed_classes=True, mmap=True) for d in range(dp)]
     if stage <= 2:
         model_files = [folder / f"mp_rank_{r:02d}_model_states.pt"]
     else:

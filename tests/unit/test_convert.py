@@ -105,3 +105,22 @@ def test_pickled_code_is_never_executed(tmp_path, capsys):
     with pytest.raises(ConvertError, match="weights-only"):
         safe_load(f, deepspeed_classes=True)
 
+
+
+def test_streaming_safetensors_writer_is_read_back_by_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from megamlm.convert.safetensors_io import write_safetensors
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    ts = {"w": torch.randn(5, 3), "bf": torch.randn(7, dtype=torch.float64).to(torch.bfloat16),
+          "strided": base[:, ::2], "rows": base[1:3], "ids": torch.tensor([3, -1], dtype=torch.int64),
+          "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}
+    write_safetensors(ts, tmp_path / "m.safetensors", metadata={"format": "x", "n": 3})
+    back = load_file(tmp_path / "m.safetensors")
+    assert set(back) == set(ts)
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "x", "n": "3"}
