@@ -31,7 +31,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, tag: str | None = None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConvertError(f"{out}: output folder exists and is not empty")
-    w = load_any(src, tag)
+    w = load_any(src, tag, lazy=to == "megamlm")  # the export streams ZeRO-3 tensors one at a time
     if w.report.get("initialise"):
         log.warning("%s lacks %d tensor(s), initialised fresh: %s", src, len(w.report["initialise"]),
                     ", ".join(w.report["initialise"]))

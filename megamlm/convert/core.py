@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megamlm.convert.zero import ConvertError, consolidate, resolve_checkpoint, safe_load
+from megamlm.convert.zero import ConvertError, consolidate, materialize, resolve_checkpoint, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def check_state(state: dict, expected: dict, where: str) -> None:
 def strip_vocab(state: dict, real: int) -> dict:
     out = dict(state)
     for k in VOCAB_ROWS:
-        out[k] = state[k][:real]  # leading rows of a contiguous tensor: contiguous, no copy
+        out[k] = materialize(state[k])[:real]  # leading rows of a contiguous tensor: contiguous, no copy
     for k, src in TIED.items():
         if k in out:
             out[k] = out[src]
@@ -113,9 +113,10 @@ def _pair_of(state: dict, default: str = "nsp") -> str:
 
 
 # ------------------------------------------------------------------------------- megamlm checkpoint
-def load_megamlm_checkpoint(path: str | Path, tag: str | None = None) -> Weights:
+def load_megamlm_checkpoint(path: str | Path, tag: str | None = None, lazy: bool = False) -> Weights:
     """A megamlm checkpoint folder (with ``latest``) or tag folder → consolidated fp32 weights, padding
-    stripped, checked tensor by tensor against the checkpoint's own config.yaml."""
+    stripped, checked tensor by tensor against the checkpoint's own config.yaml. ``lazy``: ZeRO-3 tensors
+    other than the vocabulary rows stay lazy until written (:func:`save_export` gathers one at a time)."""
     import yaml
 
     from megamlm.config import config_from_dict
@@ -129,7 +130,7 @@ def load_megamlm_checkpoint(path: str | Path, tag: str | None = None) -> Weights
         cfg = config_from_dict(yaml.safe_load(text) or {}, source=str(cfg_file))
     except Exception as e:  # noqa: BLE001 - ConfigError lists every problem
         raise ConvertError(f"{cfg_file}: {e}") from None
-    full, layout = consolidate(folder, cfg.engine.zero_stage)
+    full, layout = consolidate(folder, cfg.engine.zero_stage, lazy)
     tok_dir = folder / "tokenizer"
     side = next(iter(sorted(tok_dir.glob("*.json"))), None) if tok_dir.is_dir() else None
     meta = json.loads(side.read_text()) if side else {}
@@ -156,7 +157,7 @@ def save_export(w: Weights, out: str | Path) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in w.state.items() if k not in TIED}
+    tensors = {k: v for k, v in w.state.items() if k not in TIED}  # lazy ones are gathered one by one
     write_safetensors(tensors, out / "model.safetensors",
                       metadata={"format": EXPORT_FORMAT, "real_vocab_size": str(w.real_vocab_size), "pair": w.pair})
     text = w.config_yaml or yaml.safe_dump({"model": w.model, "objective": {"pair": w.pair}}, sort_keys=False)
@@ -221,15 +222,16 @@ def read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # ------------------------------------------------------------------------------ any source → weights
-def load_any(path: str | Path, tag: str | None = None) -> Weights:
-    """A megamlm checkpoint folder / tag folder, a megamlm export, or an HF BERT directory."""
+def load_any(path: str | Path, tag: str | None = None, lazy: bool = False) -> Weights:
+    """A megamlm checkpoint folder / tag folder, a megamlm export, or an HF BERT directory. ``lazy``: see
+    :func:`load_megamlm_checkpoint` (only for :func:`save_export`)."""
     from megamlm.convert.hf import is_hf_dir, load_hf
 
     p = Path(path)
     if not p.exists():
         raise ConvertError(f"{p}: no such file or folder")
     if p.is_dir() and ((p / "latest").is_file() or (p / "COMPLETE").is_file() or tag):
-        return load_megamlm_checkpoint(p, tag)
+        return load_megamlm_checkpoint(p, tag, lazy)
     if is_export(p):
         return load_export(p)
     if p.is_dir() and is_hf_dir(p):

@@ -10,6 +10,7 @@ storage. The files are read by ``safetensors`` itself (tested).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -22,8 +23,9 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.bool: "BOOL"}
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` (name → CPU tensor; no two names may share storage) → a safetensors file at ``path``."""
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` (name → CPU tensor, or a lazy tensor with ``shape``, ``dtype`` and ``.contiguous()``
+    such as DeepSpeed's ZeRO-3 ``GatheredTensor``, gathered only when written) → a safetensors file."""
     header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
     names = sorted(tensors)
     offset = 0
@@ -31,7 +33,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         t = tensors[name]
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name}: dtype {t.dtype} has no safetensors equivalent")
-        n = t.numel() * t.element_size()
+        n = math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -40,9 +42,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
-            t = tensors[name].detach()
+            t = tensors[name]
+            t = t.detach() if isinstance(t, torch.Tensor) else t.contiguous()  # a lazy one: gathered now
             if t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous()  # a copy of this one tensor only, when it is a strided view
             if t.numel():
                 f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            del t

@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConvertError", "safe_load", "resolve_checkpoint", "consolidate", "DS_SAFE_GLOBALS"]
+__all__ = ["ConvertError", "safe_load", "resolve_checkpoint", "consolidate", "materialize", "DS_SAFE_GLOBALS"]
 
 DS_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                    "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -87,8 +87,16 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     return p
 
 
-def _ds_merge(stage: int, model_states: list[dict], optim: list[dict], where: str) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own ZeRO 1/2/3 merge over already-loaded files of one mp rank."""
+def materialize(x) -> torch.Tensor:
+    """A tensor, or a lazy ZeRO-3 tensor (DeepSpeed's ``GatheredTensor``) gathered now."""
+    return x if isinstance(x, torch.Tensor) else x.contiguous()
+
+
+def _ds_merge(stage: int, model_states: list[dict], optim: list[dict], where: str,
+              lazy: bool = False) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own ZeRO 1/2/3 merge over already-loaded files of one mp rank. ``lazy``: at stage 3,
+    DeepSpeed's ``GatheredTensor`` objects (shape, dtype; ``.contiguous()`` gathers one parameter), so a
+    writer can hold one full tensor at a time (see :func:`materialize`)."""
     from deepspeed.utils import zero_to_fp32 as z
 
     zstates = []
@@ -109,7 +117,10 @@ def _ds_merge(stage: int, model_states: list[dict], optim: list[dict], where: st
                 sd = z._get_fp32_state_dict_from_zero2_checkpoint(len(optim), groups, zstates, False,
                                                                   osd[0].get(z.PARAM_ALIGNMENT_PADDINGS))
             else:
-                sd = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(len(optim), groups, zstates, False))
+                sd = z._get_fp32_state_dict_from_zero3_checkpoint(len(optim), groups, zstates, False)
+                if lazy:
+                    return dict(sd)
+                sd = z.to_torch_tensor(sd)
     except (ValueError, RuntimeError, KeyError, IndexError) as e:
         raise ConvertError(f"{where}: DeepSpeed could not consolidate the ZeRO-{stage} partitions: {e}") from None
     log.debug("zero_to_fp32: %s", buf.getvalue().strip())
@@ -148,7 +159,7 @@ def _stage0_fp32(ms: dict, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _consolidate_mp_rank(folder: Path, r: int, stage: int) -> dict[str, torch.Tensor]:
+def _consolidate_mp_rank(folder: Path, r: int, stage: int, lazy: bool = False) -> dict[str, torch.Tensor]:
     files = sorted(p.name for p in folder.iterdir())
     optim = {}
     for name in files:
@@ -183,11 +194,13 @@ def _consolidate_mp_rank(folder: Path, r: int, stage: int) -> dict[str, torch.Te
     else:
         model_files = [folder / f"zero_pp_rank_{d}_mp_rank_{r:02d}_model_states.pt" for d in range(dp)]
     model_sds = [safe_load(f, deepspeed_classes=True) for f in model_files]
-    return _ds_merge(stage, model_sds, optim_sds, f"{folder} (mp rank {r})")
+    return _ds_merge(stage, model_sds, optim_sds, f"{folder} (mp rank {r})", lazy)
 
 
-def consolidate(folder: Path, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict with the padded vocabulary, the vocab-parallel layout) of one tag folder."""
+def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 state dict with the padded vocabulary, the vocab-parallel layout) of one tag folder.
+    ``lazy``: ZeRO-3 tensors stay DeepSpeed's lazy ``GatheredTensor`` (see :func:`materialize`) except the
+    vocab-parallel ones, which are joined here."""
     layout_file = folder / "vocab_parallel.json"
     layout = {"vocab_parallel_size": 1, "sharded": {}}
     if layout_file.is_file():
@@ -199,7 +212,7 @@ def consolidate(folder: Path, zero_stage: int) -> tuple[dict[str, torch.Tensor],
     sharded = {k: int(v) for k, v in (layout.get("sharded") or {}).items()}
     from megamlm.model.hf_keys import TIED_MEGAMLM
 
-    parts = [_consolidate_mp_rank(folder, r, zero_stage) for r in range(t)]
+    parts = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(t)]
     for p in parts:  # tied copies are rebuilt from their source after the merge (ranks differ in listing them)
         for k in TIED_MEGAMLM:
             p.pop(k, None)
@@ -212,14 +225,14 @@ def consolidate(folder: Path, zero_stage: int) -> tuple[dict[str, torch.Tensor],
         if k in sharded:
             shapes = [tuple(p[k].shape) for p in parts]
             try:
-                full[k] = torch.cat([p[k] for p in parts], dim=sharded[k])
+                full[k] = torch.cat([materialize(p[k]) for p in parts], dim=sharded[k])
             except RuntimeError:
                 raise ConvertError(f"{folder}: vocab-sharded {k} has incompatible shards {shapes}") from None
             continue
         for r, p in enumerate(parts[1:], 1):
             if k not in p:
                 raise ConvertError(f"{folder}: mp rank {r} lacks {k} (present on mp rank 0)")
-            if p[k].shape != v.shape or not torch.equal(p[k], v):
+            if p[k].shape != v.shape or not torch.equal(materialize(p[k]), materialize(v)):
                 raise ConvertError(f"{folder}: replicated tensor {k} differs between mp rank 0 {tuple(v.shape)} and "
                                    f"mp rank {r} {tuple(p[k].shape)}")
         full[k] = v

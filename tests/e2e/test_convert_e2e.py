@@ -99,6 +99,24 @@ def _assert_same_pretraining_logits(ours, hf, tok):
     return b, mlm
 
 
+def test_zero3_export_equals_deepspeeds_own_consolidation(run, tmp_path):
+    """--to megamlm streams the ZeRO-3 tensors one at a time (lazy gathering): the file must hold exactly
+    what DeepSpeed's zero_to_fp32 gives, padding rows stripped, the tied decoder weight stored once."""
+    from safetensors.torch import load_file
+
+    from megamlm.tokenizer import Tokenizer
+
+    d, cfg = run
+    megamlm("convert", str(d / "z3" / "checkpoints"), str(tmp_path / "exp"), "--to", "megamlm")
+    got = load_file(tmp_path / "exp" / "model.safetensors")
+    ref = final_weights(d / "z3" / "checkpoints")
+    real = Tokenizer(str(d / "tok" / "spm.model")).vocab_size
+    assert set(got) == set(ref) - {"mlm_head.decoder.weight"}
+    for k, v in got.items():
+        want = ref[k][:real] if k in ("encoder.embeddings.word_embeddings.weight", "mlm_head.decoder.bias") else ref[k]
+        assert v.dtype == torch.float32 and torch.equal(v, want.float()), k
+
+
 def test_zero3_run_to_hf_logit_parity(run, caplog):
     d, cfg = run
     # megamlm's own forward on DeepSpeed's own consolidation (tests/e2e/_runs.py), not on ours
