@@ -122,8 +122,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int)
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text; ``num_threads`` of SentencePiece's own pool (-1: all cores; 1 in
+        processes that are themselves one of several workers, so cores are not oversubscribed)."""
+        return self.sp.encode(texts, out_type=int, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]

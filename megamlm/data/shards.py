@@ -73,12 +73,13 @@ _worker_mode = "rules"
 _worker_dtype = np.uint16
 
 
-def _init_worker(model_path: str, mode: str) -> None:
-    global _worker_tok, _worker_mode, _worker_dtype
+def _init_worker(model_path: str, mode: str, threads: int = -1) -> None:
+    global _worker_tok, _worker_mode, _worker_dtype, _worker_threads
     from megamlm.tokenizer import Tokenizer
 
     _worker_tok = Tokenizer(model_path)
     _worker_mode = mode
+    _worker_threads = threads
     _worker_dtype = np.uint16 if _worker_tok.padded_vocab_size <= 65536 else np.int32
 
 
@@ -90,7 +91,7 @@ def _encode_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, float, int, n
     """
     sents_per_doc = [split_document(text, _worker_mode) for _, text in chunk]
     flat = [s for ss in sents_per_doc for s in ss]
-    ids = _worker_tok.encode_batch(flat) if flat else []
+    ids = _worker_tok.encode_batch(flat, _worker_threads) if flat else []
     lens_all = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     ids_all = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker_dtype, count=int(lens_all.sum()))
     ends = np.cumsum(lens_all)
@@ -313,7 +314,7 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
             # Bounded window of in-flight chunks, consumed in order: memory stays flat on any corpus size
             # and the output does not depend on the number of processes.
             pool = mp.get_context("forkserver").Pool(n_workers, initializer=_init_worker,
-                                                      initargs=(str(tok.path), data_cfg.sentences))
+                                                      initargs=(str(tok.path), data_cfg.sentences, 1))
             inflight: deque = deque()
             for chunk in chunks:
                 inflight.append(pool.apply_async(_encode_chunk, (chunk,)))
