@@ -195,3 +195,23 @@ def test_import_megamlm_is_light():
 def test_python_dash_m_and_console_script_agree():
     r = _run_cli("--help")
     assert r.returncode == 0 and "check-config" in r.stdout and "make-shards" in r.stdout
+
+
+def test_readme_cluster_examples_fit_their_allocations():
+    """Every sbatch / chain.sh line of README's cluster section names a config and overrides that validate
+    for the world size of its allocation (--nodes x the script's 8 tasks per node)."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 10)].replace("\\\n", " ")
+    lines = [ln.strip() for ln in section.splitlines() if re.match(r"\s*(\w+=\S+ )*(sbatch|slurm/chain\.sh) ", ln)]
+    assert len(lines) >= 4, lines
+    for line in lines:
+        words = [w for w in shlex.split(line) if not re.match(r"^[A-Z_]+=", w)]
+        nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nodes=")), 1)
+        rest = words[words.index("slurm/pretrain.sbatch") + 1:] if "slurm/pretrain.sbatch" in words \
+            else words[words.index("--") + 1:]
+        cfg = load_config(ROOT / rest[0], rest[1:], world_size=nodes * 8)
+        assert cfg is not None, line
