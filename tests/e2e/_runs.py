@@ -74,3 +74,26 @@ def tiny_tokenizer(directory: Path):
     from tests.unit.test_tokenizer import fake_sentences
 
     return train_tokenizer(fake_sentences(2000), Path(directory) / "spm.model", vocab_size=600, model_type="bpe")
+
+
+# The corpus, tokenizer and model every launcher-level e2e test shares: the real default corpus, a 1000-piece
+# BPE tokenizer (padded to 1024), a 2-layer H=64 encoder, NSP. Each test adds its own engine/train/checkpoint.
+TINY_CFG = """
+tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
+data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
+       micro_batch_size: %(micro)d, num_workers: 1, shuffle_buffer: 200}
+model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64%(model_extra)s}
+objective: {pair: nsp}
+optim: {lr: 2.0e-3, warmup_steps: %(warmup)d}
+"""
+
+
+def tiny_prepared_config(directory: Path, rest: str, *, micro: int = 8, warmup: int = 2,
+                         model_extra: str = "") -> Path:
+    """Write ``directory/cfg.yaml`` (:data:`TINY_CFG` + the test's own sections ``rest``) and make its
+    tokenizer and shards with `megamlm prepare`; returns the config path."""
+    p = Path(directory) / "cfg.yaml"
+    p.write_text(TINY_CFG % {"dir": directory, "micro": micro, "warmup": warmup, "model_extra": model_extra}
+                 + rest.lstrip("\n"))
+    launch([sys.executable, "-m", "megamlm", "prepare", str(p), "--no-progress"])
+    return p

@@ -19,18 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch
+from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch, tiny_prepared_config
 
 transformers = pytest.importorskip("transformers")
 
-CFG = """
-tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
-data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
-       micro_batch_size: 8, num_workers: 1, shuffle_buffer: 200}
-model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64,
-        dropout: 0.0, attention_dropout: 0.0}
-objective: {pair: nsp}
-optim: {lr: 2.0e-3, warmup_steps: 1}
+REST = """
 train: {max_steps: 3, log_every: 1, eval_every: 0}
 checkpoint: {every_steps: 3, keep_last: 2}
 """
@@ -53,9 +46,7 @@ def megamlm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def run(tmp_path_factory):
     """A ZeRO-3, 2-rank fp32 run of 3 steps and its HF export."""
     d = tmp_path_factory.mktemp("convert")
-    cfg = d / "cfg.yaml"
-    cfg.write_text(CFG % {"dir": d})
-    launch([sys.executable, "-m", "megamlm", "prepare", str(cfg), "--no-progress"])
+    cfg = tiny_prepared_config(d, REST, warmup=1, model_extra=", dropout: 0.0, attention_dropout: 0.0")
     torchrun(cfg, d / "z3", "engine.zero_stage=3")
     megamlm("convert", str(d / "z3" / "checkpoints"), str(d / "hf"), "--to", "hf")
     return d, cfg

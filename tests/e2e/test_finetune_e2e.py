@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._runs import ROOT, free_port, launch, tb_scalars, torchrun
+from tests.e2e._runs import free_port, launch, tb_scalars, torchrun
 
 MARGIN = 0.05
 FAST = ["task.max_examples=400", "task.max_len=64", "train.epochs=2", "train.batch_size=16", "train.eval_every=10",

@@ -19,15 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch, read_json, tb_scalars
+from tests.e2e._runs import (BIN, ROOT, clean_env, final_weights, free_port, launch, read_json, tb_scalars,
+                             tiny_prepared_config)
 
-CFG = """
-tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
-data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
-       micro_batch_size: 8, num_workers: 1, shuffle_buffer: 200}
-model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64}
-objective: {pair: nsp}
-optim: {lr: 2.0e-3, warmup_steps: 2}
+REST = """
 train: {max_steps: 8, log_every: 1, eval_every: 4, eval_batches: 2}
 checkpoint: {every_steps: 3, keep_last: 5}
 """
@@ -36,11 +31,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pretrain")
-    p = d / "cfg.yaml"
-    p.write_text(CFG % {"dir": d})
-    launch([sys.executable, "-m", "megamlm", "prepare", str(p), "--no-progress"])
-    return p
+    return tiny_prepared_config(tmp_path_factory.mktemp("pretrain"), REST)
 
 
 def pretrain_cmd(launcher: str, cfg: Path, out: Path, *over: str) -> list[str]:

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._runs import ROOT, clean_env, launch, read_json, tb_scalars
+from tests.e2e._runs import ROOT, clean_env, read_json, tb_scalars, tiny_prepared_config
 from tests.e2e.slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture
 
-CFG = """
-tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
-data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
-       micro_batch_size: 32, num_workers: 1, shuffle_buffer: 200}
-model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64}
-objective: {pair: nsp}
-optim: {lr: 2.0e-3, warmup_steps: 2}
+REST = """
 engine: {zero_stage: 1}
 train: {max_steps: 16, log_every: 1, eval_every: 0}
 checkpoint: {every_steps: 3, keep_last: 10}
@@ -43,11 +37,7 @@ SCRIPT = str(ROOT / "slurm" / "pretrain.sbatch")
 
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
-    p = d / "cfg.yaml"
-    p.write_text(CFG % {"dir": d})
-    launch([sys.executable, "-m", "megamlm", "prepare", str(p), "--no-progress"])
-    return p
+    return tiny_prepared_config(tmp_path_factory.mktemp("slurm"), REST, micro=32)
 
 
 def job_env(run_dir: Path | None = None, **extra: str) -> dict:

@@ -25,15 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch, tb_scalars
+from tests.e2e._runs import BIN, ROOT, clean_env, final_weights, free_port, launch, tb_scalars, tiny_prepared_config
 
-CFG = """
-tokenizer: {model: %(dir)s/tok/spm.model, vocab_size: 1000, model_type: bpe, input_sentence_size: 20000}
-data: {source: wiki-vital, shards_dir: %(dir)s/shards, shard_size_mb: 0.25, val_fraction: 0.02, seq_len: 64,
-       micro_batch_size: 8, num_workers: 1, shuffle_buffer: 200}
-model: {hidden_size: 64, num_layers: 2, num_heads: 2, ffn_size: 128, max_position_embeddings: 64}
-objective: {pair: nsp}
-optim: {lr: 2.0e-3, warmup_steps: 2}
+REST = """
 engine: {grad_clip: 1.0}
 train: {max_steps: 20, log_every: 1, eval_every: 10, eval_batches: 2}
 checkpoint: {every_steps: 10, keep_last: 5}
@@ -45,11 +39,7 @@ TIED = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"} 
 
 @pytest.fixture(scope="module")
 def cfg_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vocab-parallel")
-    p = d / "cfg.yaml"
-    p.write_text(CFG % {"dir": d})
-    launch([sys.executable, "-m", "megamlm", "prepare", str(p), "--no-progress"])
-    return p
+    return tiny_prepared_config(tmp_path_factory.mktemp("vocab-parallel"), REST)
 
 
 def pretrain(cfg: Path, out: Path, nproc: int, *over: str, resume: str | None = None) -> list[str]:
