@@ -81,7 +81,7 @@ def wiki_vital_path() -> Path:
     return path
 
 
-def _decode_line(raw: bytes, path: Path, offset: int, errors: str) -> tuple[str, int]:
+def _decode_line(raw: bytes, path: Path | str, offset: int, errors: str) -> tuple[str, int]:
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError as e:
@@ -93,57 +93,177 @@ def _decode_line(raw: bytes, path: Path, offset: int, errors: str) -> tuple[str,
         return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
 
 
-def read_text_documents(path: Path, errors: str, stats: ReadStats) -> Iterator[Document]:
-    """Documents separated by blank lines; streamed line by line, so files of any size work."""
-    lines: list[str] = []
-    start_line = 1
-    replaced = 0
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            text, bad = _decode_line(raw, path, offset, errors)
-            offset += len(raw)
-            replaced += bad
-            if text.strip():
-                if not lines:
-                    start_line = lineno
-                lines.append(text.strip())
-            elif lines:
-                yield Document("\n".join(lines), f"{path}:{start_line}", replaced)
-                stats.replacements += replaced
-                lines, replaced = [], 0
-    stats.bytes += offset
-    if lines:
-        yield Document("\n".join(lines), f"{path}:{start_line}", replaced)
-        stats.replacements += replaced
+# --------------------------------------------------------------------------- raw chunks
+#
+# Files are read as raw byte chunks that end on a document boundary (a line end for JSONL, a blank line
+# for text); decoding, JSON parsing and document assembly happen in :func:`parse_chunk`, which
+# ``make-shards`` runs in its worker processes. The reading process only moves bytes and counts lines,
+# so it is not the serial bottleneck on a many-core node. A chunk records its file, first line number
+# and byte offset, so errors still name file:line and byte offset.
+
+@dataclass
+class RawChunk:
+    source: str  # "text" | "jsonl": ``data`` is raw bytes; "docs": ``data`` is [(origin, text), ...]
+    path: str
+    line0: int  # line number of the chunk's first line (1-based)
+    offset0: int  # byte offset of the chunk in its file
+    data: bytes | list = b""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if isinstance(self.data, bytes) else sum(len(t) for _, t in self.data)
 
 
-def read_jsonl_documents(path: Path, field: str, errors: str, stats: ReadStats) -> Iterator[Document]:
-    offset = 0
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+
+
+def _cut(buf: bytes, source: str) -> int:
+    """Length of the longest prefix of ``buf`` that ends on a document boundary (0: none yet)."""
+    if source == "jsonl":
+        return buf.rfind(b"\n") + 1
+    # text: after the last blank line; a window from the end keeps the search linear in the chunk size
+    ends = [m.end() for m in _BLANK_LINE.finditer(buf, max(0, len(buf) - (1 << 16)))]
+    if not ends:
+        ends = [m.end() for m in _BLANK_LINE.finditer(buf)]
+    return ends[-1] if ends else 0
+
+
+def _file_chunks(path: Path, source: str, chunk_bytes: int, stats: ReadStats) -> Iterator[RawChunk]:
+    line0, offset0 = 1, 0
+    pending: list[bytes] = []  # blocks without a boundary yet (one document longer than a chunk)
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            text, bad = _decode_line(raw, path, offset, errors)
-            offset += len(raw)
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            stats.bytes += len(block)
+            if pending:
+                # search the new block plus a short tail of the previous one (a boundary may straddle)
+                tail = pending[-1][-64:]
+                cut = _cut(tail + block, source)
+                cut = cut - len(tail) if cut > len(tail) else 0
+                if not cut:
+                    pending.append(block)
+                    continue
+                buf = b"".join(pending) + block
+                cut += len(buf) - len(block)
+                pending = []
+            else:
+                buf = block
+                cut = _cut(buf, source)
+                if not cut:
+                    pending.append(block)
+                    continue
+            piece = buf[:cut]
+            yield RawChunk(source, str(path), line0, offset0, piece)
+            line0 += piece.count(b"\n")
+            offset0 += len(piece)
+            if cut < len(buf):
+                pending.append(buf[cut:])
+    if pending:
+        yield RawChunk(source, str(path), line0, offset0, b"".join(pending))
+
+
+def iter_chunks(source: str, inputs: list[str], *, stats: ReadStats | None = None,
+                chunk_bytes: int = 1 << 19) -> Iterator[RawChunk]:
+    """The corpus as chunks of whole documents, in a deterministic order (files sorted)."""
+    stats = stats if stats is not None else ReadStats()
+    if source == "wiki-vital":
+        files = list_files(inputs) if inputs else [wiki_vital_path()]
+    else:
+        files = list_files(inputs)
+    if not files:
+        raise CorpusError(f"no input files for data.source={source!r} (data.inputs={inputs!r})")
+    if source not in ("text", "jsonl", "wiki-vital"):
+        raise CorpusError(f"unknown data.source {source!r}")
+    for path in files:
+        stats.files += 1
+        if source == "wiki-vital":
+            docs = list(read_wiki_vital_documents(path, stats))
+            size = 0
+            start = 0
+            for i, (_, text) in enumerate(docs):
+                size += len(text)
+                if size >= chunk_bytes:
+                    yield RawChunk("docs", str(path), 0, 0, docs[start:i + 1])
+                    start, size = i + 1, 0
+            if start < len(docs):
+                yield RawChunk("docs", str(path), 0, 0, docs[start:])
+        else:
+            yield from _file_chunks(path, source, chunk_bytes, stats)
+
+
+def _chunk_lines(chunk: RawChunk, errors: str) -> Iterator[tuple[int, str, int]]:
+    """(line number, decoded line without its newline, replacements) for each line of a byte chunk."""
+    data = chunk.data
+    try:
+        lines = data.decode("utf-8").split("\n")  # "\n" is never inside a UTF-8 sequence
+        if lines and lines[-1] == "":
+            lines.pop()
+        for i, line in enumerate(lines):
+            yield chunk.line0 + i, line, 0
+        return
+    except UnicodeDecodeError:
+        pass  # line by line, to name the offset or count the replacements of each document
+    raws = data.split(b"\n")
+    if raws and raws[-1] == b"":
+        raws.pop()
+    pos = chunk.offset0
+    for i, raw in enumerate(raws):
+        text, bad = _decode_line(raw, chunk.path, pos, errors)
+        pos += len(raw) + 1
+        yield chunk.line0 + i, text, bad
+
+
+def parse_chunk(chunk: RawChunk, text_field: str = "text", errors: str = "strict") -> Iterator[Document]:
+    """The documents of one chunk in order, empty ones included; bad input raises CorpusError naming the
+    place (after the documents before it have been yielded)."""
+    path = chunk.path
+    if chunk.source == "docs":
+        for origin, text in chunk.data:
+            yield Document(text or "", origin)
+        return
+    if chunk.source == "jsonl":
+        loads = json.loads
+        for lineno, text, bad in _chunk_lines(chunk, errors):
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = loads(text)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or field not in obj:
+            if not isinstance(obj, dict) or text_field not in obj:
                 keys = ", ".join(map(repr, obj)) if isinstance(obj, dict) else type(obj).__name__
-                raise CorpusError(f"{path}:{lineno}: no {field!r} field (data.text_field); found {keys}")
-            value = obj[field]
+                raise CorpusError(f"{path}:{lineno}: no {text_field!r} field (data.text_field); found {keys}")
+            value = obj[text_field]
             if value is None:
                 value = ""
             if not isinstance(value, str):
-                raise CorpusError(f"{path}:{lineno}: field {field!r} is a {type(value).__name__}, not text")
-            stats.replacements += bad
+                raise CorpusError(f"{path}:{lineno}: field {text_field!r} is a {type(value).__name__}, not text")
             yield Document(value, f"{path}:{lineno}", bad)
-    stats.bytes += offset
+        return
+    if chunk.source != "text":
+        raise CorpusError(f"unknown chunk source {chunk.source!r}")
+    # text: documents separated by blank lines (a chunk holds whole documents)
+    lines: list[str] = []
+    start_line = chunk.line0
+    replaced = 0
+    for lineno, text, bad in _chunk_lines(chunk, errors):
+        replaced += bad
+        s = text.strip()
+        if s:
+            if not lines:
+                start_line = lineno
+            lines.append(s)
+        elif lines:
+            yield Document("\n".join(lines), f"{path}:{start_line}", replaced)
+            lines, replaced = [], 0
+    if lines:
+        yield Document("\n".join(lines), f"{path}:{start_line}", replaced)
 
 
-def read_wiki_vital_documents(path: Path, stats: ReadStats) -> Iterator[Document]:
+def read_wiki_vital_documents(path: Path, stats: ReadStats) -> Iterator[tuple[str, str]]:
+    """(origin, extract) per article of the summaries JSON."""
     raw = path.read_bytes()
     stats.bytes += len(raw)
     try:
@@ -154,31 +274,18 @@ def read_wiki_vital_documents(path: Path, stats: ReadStats) -> Iterator[Document
         raise CorpusError(f"{path}: expected a JSON object of title -> article, got {type(data).__name__}")
     for title, art in data.items():
         text = art.get("extract", "") if isinstance(art, dict) else ""
-        yield Document(text or "", f"{path}#{title}")
+        yield f"{path}#{title}", text or ""
 
 
 def iter_documents(source: str, inputs: list[str], *, text_field: str = "text",
-                   encoding_errors: str = "strict", stats: ReadStats | None = None) -> Iterator[Document]:
-    """All documents of the corpus, in a deterministic order."""
+                   encoding_errors: str = "strict", stats: ReadStats | None = None,
+                   chunk_bytes: int = 1 << 19) -> Iterator[Document]:
+    """All documents of the corpus, in a deterministic order (the chunks parsed in this process)."""
     stats = stats if stats is not None else ReadStats()
-    if source == "wiki-vital":
-        files = list_files(inputs) if inputs else [wiki_vital_path()]
-    else:
-        files = list_files(inputs)
-    if not files:
-        raise CorpusError(f"no input files for data.source={source!r} (data.inputs={inputs!r})")
-    for path in files:
-        stats.files += 1
-        if source == "text":
-            it = read_text_documents(path, encoding_errors, stats)
-        elif source == "jsonl":
-            it = read_jsonl_documents(path, text_field, encoding_errors, stats)
-        elif source == "wiki-vital":
-            it = read_wiki_vital_documents(path, stats)
-        else:
-            raise CorpusError(f"unknown data.source {source!r}")
-        for doc in it:
+    for chunk in iter_chunks(source, inputs, stats=stats, chunk_bytes=chunk_bytes):
+        for doc in parse_chunk(chunk, text_field, encoding_errors):
             stats.documents += 1
+            stats.replacements += doc.replaced
             yield doc
 
 

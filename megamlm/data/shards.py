@@ -13,8 +13,11 @@ stay a negligible share of the bytes (one sample per short document would make s
 a document goes to validation when the hash of its text falls below ``data.val_fraction``, so the split
 does not depend on order or worker count. Each tar is written as ``<name>.partial`` and renamed when
 complete; ``manifest.json`` (counts and sha256 per shard, totals, the tokenizer's identity, what was
-read and what was skipped) is written last, atomically. Documents are split and tokenized on all cores;
-the output is byte-identical for any number of processes.
+read and what was skipped) is written last, atomically.
+
+Work split: this process cuts the input files into raw byte chunks on document boundaries and writes the
+tars; worker processes (all cores by default) decode, parse, split sentences and tokenize, and return
+flat arrays. The output is byte-identical for any number of processes and any chunk size.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import os
 import tarfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from megamlm.data.corpus import CorpusError, Document, ReadStats, iter_documents, split_document
+from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks, parse_chunk, split_document
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,11 @@ class ShardError(ValueError):
 
 def doc_hash_fraction(text: str) -> float:
     """A number in [0, 1) fixed by the document's text: the deterministic train/val split."""
-    h = hashlib.sha1(text.encode("utf-8")).digest()
+    return doc_hash_fraction_bytes(text.encode("utf-8"))
+
+
+def doc_hash_fraction_bytes(b: bytes) -> float:
+    h = hashlib.sha1(b).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
@@ -71,39 +79,75 @@ def npy_load(b: bytes) -> np.ndarray:
 _worker_tok = None
 _worker_mode = "rules"
 _worker_dtype = np.uint16
+_worker_threads = -1
+_worker_field = "text"
+_worker_errors = "strict"
 
 
-def _init_worker(model_path: str, mode: str, threads: int = -1) -> None:
-    global _worker_tok, _worker_mode, _worker_dtype, _worker_threads
+def _init_worker(model_path: str, mode: str, threads: int = -1, text_field: str = "text",
+                 errors: str = "strict") -> None:
+    global _worker_tok, _worker_mode, _worker_dtype, _worker_threads, _worker_field, _worker_errors
     from megamlm.tokenizer import Tokenizer
 
     _worker_tok = Tokenizer(model_path)
     _worker_mode = mode
     _worker_threads = threads
+    _worker_field = text_field
+    _worker_errors = errors
     _worker_dtype = np.uint16 if _worker_tok.padded_vocab_size <= 65536 else np.int32
 
 
-def _encode_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, float, int, np.ndarray, np.ndarray]]:
-    """(index, text) → (index, split hash, text bytes, sentence lengths, ids) per document.
+@dataclass
+class EncodedChunk:
+    """One raw chunk, parsed, split and tokenized: flat arrays (cheap to send between processes; a list
+    of per-document arrays is not). Documents are numbered 0.. within the chunk."""
+    n_read: int  # documents read, empty ones included
+    text_bytes: int  # UTF-8 bytes of all their texts
+    replacements: int  # U+FFFD substitutions made while decoding
+    skipped: list  # [(local index, origin, "empty" | "no_tokens")]
+    local: np.ndarray  # [D] int64 local index of each kept document
+    frac: np.ndarray  # [D] float64 split hash (doc_hash_fraction)
+    tb: np.ndarray  # [D] int64 text bytes
+    nsent: np.ndarray  # [D] int32 sentences (with at least one token)
+    ntok: np.ndarray  # [D] int64 tokens
+    sents: np.ndarray  # [sum nsent] int32 sentence lengths
+    ids: np.ndarray  # [sum ntok] token ids
 
-    Sentences that tokenize to nothing are dropped. Hashing and array building happen here, off the
-    writer's core; numpy arrays cross the process boundary cheaply (lists of ints do not).
-    """
-    sents_per_doc = [split_document(text, _worker_mode) for _, text in chunk]
+
+def _encode_chunk(chunk) -> EncodedChunk:
+    """Raw chunk → documents → sentences → ids, all in the worker (off the writer's core)."""
+    docs = list(parse_chunk(chunk, _worker_field, _worker_errors))
+    skipped = []
+    kept = []  # (local index, text, text bytes)
+    text_bytes = 0
+    replacements = 0
+    for i, doc in enumerate(docs):
+        b = doc.text.encode("utf-8")
+        text_bytes += len(b)
+        replacements += doc.replaced
+        if not doc.text.strip():
+            skipped.append((i, doc.origin, "empty"))
+        else:
+            kept.append((i, doc, b))
+    sents_per_doc = [split_document(doc.text, _worker_mode) for _, doc, _ in kept]
     flat = [s for ss in sents_per_doc for s in ss]
     ids = _worker_tok.encode_batch(flat, _worker_threads) if flat else []
-    lens_all = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    lens_all = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))  # [S]
     ids_all = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker_dtype, count=int(lens_all.sum()))
-    ends = np.cumsum(lens_all)
-    out = []
-    k = 0
-    for (index, text), ss in zip(chunk, sents_per_doc):
-        lens = lens_all[k:k + len(ss)]
-        t0 = int(ends[k - 1]) if k else 0
-        k += len(ss)
-        doc_ids = ids_all[t0:t0 + int(lens.sum())]
-        out.append((index, doc_hash_fraction(text), len(text.encode("utf-8")), lens[lens > 0], doc_ids))
-    return out
+    doc_of = np.repeat(np.arange(len(kept)), [len(ss) for ss in sents_per_doc])  # [S]
+    nonempty = lens_all > 0
+    nsent = np.bincount(doc_of[nonempty], minlength=len(kept)).astype(np.int32)  # [D]
+    ntok = np.bincount(doc_of, weights=lens_all, minlength=len(kept)).astype(np.int64)  # [D]
+    local = np.array([i for i, _, _ in kept], dtype=np.int64)
+    has = nsent > 0
+    for d in np.flatnonzero(~has):
+        skipped.append((kept[d][0], kept[d][1].origin, "no_tokens"))
+    skipped.sort()
+    return EncodedChunk(
+        n_read=len(docs), text_bytes=text_bytes, replacements=replacements, skipped=skipped,
+        local=local[has], frac=np.array([doc_hash_fraction_bytes(b) for _, _, b in kept], dtype=np.float64)[has],
+        tb=np.array([len(b) for _, _, b in kept], dtype=np.int64)[has], nsent=nsent[has], ntok=ntok[has],
+        sents=lens_all[nonempty], ids=ids_all)
 
 
 # --------------------------------------------------------------------------- writer
@@ -131,7 +175,7 @@ class _SplitWriter:
         self._file = None
         self._hash = None
         self._cur: ShardStats | None = None
-        self._block: list[tuple[int, np.ndarray, np.ndarray, int]] = []
+        self._block: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = []  # runs of docs
         self._block_tokens = 0
 
     def _open(self) -> None:
@@ -148,11 +192,30 @@ class _SplitWriter:
         info.mtime = 0  # reproducible bytes
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, index: int, ids: np.ndarray, lens: np.ndarray, text_bytes: int) -> None:
-        self._block.append((index, ids, lens, text_bytes))
-        self._block_tokens += int(ids.size)
-        if self._block_tokens >= self.block_tokens:
-            self._flush_block()
+    def write_docs(self, index: np.ndarray, ntok: np.ndarray, nsent: np.ndarray, sents: np.ndarray,
+                   ids: np.ndarray, tb: np.ndarray) -> None:
+        """Append a run of documents (flat arrays as in :class:`EncodedChunk`). A block is closed after the
+        first document that brings it to ``block_tokens``; one searchsorted per block, no per-document
+        Python work."""
+        n = index.size
+        if not n:
+            return
+        tok_end = np.cumsum(ntok)  # [n]
+        sent_end = np.cumsum(nsent)  # [n]
+        start = 0
+        while start < n:
+            base = int(tok_end[start - 1]) if start else 0
+            j = int(np.searchsorted(tok_end, base + self.block_tokens - self._block_tokens, side="left"))
+            stop = min(j + 1, n)  # documents [start, stop) join the current block
+            s0 = int(sent_end[start - 1]) if start else 0
+            s1 = int(sent_end[stop - 1])
+            t1 = int(tok_end[stop - 1])
+            self._block.append((index[start:stop], nsent[start:stop], sents[s0:s1], ids[base:t1],
+                                int(tb[start:stop].sum())))
+            self._block_tokens += t1 - base
+            start = stop
+            if j < n:
+                self._flush_block()
 
     def _flush_block(self) -> None:
         if not self._block:
@@ -160,19 +223,21 @@ class _SplitWriter:
         if self._tar is None:
             self._open()
         block, self._block, self._block_tokens = self._block, [], 0
-        key = f"{block[0][0]:010d}"
-        ids = np.concatenate([b[1] for b in block])
+        index = np.concatenate([b[0] for b in block]).astype(np.int64)
+        docs = np.concatenate([b[1] for b in block]).astype(np.int32)
         sents = np.concatenate([b[2] for b in block]).astype(np.int32)
+        ids = np.concatenate([b[3] for b in block])
+        key = f"{int(index[0]):010d}"
         self._add(f"{key}.ids.npy", npy_bytes(ids))
         self._add(f"{key}.sents.npy", npy_bytes(sents))
-        self._add(f"{key}.docs.npy", npy_bytes(np.array([b[2].size for b in block], dtype=np.int32)))
-        self._add(f"{key}.index.npy", npy_bytes(np.array([b[0] for b in block], dtype=np.int64)))
+        self._add(f"{key}.docs.npy", npy_bytes(docs))
+        self._add(f"{key}.index.npy", npy_bytes(index))
         c = self._cur
         c.samples += 1
-        c.documents += len(block)
+        c.documents += int(index.size)
         c.sentences += int(sents.size)
         c.tokens += int(ids.size)
-        c.text_bytes += sum(b[3] for b in block)
+        c.text_bytes += sum(b[4] for b in block)
         if self._file.tell() >= self.target:
             self._close_tar()
 
@@ -248,31 +313,12 @@ def _prepare_output(out_dir: Path, tok_identity: dict, overwrite: bool) -> None:
     log.info("--overwrite: removed %d old shard file(s) from %s", len(old), out_dir)
 
 
-def _chunks(docs: Iterator[Document], counters: dict, max_bytes: int = 1 << 18,
-            max_docs: int = 2048) -> Iterator[list[tuple[int, str]]]:
-    """Documents with text in chunks of about ``max_bytes``; empty ones are counted and logged here."""
-    chunk: list[tuple[int, str]] = []
-    size = 0
-    for i, doc in enumerate(docs):
-        counters["read"] += 1
-        if not doc.text.strip():
-            counters["empty"] += 1
-            counters["text_bytes"] += len(doc.text.encode("utf-8"))
-            if counters["empty"] <= 5:
-                log.warning("empty document skipped: %s", doc.origin)
-            continue
-        chunk.append((i, doc.text))
-        size += len(doc.text)
-        if size >= max_bytes or len(chunk) >= max_docs:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False, workers: int = 0,
-                progress: bool = True, block_tokens: int = 1 << 15) -> dict:
-    """Read the corpus of ``data_cfg``, tokenize it in parallel and write shards + manifest; returns it."""
+                progress: bool = True, block_tokens: int = 1 << 15, chunk_bytes: int = 1 << 19) -> dict:
+    """Read the corpus of ``data_cfg``, tokenize it in parallel and write shards + manifest; returns it.
+
+    The output does not depend on ``workers`` nor on ``chunk_bytes`` (the size of the raw pieces of
+    input handed to the workers): blocks and shards are formed here, in input order."""
     from tqdm import tqdm
 
     from megamlm.tokenizer import Tokenizer
@@ -285,45 +331,57 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
     writers = {s: _SplitWriter(out_dir, s, target, block_tokens) for s in SPLITS}
     stats = ReadStats()
     counters = {"read": 0, "empty": 0, "no_tokens": 0, "text_bytes": 0}
-    docs = iter_documents(data_cfg.source, list(data_cfg.inputs), text_field=data_cfg.text_field,
-                          encoding_errors=data_cfg.encoding_errors, stats=stats)
+    chunks = iter_chunks(data_cfg.source, list(data_cfg.inputs), stats=stats, chunk_bytes=chunk_bytes)
     n_workers = workers or data_cfg.encode_workers or (os.cpu_count() or 1)
     t0 = time.perf_counter()
     bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1000, desc="make-shards",
                disable=not progress, mininterval=0.5, dynamic_ncols=True)
     n_tokens = 0
 
-    def consume(encoded) -> None:
+    def consume(r: EncodedChunk) -> None:
         nonlocal n_tokens
-        for index, frac, tb, lens, ids in encoded:
-            counters["text_bytes"] += tb
-            bar.update(tb)
-            if not lens.size:
-                counters["no_tokens"] += 1
-                log.warning("document without tokens skipped: #%d", index)
-                continue
-            split = "val" if frac < data_cfg.val_fraction else "train"
-            writers[split].write(index, ids, lens, tb)
-            n_tokens += int(ids.size)
+        base = counters["read"]  # global document numbering, in input order
+        counters["read"] += r.n_read
+        counters["text_bytes"] += r.text_bytes
+        stats.documents += r.n_read
+        stats.replacements += r.replacements
+        for local, origin, kind in r.skipped:
+            counters[kind] += 1
+            if counters[kind] <= 5:
+                what = "empty document" if kind == "empty" else "document without tokens"
+                log.warning("%s skipped: %s", what, origin)
+        is_val = r.frac < data_cfg.val_fraction  # [D]
+        for split, m in (("train", ~is_val), ("val", is_val)):
+            if m.all():
+                writers[split].write_docs(base + r.local, r.ntok, r.nsent, r.sents, r.ids, r.tb)
+            elif m.any():
+                writers[split].write_docs(base + r.local[m], r.ntok[m], r.nsent[m], r.sents[np.repeat(m, r.nsent)],
+                                          r.ids[np.repeat(m, r.ntok)], r.tb[m])
+        n_tokens += int(r.ids.size)
+        bar.update(r.text_bytes)
         bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
     pool = None
+    cpu0 = time.process_time()
     try:
-        chunks = _chunks(docs, counters)
+        init = (str(tok.path), data_cfg.sentences, 1, data_cfg.text_field, data_cfg.encoding_errors)
         if n_workers > 1:
             # Bounded window of in-flight chunks, consumed in order: memory stays flat on any corpus size
-            # and the output does not depend on the number of processes.
-            pool = mp.get_context("forkserver").Pool(n_workers, initializer=_init_worker,
-                                                      initargs=(str(tok.path), data_cfg.sentences, 1))
+            # and the output does not depend on the number of processes. This process only reads bytes
+            # and writes tars; parsing, sentence splitting and tokenizing run in the workers.
+            # (ProcessPoolExecutor, not multiprocessing.Pool: with forkserver, Pool's worker-handler thread
+            # polls in a busy loop, ~20% of a core taken from the writer.)
+            pool = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("forkserver"),
+                                       initializer=_init_worker, initargs=init)
             inflight: deque = deque()
             for chunk in chunks:
-                inflight.append(pool.apply_async(_encode_chunk, (chunk,)))
+                inflight.append(pool.submit(_encode_chunk, chunk))
                 if len(inflight) >= 3 * n_workers:
-                    consume(inflight.popleft().get())
+                    consume(inflight.popleft().result())
             while inflight:
-                consume(inflight.popleft().get())
+                consume(inflight.popleft().result())
         else:
-            _init_worker(str(tok.path), data_cfg.sentences)
+            _init_worker(init[0], init[1], -1, *init[3:])
             for chunk in chunks:
                 consume(_encode_chunk(chunk))
         for w in writers.values():
@@ -331,13 +389,16 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
     except BaseException:
         for p in out_dir.glob("*.partial"):
             p.unlink(missing_ok=True)
+        if pool is not None:  # stop the workers now, not after the queued chunks
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
         raise
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - t0
+    writer_cpu = time.process_time() - cpu0  # this process alone: the serial part of the job
     written = sum(s.documents for w in writers.values() for s in w.shards)
     if written == 0:
         raise CorpusError(f"no documents with text in the input ({counters['read']} read, "
@@ -361,6 +422,7 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
         "skipped": {"empty_documents": counters["empty"], "documents_without_tokens": counters["no_tokens"]},
         "splits": splits,
         "seconds": round(seconds, 3),
+        "writer_cpu_seconds": round(writer_cpu, 3),
         "workers": n_workers,
     }
     assert written + counters["empty"] + counters["no_tokens"] == counters["read"]
@@ -372,6 +434,9 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
              "%d tokens; %.1f MB of text in %.1fs = %.2f MB/s, %.2fM tokens/s with %d process(es)",
              len(splits["train"]["shards"]), len(splits["val"]["shards"]), out_dir, written, counters["empty"],
              counters["no_tokens"], n_tokens, mb, seconds, mb / seconds, n_tokens / seconds / 1e6, n_workers)
+    if n_workers > 1:
+        log.info("the reading/writing process used %.1f s of CPU: with unlimited worker cores it would cap "
+                 "the rate at %.0f MB/s of text", writer_cpu, mb / max(writer_cpu, 1e-9))
     if stats.replacements:
         log.warning("%d undecodable byte sequence(s) replaced with U+FFFD", stats.replacements)
     return manifest

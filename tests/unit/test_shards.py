@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,39 @@ def test_jsonl_reader_errors_name_line(tmp_path):
     assert next(iter_documents("jsonl", [str(f)], text_field="text")).text == "Hello there."
 
 
+@pytest.mark.parametrize("source", ["text", "jsonl"])
+def test_chunked_reading_gives_the_same_documents_for_any_chunk_size(tmp_path, source):
+    # Files are cut into raw chunks on document boundaries (make-shards parses them in its workers):
+    # documents, origins (file:line) and counts must not depend on where the cuts fall.
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "délta", "ε", "zeta.", "Eta", "theta,"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(80)]
+    f = tmp_path / ("c.txt" if source == "text" else "c.jsonl")
+    if source == "text":
+        seps = ["\n\n", "\n \t\n", "\r\n\r\n", "\n\n\n\n"]
+        body = "".join(d.replace(" zeta.", "\nzeta.") + rng.choice(seps) for d in docs)
+    else:
+        body = "".join(json.dumps({"text": d}) + ("\n\n" if i % 7 == 0 else "\n") for i, d in enumerate(docs))
+    f.write_bytes(body.encode("utf-8"))
+    ref = [(d.text, d.origin) for d in iter_documents(source, [str(f)], chunk_bytes=1 << 20)]
+    assert len(ref) == 80
+    for size in (1, 7, 64, 333):
+        stats = ReadStats()
+        got = [(d.text, d.origin) for d in iter_documents(source, [str(f)], chunk_bytes=size, stats=stats)]
+        assert got == ref, size
+        assert stats.bytes == f.stat().st_size and stats.documents == 80
+
+
+def test_non_utf8_offset_is_absolute_in_a_later_chunk(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = b'{"text": "fine"}\n' * 50
+    f.write_bytes(good + b'{"text": "bad \xfe"}\n')
+    with pytest.raises(CorpusError, match=rf"bad.jsonl: not UTF-8 at byte offset {len(good) + 14} \(byte 0xfe\)"):
+        list(iter_documents("jsonl", [str(f)], chunk_bytes=64))
+    docs = list(iter_documents("jsonl", [str(f)], chunk_bytes=64, encoding_errors="replace"))
+    assert docs[-1].origin == f"{f}:51" and docs[-1].replaced == 1
+
+
 def test_missing_input_is_named(tmp_path):
     with pytest.raises(CorpusError, match="do not exist: 'nowhere.txt'"):
         list(iter_documents("text", ["nowhere.txt"]))
@@ -162,6 +196,10 @@ def test_output_identical_for_one_and_two_processes(tmp_path, tok):
     b = make_shards(data_cfg(tmp_path / "b", f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path,
                     workers=2, progress=False, block_tokens=300)
     assert a["splits"] == b["splits"]  # includes every shard's sha256
+    # many small raw chunks: documents and blocks now straddle what each worker is given
+    c = make_shards(data_cfg(tmp_path / "c", f"data.inputs={tmp_path}/c.txt", "data.source=text"), tok.path,
+                    workers=2, progress=False, block_tokens=300, chunk_bytes=997)
+    assert c["splits"] == a["splits"] and c["read"] == a["read"]
 
 
 def test_val_split_is_by_document_hash_not_position(tmp_path, tok):
