@@ -7,7 +7,9 @@ Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward
   stack).
 * Attention goes through ``F.scaled_dot_product_attention`` so GPUs get flash / memory-efficient
   kernels. Q, K and V come from one fused ``qkv`` linear ([3H, H], rows ordered q, k, v: the HF
-  conversion table splits it into query / key / value).
+  conversion table splits it into query / key / value). CPU training with attention dropout (no SDPA
+  kernel has it) takes :class:`_CPUAttention` instead: head-by-head gemms on strided views of the qkv
+  output, no head split / merge copies, and a hand-written backward.
 * The padding mask is passed to SDPA only when the batch may contain padding; ``attention_mask=None``
   means "every position is real" and lets SDPA take its fastest path (see
   :meth:`Encoder.forward`).
@@ -48,26 +50,42 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _keep_mask(shape, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dropout mask [shape]: 1/(1-p) where kept, 0 where dropped, in ``dtype``.
+
+    16 random bits per element from ``int64.random_`` (4 elements per draw of the global generator)
+    instead of ``bernoulli_``, which costs ~5× more on CPU; keep probability 1 - p up to 2⁻¹⁶. The
+    comparison writes the float mask directly (``ge(..., out=float)``): a bool mask would cost a
+    bool → float conversion at every use, as ``x * bool`` and ``where`` are slow paths on CPU."""
+    n = 1
+    for d in shape:
+        n *= d
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+    threshold = round(p * 65536) - 32768  # P(int16 >= threshold) = 1 - p
+    keep = torch.ge(bits.view(torch.int16)[:n].view(shape), threshold,
+                    out=torch.empty(shape, dtype=dtype))  # [shape] 1.0 kept, 0.0 dropped
+    return keep.mul_(1.0 / (1.0 - p))
+
+
+def _mask_dtype(x: torch.Tensor) -> torch.dtype:
+    # the scale 1/(1-p) is not exact in bf16/fp16: their masks stay fp32 (the product is cast once)
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class _CPUDropout(torch.autograd.Function):
-    """Dropout with a cheaper CPU mask: 16 random bits per element from ``int64.random_`` (4 elements
-    per draw of the global generator) instead of ``bernoulli_``, which costs ~5× more on CPU. Keep
-    probability 1 - p up to 2⁻¹⁶; the mask is saved as bool."""
+    """Dropout with the cheaper CPU mask of :func:`_keep_mask` (saved as float, scale included: one
+    multiply forward, one backward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
-        threshold = round(p * 65536) - 32768  # P(int16 >= threshold) = 1 - p
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # [x.shape] bool
-        scale = 1.0 / (1.0 - p)
+        keep = _keep_mask(x.shape, p, _mask_dtype(x))  # [x.shape] 1/(1-p) or 0
         ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return torch.mul(x, keep, out=torch.empty_like(x))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        return torch.mul(grad, keep, out=torch.empty_like(grad)), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -114,12 +132,70 @@ class Embeddings(nn.Module):
 
 
 def _attention_with_dropout(q, k, v, attn_mask, p: float) -> torch.Tensor:
-    """softmax(q kᵀ / √d + mask) with dropout, times v; what SDPA's math path does, with :func:`dropout`."""
+    """softmax(q kᵀ / √d + mask) with dropout, times v; what SDPA's math path does, with :func:`dropout`.
+    The reference for :class:`_CPUAttention`; runs where that one does not (autocast, bf16)."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, nh, T, T]
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))  # mask [B, 1, 1, T]
     probs = dropout(torch.softmax(scores, dim=-1), p, True)  # [B, nh, T, T]
     return torch.matmul(probs, v)  # [B, nh, T, hd]
+
+
+class _CPUAttention(torch.autograd.Function):
+    """Attention with dropout on CPU, fp32/fp64, straight from the fused projection: qkv [B, T, 3H]
+    (columns q, k, v, each nh × hd) → y [B, T, H] (heads merged), with a hand-written backward.
+
+    Head by head with 3-D ``bmm`` on strided views: a head's q, k, v are [B, T, hd] slices of qkv
+    with row stride 3H, which MKL's batched gemm reads in place, so nothing is copied to split the
+    heads (the 4-D ``matmul`` of :func:`_attention_with_dropout` copies kᵀ and v, its backward stacks
+    and copies the q, k, v gradients, and the head merge copies y). The 1/√hd scale is the gemm's
+    alpha; dropout uses :func:`_keep_mask` drawn once for all heads ([nh, B, T, T]). Saved for
+    backward: qkv, the probabilities and the mask; the dropped probabilities are recomputed.
+    ``mask_add``: None or [B, 1, T] additive (0 attend, -inf padding)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float):
+        B, T, H3 = qkv.shape
+        nh, hd = num_heads, H3 // (3 * num_heads)
+        scale = hd ** -0.5
+        q, k, v = qkv.view(B, T, 3, nh, hd).unbind(2)  # each [B, T, nh, hd] (strided views)
+        keep = _keep_mask((nh, B, T, T), p, qkv.dtype)  # [nh, B, T, T] 1/(1-p) or 0
+        scores = qkv.new_empty(B, T, T)  # scratch, reused per head
+        y = qkv.new_empty(nh, B, T, hd)
+        probs = []
+        for h in range(nh):
+            kt = k[:, :, h].transpose(1, 2)  # [B, hd, T]
+            if mask_add is None:
+                torch.baddbmm(scores, q[:, :, h], kt, beta=0.0, alpha=scale, out=scores)  # [B, T, T]
+            else:
+                torch.baddbmm(mask_add.expand(B, T, T), q[:, :, h], kt, alpha=scale, out=scores)
+            probs.append(torch.softmax(scores, dim=-1))  # [B, T, T]
+            torch.bmm(torch.mul(probs[h], keep[h], out=scores), v[:, :, h], out=y[h])  # [B, T, hd]
+        ctx.save_for_backward(qkv, keep, *probs)
+        ctx.scale = scale
+        return y.permute(1, 2, 0, 3).reshape(B, T, nh * hd)  # [B, T, H]: the one copy, merging heads
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        qkv, keep, *probs = ctx.saved_tensors
+        nh = len(probs)
+        B, T, H3 = qkv.shape
+        hd = H3 // (3 * nh)
+        q, k, v = qkv.view(B, T, 3, nh, hd).unbind(2)  # each [B, T, nh, hd]
+        g = grad_y.reshape(B, T, nh, hd)  # [B, T, nh, hd]
+        grad = qkv.new_empty(3, nh, B, T, hd)  # dq, dk, dv per head, contiguous for the gemm outputs
+        dropped = qkv.new_empty(B, T, T)  # scratch
+        dprobs = qkv.new_empty(B, T, T)  # scratch
+        for h in range(nh):
+            gy = g[:, :, h]  # [B, T, hd] (strided)
+            torch.mul(probs[h], keep[h], out=dropped)  # [B, T, T] the dropped probabilities again
+            torch.bmm(dropped.transpose(1, 2), gy, out=grad[2, h])  # dv = droppedᵀ gy
+            torch.bmm(gy, v[:, :, h].transpose(1, 2), out=dprobs).mul_(keep[h])  # d probs [B, T, T]
+            ds = torch._softmax_backward_data(dprobs, probs[h], -1, qkv.dtype)  # d scores [B, T, T]
+            torch.baddbmm(grad[0, h], ds, k[:, :, h], beta=0.0, alpha=ctx.scale, out=grad[0, h])  # dq
+            torch.baddbmm(grad[1, h], ds.transpose(1, 2), q[:, :, h], beta=0.0, alpha=ctx.scale,
+                          out=grad[1, h])  # dk
+        return grad.permute(2, 3, 0, 1, 4).reshape(B, T, H3), None, None, None  # [B, T, 3H]
 
 
 class SelfAttention(nn.Module):
@@ -135,11 +211,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # [B, T, 3, nh, hd]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, T, hd] (strided views)
+        qkv = self.qkv(x)  # [B, T, 3H]
         p = self.attention_dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # SDPA's CPU kernels have no dropout: it would fall back to the math path with bernoulli_
+        # SDPA's CPU kernels have no dropout: it would fall back to the math path with bernoulli_
+        cpu_dropout = p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if cpu_dropout and qkv.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"):
+            mask_add = None
+            if attn_mask is not None:  # [B, 1, 1, T] bool → [B, 1, T] additive
+                mask_add = torch.zeros(B, 1, T, dtype=qkv.dtype).masked_fill_(~attn_mask[:, 0], float("-inf"))
+            return self.out(_CPUAttention.apply(qkv, mask_add, self.num_heads, p))  # [B, T, H]
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # each [B, nh, T, hd] (strided views)
+        if cpu_dropout:
             y = _attention_with_dropout(q, k, v, attn_mask, p)  # [B, nh, T, hd]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, nh, T, hd]

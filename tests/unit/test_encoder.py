@@ -226,3 +226,56 @@ def test_shipped_small_config_builds():
     model = build_model(cfg.model, cfg.objective, 30592, real_vocab_size=30522)
     n = sum(p.numel() for p in model.parameters())
     assert 11_000_000 < n < 11_500_000, n
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cpu_attention_matches_reference_with_same_dropout_mask(padded):
+    """_CPUAttention (per-head strided gemms, hand-written backward) equals autograd through the plain
+    formula softmax(q kᵀ/√d + mask)·keep·v with the mask it draws, in output and in the qkv gradient."""
+    from megamlm.model.encoder import _CPUAttention, _keep_mask
+
+    B, T, nh, hd, p = 3, 9, 4, 8, 0.3
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, 3 * nh * hd, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        mask[1, 6:] = False
+        mask[2, 2:] = False
+    mask_add = torch.zeros(B, 1, T, dtype=torch.float64).masked_fill_(~mask[:, None, :], float("-inf"))
+    grad_y = torch.randn(B, T, nh * hd, dtype=torch.float64)
+
+    torch.manual_seed(5)
+    y = _CPUAttention.apply(qkv, mask_add if padded else None, nh, p)
+    y.backward(grad_y)
+    torch.manual_seed(5)
+    keep = _keep_mask((nh, B, T, T), p, torch.float64).transpose(0, 1)  # [B, nh, T, T], same draw
+    assert 0 < int((keep == 0).sum()) < keep.numel()  # some dropped, some kept
+
+    ref_in = qkv.detach().clone().requires_grad_(True)
+    q, k, v = ref_in.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, nh, T, hd]
+    scores = q @ k.transpose(-1, -2) / hd ** 0.5 + mask_add[:, None]  # [B, nh, T, T]
+    ref = ((torch.softmax(scores, -1) * keep) @ v).transpose(1, 2).reshape(B, T, nh * hd)
+    ref.backward(grad_y)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(qkv.grad, ref_in.grad)
+
+
+def test_attention_dropout_path_used_in_training_and_scaled():
+    """The model's training attention (p > 0, CPU, fp32) takes _CPUAttention and, with p → 0 in the mask
+    (all kept), equals the eval-mode SDPA output."""
+    from megamlm.model.encoder import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, attention_dropout=1e-9).train()  # threshold rounds to 0: keeps all
+    x = torch.randn(2, 7, 32)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    am = mask[:, None, None, :]
+    train_out = attn(x, am)
+    names, todo = set(), [train_out.grad_fn]
+    while todo:  # every node of the backward graph
+        fn = todo.pop()
+        names.add(fn.name())
+        todo.extend(f for f, _ in fn.next_functions if f is not None)
+    assert "_CPUAttentionBackward" in names, names
+    torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
