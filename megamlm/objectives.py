@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from megamlm.parallel.vocab import IGNORE_INDEX, vocab_parallel_argmax, vocab_parallel_cross_entropy
+from megamlm.parallel.vocab import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 __all__ = ["LossTerms", "mlm_terms", "pair_terms", "combine"]
 
@@ -88,12 +88,12 @@ def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_in
               logits_are_scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] (or the rank's slice [N, V/t] with ``group``) at the masked rows, targets [N] →
     (loss sum fp32, number of targets int64, number correct int64). Rows labelled ``ignore_index``
-    count nowhere. Accuracy is argmax == target. ``logits_are_scratch``: nothing else reads the logits
-    after this call, so the backward may reuse their storage."""
-    with torch.no_grad():
-        pred = vocab_parallel_argmax(logits.detach(), group)  # [N], before any storage reuse
-    per_row = vocab_parallel_cross_entropy(logits, targets, group, ignore_index,
-                                           inplace_backward=logits_are_scratch)  # [N] fp32
+    count nowhere. Accuracy is argmax == target (ties to the smallest id), the argmax coming from the
+    cross-entropy's row-max pass. ``logits_are_scratch``: nothing else reads the logits after this
+    call, so the backward may reuse their storage."""
+    per_row, pred = vocab_parallel_cross_entropy(logits, targets, group, ignore_index,
+                                                 inplace_backward=logits_are_scratch,
+                                                 with_argmax=True)  # [N] fp32, [N]
     valid = targets != ignore_index  # [N]
     with torch.no_grad():
         correct = ((pred == targets) & valid).sum()

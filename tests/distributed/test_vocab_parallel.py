@@ -106,6 +106,10 @@ def _check(dtype: torch.dtype, group, real: int) -> None:
     expect = tied[:, :real].argmax(-1)
     assert torch.equal(pred, expect), (pred, expect)
     assert int(pred[0]) == 0
+    # the same argmax from the cross-entropy's row-max pass (what the MLM accuracy uses)
+    _, pred_ce = vocab_parallel_cross_entropy(mask_padded_columns_(tied[:, cols].clone(), start, real), labels,
+                                              group, with_argmax=True)
+    assert torch.equal(pred_ce, expect), (pred_ce, expect)
 
     # the MLM objective end to end: sums and accuracy equal the single-process ones
     from megamlm.objectives import mlm_terms

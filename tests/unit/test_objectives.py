@@ -182,3 +182,44 @@ def test_single_rank_cross_entropy_backward(inplace):
     torch.testing.assert_close(g, h.grad, atol=1e-5, rtol=1e-5)
     if not inplace:
         assert torch.equal(logits.detach(), kept)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 128, 300, 30522])
+def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab):
+    """with_argmax returns x.argmax(-1) exactly, ties to the smallest id: random rows, constant rows,
+    ties inside one column block, across blocks, on block boundaries and in the short last block;
+    the loss is unchanged by the flag."""
+    from megamlm.parallel.vocab import _BLOCK
+
+    torch.manual_seed(0)
+    x = torch.randn(12, vocab)
+    x[1] = 0.5  # all tied: id 0
+    if vocab > 3:
+        x[2, [1, 3]] = 9.0  # tie inside the first block
+    if vocab > 2 * _BLOCK + 5:
+        x[3, [_BLOCK + 4, 2 * _BLOCK + 5]] = 9.0  # tie across blocks
+        x[4, [_BLOCK - 1, _BLOCK]] = 9.0  # tie across a block boundary
+        x[5, [vocab - 1, _BLOCK]] = 9.0  # the last column ties an earlier one
+    x[6, vocab - 1] = 9.0  # maximum in the last column (the short last block)
+    x[7, 0] = 9.0
+    x[8] = x[8].round()  # many small ties
+    labels = x.argmax(-1).clone()
+    labels[9] = IGNORE_INDEX
+    for fn in (lambda a: vocab_parallel_cross_entropy(a, labels, with_argmax=True),
+               lambda a: _VocabParallelCrossEntropy.apply(a, labels, None, IGNORE_INDEX, False, True)):
+        loss, pred = fn(x.clone().requires_grad_(True))
+        assert torch.equal(pred, x.argmax(-1)), (pred, x.argmax(-1))
+        assert not pred.requires_grad
+        torch.testing.assert_close(loss, vocab_parallel_cross_entropy(x, labels))
+        loss.sum().backward()  # the extra output does not disturb the backward
+
+
+def test_mlm_accuracy_counts_tied_rows_by_smallest_id():
+    """A row whose target ties the maximum with a smaller id is wrong, as argmax says; a row whose target
+    is the smallest of the tied ids is right."""
+    x = torch.zeros(3, V)
+    x[0, [4, 9]] = 2.0  # target 9 ties with 4: argmax is 4 → wrong
+    x[1, [4, 9]] = 2.0  # target 4 → right
+    x[2, 20] = 1.0  # clear maximum → right
+    _, n, c = mlm_terms(x, torch.tensor([9, 4, 20]))
+    assert int(n) == 3 and int(c) == 2
