@@ -279,3 +279,26 @@ def test_attention_dropout_path_used_in_training_and_scaled():
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     assert "_CPUAttentionBackward" in names, names
     torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_mask_bits_split_over_two_generators():
+    """Large masks draw their bits in two halves at once (two generators seeded from the global one):
+    still fixed by torch.manual_seed, the halves are different streams, the rate holds in each."""
+    from megamlm.model.encoder import _keep_mask, _random_bits
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(3)
+        a = _random_bits(1 << 18)
+        torch.manual_seed(3)
+        assert torch.equal(a, _random_bits(1 << 18))
+        half = (1 << 18) // 2
+        assert not torch.equal(a[:half], a[half:])
+        torch.manual_seed(4)
+        keep = _keep_mask((4 << 18,), 0.25)  # 4 elements per word: both halves of the bits
+        for part in keep.chunk(2):
+            assert abs(float((part == 0).float().mean()) - 0.25) < 0.003
+        torch.testing.assert_close(keep[keep != 0], torch.full_like(keep[keep != 0], 1 / 0.75))
+    finally:
+        torch.set_num_threads(threads)
