@@ -20,8 +20,44 @@ from megamlm.model.encoder import activation_fn, init_bert_weights
 __all__ = ["TiedDecoder", "MLMHead", "PairHead"]
 
 
+def _storage_in_use(t: torch.Tensor) -> bool:
+    """Whether anything besides ``t`` holds its storage (a view, a saved tensor of a pending graph).
+    Unknown → True (never reuse)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return True
+    return count(t.untyped_storage()._cdata) > 2  # t's reference and the temporary storage object
+
+
+class _LinearInWorkspace(torch.autograd.Function):
+    """``F.linear(h, w, b)`` → [N, V] written into ``holder``'s reused workspace; backward as F.linear's.
+
+    On CPU a fresh tensor above glibc's mmap threshold (at most 32 MB) is mapped anew and page-faulted
+    in on every step: the bench's MLM logits (603 × 30522 fp32, 74 MB) cost ~18k faults, ~15 ms a step,
+    all in the bias fill of ``addmm``. The logits exist for the loss alone (which writes their gradient
+    into them), so the next step may reuse the memory once nothing holds it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, holder: "TiedDecoder"):
+        ctx.save_for_backward(h, w)
+        out = holder._workspace(h.shape[0], w.shape[0], h.dtype)  # [N, V]
+        return torch.addmm(b, h, w.t(), out=out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, w = ctx.saved_tensors  # [N, H], [V, H]; grad [N, V]
+        grad_h = grad.mm(w) if ctx.needs_input_grad[0] else None  # [N, H]
+        grad_w = grad.t().mm(h) if ctx.needs_input_grad[1] else None  # [V, H]
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None  # [V]
+        return grad_h, grad_w, grad_b, None
+
+
 class TiedDecoder(nn.Module):
-    """[N, H] → [N, n_predicted] with the (tied) word-embedding weight [V, H] and its own bias [V]."""
+    """[N, H] → [N, n_predicted] with the (tied) word-embedding weight [V, H] and its own bias [V].
+
+    ``scratch=True`` (logits made for the loss alone, see :class:`_LinearInWorkspace`): on CPU in fp32
+    the logits are written into a workspace kept between calls, reused when nothing holds it any more
+    (else a new one is made: two forwards before a backward stay correct)."""
 
     def __init__(self, weight: nn.Parameter, n_predicted: int | None = None):
         super().__init__()
@@ -32,12 +68,23 @@ class TiedDecoder(nn.Module):
         self.weight = weight  # the word embedding's Parameter: same storage
         self.bias = nn.Parameter(torch.zeros(vocab))
         self.n_predicted = n_predicted
+        self._ws = None  # the scratch logits' workspace (a plain attribute: not state)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.n_predicted == self.weight.shape[0]:
-            return F.linear(h, self.weight, self.bias)  # [N, V]
+    def _workspace(self, n: int, v: int, dtype: torch.dtype) -> torch.Tensor:
+        """An [n, v] view of the workspace, a new one when too small or still held."""
+        ws = self._ws
+        if ws is None or ws.numel() < n * v or ws.dtype != dtype or _storage_in_use(ws):
+            ws = self._ws = torch.empty(n * v + (n * v >> 3), dtype=dtype)  # 1/8 slack: N varies by batch
+        return ws[:n * v].view(n, v)
+
+    def forward(self, h: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         n = self.n_predicted
-        return F.linear(h, self.weight[:n], self.bias[:n])  # [N, V_real]: contiguous row slices, no copy
+        w, b = (self.weight, self.bias) if n == self.weight.shape[0] else (self.weight[:n], self.bias[:n])
+        # [V_real, H], [V_real]: contiguous row slices, no copy
+        if (scratch and h.device.type == "cpu" and h.dtype == w.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return _LinearInWorkspace.apply(h, w, b, self)  # [N, V_real]
+        return F.linear(h, w, b)  # [N, V_real]
 
 
 class MLMHead(nn.Module):
@@ -52,11 +99,12 @@ class MLMHead(nn.Module):
         init_bert_weights(self, init_std)
         self.decoder = TiedDecoder(word_embedding, n_predicted)  # after init: never re-initialise the tie
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H], positions [N] flat indices into B*T → logits [N, V_real]."""
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """hidden [B, T, H], positions [N] flat indices into B*T → logits [N, V_real]. ``scratch``: the
+        logits are for the loss alone (the decoder may put them in a reused workspace)."""
         H = hidden.shape[-1]
         rows = hidden.reshape(-1, H).index_select(0, positions)  # [N, H]
-        return self.decoder(self.norm(self.act(self.dense(rows))))  # [N, V_real]
+        return self.decoder(self.norm(self.act(self.dense(rows))), scratch=scratch)  # [N, V_real]
 
 
 class PairHead(nn.Module):

@@ -92,16 +92,17 @@ class PretrainingModel(nn.Module):
         """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch`."""
         return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch))
 
-    def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None)."""
+    def logits(self, batch, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None).
+        ``scratch``: the MLM logits are for the loss alone (may live in a workspace the next call reuses)."""
         self._check_batch(batch)
         h = self.hidden(batch)  # [B, T, H]
-        mlm = self.mlm_head(h, batch.mlm_positions)  # [N, V_real]
+        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch)  # [N, V_real]
         pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
         return mlm, pair
 
     def forward(self, batch) -> LossTerms:
-        mlm_logits, pair_logits = self.logits(batch)
+        mlm_logits, pair_logits = self.logits(batch, scratch=True)
         terms = LossTerms()
         # the logits exist for the loss alone: its backward may write the gradient into them
         terms.add("mlm", *mlm_terms(mlm_logits, batch.mlm_targets, self.vocab_group, logits_are_scratch=True))

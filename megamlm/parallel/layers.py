@@ -178,7 +178,8 @@ class VocabParallelDecoder(nn.Module):
         dec.bias.requires_grad_(full_bias.requires_grad)
         return dec
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """``scratch``: accepted as by TiedDecoder; the local logits are allocated per call here."""
         h = copy_to_vocab_parallel_region(h, self.group)  # [N, H]; backward: sum over the vocabulary slices
         logits = F.linear(h, self.weight, self.bias)  # [N, V/t]
         return mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/t]

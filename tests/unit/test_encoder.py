@@ -302,3 +302,45 @@ def test_dropout_mask_bits_split_over_two_generators():
         torch.testing.assert_close(keep[keep != 0], torch.full_like(keep[keep != 0], 1 / 0.75))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_scratch_logits_workspace_reused_only_when_free():
+    """Training forward (scratch logits in a reused workspace) gives the loss and gradients of the plain
+    F.linear decoder; the workspace is reused step after step, but not while a pending graph holds it
+    (two forwards, then one backward of their sum: still the right gradients)."""
+    from megamlm.objectives import combine
+
+    def grads(model, batches):
+        model.zero_grad(set_to_none=True)
+        loss = sum(combine(model(b), int(b.mlm_positions.numel()), b.input_ids.shape[0]) for b in batches)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = build_model(tiny_cfg(vocab_size=128), ObjectiveConfig(), 128, real_vocab_size=V)
+    b1 = random_batch(3, 12, V, mlm_probability=0.4, seed=1)
+    b2 = random_batch(3, 12, V, mlm_probability=0.4, seed=2)
+    dec = model.mlm_head.decoder
+
+    def reference(batches):  # the same model with the plain decoder path
+        orig = dec.forward
+        dec.forward = lambda h, scratch=False: orig(h, scratch=False)
+        try:
+            return grads(model, batches)
+        finally:
+            dec.forward = orig
+
+    for batches in ([b1], [b2], [b1, b2]):
+        loss, g = grads(model, batches)
+        ref_loss, ref_g = reference(batches)
+        torch.testing.assert_close(loss, ref_loss)
+        for n in g:
+            torch.testing.assert_close(g[n], ref_g[n], msg=n)
+    grads(model, [b1])
+    ws = dec._ws
+    grads(model, [b1])
+    assert dec._ws is ws  # free after the backward: reused
+    logits, _ = model.logits(b1, scratch=True)
+    assert logits.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
+    logits2, _ = model.logits(b2, scratch=True)  # the first logits are still held: a new workspace
+    assert logits2.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
+    assert model.logits(b1)[0].untyped_storage().data_ptr() != dec._ws.untyped_storage().data_ptr()  # not scratch
