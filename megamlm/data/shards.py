@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -39,7 +38,8 @@ from typing import Iterator
 
 import numpy as np
 
-from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks, parse_chunk, split_document
+from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks
+from megamlm.data.encode import EncodedChunk, encode_chunk, init_worker
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,6 @@ class ShardError(ValueError):
     user_facing = True  # the CLI prints it as one message, no traceback
 
 
-def doc_hash_fraction(text: str) -> float:
-    """A number in [0, 1) fixed by the document's text: the deterministic train/val split."""
-    return doc_hash_fraction_bytes(text.encode("utf-8"))
-
-
-def doc_hash_fraction_bytes(b: bytes) -> float:
-    h = hashlib.sha1(b).digest()
-    return int.from_bytes(h[:8], "big") / 2.0**64
-
-
 def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, a, allow_pickle=False)
@@ -72,82 +62,6 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 def npy_load(b: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(b), allow_pickle=False)
-
-
-# --------------------------------------------------------------------------- parallel tokenization
-
-_worker_tok = None
-_worker_mode = "rules"
-_worker_dtype = np.uint16
-_worker_threads = -1
-_worker_field = "text"
-_worker_errors = "strict"
-
-
-def _init_worker(model_path: str, mode: str, threads: int = -1, text_field: str = "text",
-                 errors: str = "strict") -> None:
-    global _worker_tok, _worker_mode, _worker_dtype, _worker_threads, _worker_field, _worker_errors
-    from megamlm.tokenizer import Tokenizer
-
-    _worker_tok = Tokenizer(model_path)
-    _worker_mode = mode
-    _worker_threads = threads
-    _worker_field = text_field
-    _worker_errors = errors
-    _worker_dtype = np.uint16 if _worker_tok.padded_vocab_size <= 65536 else np.int32
-
-
-@dataclass
-class EncodedChunk:
-    """One raw chunk, parsed, split and tokenized: flat arrays (cheap to send between processes; a list
-    of per-document arrays is not). Documents are numbered 0.. within the chunk."""
-    n_read: int  # documents read, empty ones included
-    text_bytes: int  # UTF-8 bytes of all their texts
-    replacements: int  # U+FFFD substitutions made while decoding
-    skipped: list  # [(local index, origin, "empty" | "no_tokens")]
-    local: np.ndarray  # [D] int64 local index of each kept document
-    frac: np.ndarray  # [D] float64 split hash (doc_hash_fraction)
-    tb: np.ndarray  # [D] int64 text bytes
-    nsent: np.ndarray  # [D] int32 sentences (with at least one token)
-    ntok: np.ndarray  # [D] int64 tokens
-    sents: np.ndarray  # [sum nsent] int32 sentence lengths
-    ids: np.ndarray  # [sum ntok] token ids
-
-
-def _encode_chunk(chunk) -> EncodedChunk:
-    """Raw chunk → documents → sentences → ids, all in the worker (off the writer's core)."""
-    docs = list(parse_chunk(chunk, _worker_field, _worker_errors))
-    skipped = []
-    kept = []  # (local index, text, text bytes)
-    text_bytes = 0
-    replacements = 0
-    for i, doc in enumerate(docs):
-        b = doc.text.encode("utf-8")
-        text_bytes += len(b)
-        replacements += doc.replaced
-        if not doc.text.strip():
-            skipped.append((i, doc.origin, "empty"))
-        else:
-            kept.append((i, doc, b))
-    sents_per_doc = [split_document(doc.text, _worker_mode) for _, doc, _ in kept]
-    flat = [s for ss in sents_per_doc for s in ss]
-    ids = _worker_tok.encode_batch(flat, _worker_threads) if flat else []
-    lens_all = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))  # [S]
-    ids_all = np.fromiter(itertools.chain.from_iterable(ids), dtype=_worker_dtype, count=int(lens_all.sum()))
-    doc_of = np.repeat(np.arange(len(kept)), [len(ss) for ss in sents_per_doc])  # [S]
-    nonempty = lens_all > 0
-    nsent = np.bincount(doc_of[nonempty], minlength=len(kept)).astype(np.int32)  # [D]
-    ntok = np.bincount(doc_of, weights=lens_all, minlength=len(kept)).astype(np.int64)  # [D]
-    local = np.array([i for i, _, _ in kept], dtype=np.int64)
-    has = nsent > 0
-    for d in np.flatnonzero(~has):
-        skipped.append((kept[d][0], kept[d][1].origin, "no_tokens"))
-    skipped.sort()
-    return EncodedChunk(
-        n_read=len(docs), text_bytes=text_bytes, replacements=replacements, skipped=skipped,
-        local=local[has], frac=np.array([doc_hash_fraction_bytes(b) for _, _, b in kept], dtype=np.float64)[has],
-        tb=np.array([len(b) for _, _, b in kept], dtype=np.int64)[has], nsent=nsent[has], ntok=ntok[has],
-        sents=lens_all[nonempty], ids=ids_all)
 
 
 # --------------------------------------------------------------------------- writer
@@ -372,18 +286,18 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
             # (ProcessPoolExecutor, not multiprocessing.Pool: with forkserver, Pool's worker-handler thread
             # polls in a busy loop, ~20% of a core taken from the writer.)
             pool = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("forkserver"),
-                                       initializer=_init_worker, initargs=init)
+                                       initializer=init_worker, initargs=init)
             inflight: deque = deque()
             for chunk in chunks:
-                inflight.append(pool.submit(_encode_chunk, chunk))
+                inflight.append(pool.submit(encode_chunk, chunk))
                 if len(inflight) >= 3 * n_workers:
                     consume(inflight.popleft().result())
             while inflight:
                 consume(inflight.popleft().result())
         else:
-            _init_worker(init[0], init[1], -1, *init[3:])
+            init_worker(init[0], init[1], -1, *init[3:])
             for chunk in chunks:
-                consume(_encode_chunk(chunk))
+                consume(encode_chunk(chunk))
         for w in writers.values():
             w.close()
     except BaseException:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megamlm.data.shards import doc_hash_fraction
+from megamlm.data.encode import doc_hash_fraction
 from megamlm.finetune.heads import IGNORE_INDEX, FtBatch
 
 log = logging.getLogger(__name__)
