@@ -109,10 +109,6 @@ class RawChunk:
     offset0: int  # byte offset of the chunk in its file
     data: bytes | list = b""
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) if isinstance(self.data, bytes) else sum(len(t) for _, t in self.data)
-
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 
