@@ -18,6 +18,10 @@ Embedding lookups, norms, activations and softmax count 0. HF does the vocabular
 B×T rows; that extra work is *not* counted (it is not needed), so both models' MFU use one FLOP count
 and their ratio equals the throughput ratio.
 
+Allocator: by default the process runs with glibc tuned as ``megamlm pretrain`` runs on CPU
+(``engine.cpu_malloc=tuned``, :func:`megamlm.engine.tune_cpu_malloc`), for both models alike;
+``--no-malloc-tuned`` measures glibc's defaults (page faults on re-allocated tensors every step).
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU each model runs
 in a fresh subprocess and we report its peak RSS minus its RSS just before the model is built
 (``VmHWM`` − ``VmRSS`` from ``/proc/self/status``, the high-water mark reset first; not ``ru_maxrss``,
@@ -67,7 +71,7 @@ class BenchOptions:
     warmup: int = 2
     models: str = "megamlm,hf"  # comma list; name[:precision] overrides precision, e.g. "megamlm,hf,hf:fp32"
     memory: bool = True
-    malloc_tuned: bool = False  # glibc: no mmap / no trim for big blocks (both models), via mallopt
+    malloc_tuned: bool = True  # glibc: heap up to 32 MiB, no trim (both models), as engine.cpu_malloc
     threads: int = 0  # 0 = leave torch's default
     device: str = "cpu"
     seed: int = 0
@@ -161,16 +165,9 @@ def _split_spec(spec: str, o: BenchOptions) -> tuple[str, str]:
 
 
 def _tune_malloc() -> bool:
-    """glibc only: serve big blocks from the heap and never trim it, so fresh large tensors stop
-    costing page faults every step (what jemalloc / tcmalloc give). Process-wide: both models."""
-    import ctypes
+    from megamlm.engine import tune_cpu_malloc
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return tune_cpu_malloc()
 
 
 def _build_step(spec: str, o: BenchOptions, batch):
@@ -379,8 +376,9 @@ _HELP = {
     "models": "comma list of megamlm | hf, each optionally :fp32 or :bf16 (e.g. megamlm,hf:fp32); "
               "ratios are the first model's speed over each other's",
     "memory": "peak memory of each model, in a fresh subprocess on CPU",
-    "malloc_tuned": "glibc mallopt: no mmap and no trimming for big blocks (both models): removes the "
-                    "page faults that fresh large tensors cost every step",
+    "malloc_tuned": "glibc mallopt as `megamlm pretrain` does on CPU (engine.cpu_malloc=tuned), for both "
+                    "models: blocks up to 32 MiB from the heap, never trimmed; removes the page faults that "
+                    "re-allocated tensors cost every step",
     "threads": "torch.set_num_threads (0 = torch's default)",
 }
 

@@ -82,7 +82,7 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     """
     from megamlm.distributed.env import from_environ
     from megamlm.distributed.topology import build_topology
-    from megamlm.engine import build_engine, init_distributed, resolve_backend
+    from megamlm.engine import apply_cpu_malloc, build_engine, init_distributed, resolve_backend
     from megamlm.model.pretraining import build_model
     from megamlm.parallel.vocab import parallelize_vocab, vocab_parallel_layout
     from megamlm.telemetry import TensorBoardWriter
@@ -108,6 +108,7 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
         init_weights = load_any(init_from)  # before any process group: a bad source fails in seconds
 
     _disable_ds_shm_op()
+    apply_cpu_malloc(cfg.engine)
     init_distributed(de, resolve_backend(cfg.engine))
     topo = build_topology(cfg.parallel.vocab_parallel_size)
     tok = Tokenizer(cfg.tokenizer.model)

@@ -156,6 +156,9 @@ class EngineConfig:
     loss_scale_window: int = opt(1000, help="fp16: steps without overflow before the scale grows", min=1)
     backend: str = opt("auto", help="torch.distributed backend (auto: nccl on GPU, gloo on CPU)",
                        choices=("auto", "nccl", "gloo"))
+    cpu_malloc: str = opt("tuned", help="CPU training: 'tuned' keeps blocks up to 32 MiB in glibc's heap and never "
+                          "trims it (no page faults on the tensors each step re-allocates, as with jemalloc); "
+                          "'default' leaves the allocator alone", choices=("tuned", "default"))
 
 
 @dataclass

@@ -282,8 +282,9 @@ def test_attention_dropout_path_used_in_training_and_scaled():
 
 
 def test_dropout_mask_bits_split_over_two_generators():
-    """Large masks draw their bits in two halves at once (two generators seeded from the global one):
-    still fixed by torch.manual_seed, the halves are different streams, the rate holds in each."""
+    """Large masks draw their bits in two halves at once (two SFC64 streams seeded from the global
+    generator): still fixed by torch.manual_seed, the halves are different streams, the rate holds in
+    each; small draws are one stream, also fixed by the seed."""
     from megamlm.model.encoder import _keep_mask, _random_bits
 
     threads = torch.get_num_threads()
@@ -291,15 +292,27 @@ def test_dropout_mask_bits_split_over_two_generators():
         torch.set_num_threads(2)
         torch.manual_seed(3)
         a = _random_bits(1 << 18)
+        assert len(a) == 2 and sum(t.numel() for t in a) == 1 << 18
         torch.manual_seed(3)
-        assert torch.equal(a, _random_bits(1 << 18))
-        half = (1 << 18) // 2
-        assert not torch.equal(a[:half], a[half:])
+        b = _random_bits(1 << 18)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not torch.equal(a[0], a[1])
+        assert not torch.equal(a[0], _random_bits(1 << 18)[0])  # the global generator moved on
+        torch.manual_seed(3)
+        (small,) = _random_bits(1000)
+        torch.manual_seed(3)
+        assert small.numel() == 1000 and torch.equal(small, _random_bits(1000)[0])
         torch.manual_seed(4)
         keep = _keep_mask((4 << 18,), 0.25)  # 4 elements per word: both halves of the bits
         for part in keep.chunk(2):
             assert abs(float((part == 0).float().mean()) - 0.25) < 0.003
         torch.testing.assert_close(keep[keep != 0], torch.full_like(keep[keep != 0], 1 / 0.75))
+        odd = _keep_mask((3, 5, 7), 0.5)  # n not a multiple of 4: the last word is partly used
+        assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+        # bits are uniform: each of the 64 bit positions is set about half the time
+        words = torch.cat(_random_bits(1 << 16))
+        ones = torch.stack([((words >> i) & 1).float().mean() for i in range(64)])
+        assert float((ones - 0.5).abs().max()) < 0.01
     finally:
         torch.set_num_threads(threads)
 
