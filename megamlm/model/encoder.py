@@ -19,10 +19,12 @@ Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megamlm.model import cpu_kernels
+from megamlm.model.dropout import Dropout, _keep_mask, dropout, dropout_add
 
 __all__ = ["Dropout", "Embeddings", "SelfAttention", "FeedForward", "Block", "Encoder", "init_bert_weights",
            "activation_fn", "check_model_inputs"]
@@ -49,91 +51,6 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-_BITS_HELPER = None  # one helper thread for :func:`_random_bits`, made on first use
-
-
-def _random_bits(n_words: int) -> list[torch.Tensor]:
-    """Uniform random bits, ``n_words`` int64 in all, as one or two tensors (to be used in order): a
-    function of torch's global generator state (one draw of it seeds the rest, so
-    ``torch.manual_seed`` fixes the result).
-
-    The bits come from numpy's SFC64 (``random_raw``: 64 bits per draw, ~2 ns), not torch's CPU
-    generator (mt19937 through ``random_``, ~5 ns per int64 and serial); large draws are split in two
-    halves filled at once, here and on a helper thread (numpy releases the GIL), from two streams of
-    one seed sequence."""
-    global _BITS_HELPER
-    seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): one draw of the global generator
-    if n_words < (1 << 16) or torch.get_num_threads() < 2:
-        return [torch.from_numpy(np.random.SFC64([seed, 0]).random_raw(n_words).view(np.int64))]
-    if _BITS_HELPER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _BITS_HELPER = ThreadPoolExecutor(1, thread_name_prefix="megamlm-dropout-bits")
-    half = n_words // 2
-    other = _BITS_HELPER.submit(np.random.SFC64([seed, 2]).random_raw, n_words - half)
-    first = np.random.SFC64([seed, 1]).random_raw(half)
-    return [torch.from_numpy(first.view(np.int64)), torch.from_numpy(other.result().view(np.int64))]
-
-
-def _keep_mask(shape, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dropout mask [shape]: 1/(1-p) where kept, 0 where dropped, in ``dtype``.
-
-    16 random bits per element from :func:`_random_bits` (4 elements per 64-bit draw) instead of
-    ``bernoulli_``, which costs ~5× more on CPU; keep probability 1 - p up to 2⁻¹⁶. The comparison
-    writes the float mask directly (``ge(..., out=float)``): a bool mask would cost a bool → float
-    conversion at every use, as ``x * bool`` and ``where`` are slow paths on CPU."""
-    n = 1
-    for d in shape:
-        n *= d
-    threshold = round(p * 65536) - 32768  # P(int16 >= threshold) = 1 - p
-    keep = torch.empty(n, dtype=dtype)  # 1.0 kept, 0.0 dropped
-    start = 0
-    for bits in _random_bits((n + 3) // 4):
-        m = min(4 * bits.numel(), n - start)
-        torch.ge(bits.view(torch.int16)[:m], threshold, out=keep[start:start + m])
-        start += m
-    return keep.view(shape).mul_(1.0 / (1.0 - p))
-
-
-def _mask_dtype(x: torch.Tensor) -> torch.dtype:
-    # the scale 1/(1-p) is not exact in bf16/fp16: their masks stay fp32 (the product is cast once)
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class _CPUDropout(torch.autograd.Function):
-    """Dropout with the cheaper CPU mask of :func:`_keep_mask` (saved as float, scale included: one
-    multiply forward, one backward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = _keep_mask(x.shape, p, _mask_dtype(x))  # [x.shape] 1/(1-p) or 0
-        ctx.save_for_backward(keep)
-        return torch.mul(x, keep, out=torch.empty_like(x))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep, out=torch.empty_like(grad)), None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` semantics; CPU tensors take :class:`_CPUDropout`."""
-    if not training or p == 0.0:
-        return x
-    if p >= 1.0:
-        return torch.zeros_like(x)
-    if x.device.type != "cpu" or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return F.dropout(x, p, True)
-    return _CPUDropout.apply(x, p)
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the cheaper CPU mask of :func:`dropout` (same module interface)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
 
 
 class Embeddings(nn.Module):
@@ -179,8 +96,9 @@ class _CPUAttention(torch.autograd.Function):
     with row stride 3H, which MKL's batched gemm reads in place, so nothing is copied to split the
     heads (the 4-D ``matmul`` of :func:`_attention_with_dropout` copies kᵀ and v, its backward stacks
     and copies the q, k, v gradients, and the head merge copies y). The 1/√hd scale is the gemm's
-    alpha; dropout uses :func:`_keep_mask` drawn once for all heads ([nh, B, T, T]). Saved for
-    backward: qkv, the probabilities and the mask; the dropped probabilities are recomputed.
+    alpha; dropout multiplies by the compiled kernel's mask (:mod:`cpu_kernels`: from a seed, regenerated
+    in backward) or, without the kernels, a float mask drawn once for all heads ([nh, B, T, T]). Saved
+    for backward: qkv and the probabilities (and that mask); the dropped probabilities are recomputed.
     ``mask_add``: None or [B, 1, T] additive (0 attend, -inf padding)."""
 
     @staticmethod
@@ -189,7 +107,10 @@ class _CPUAttention(torch.autograd.Function):
         nh, hd = num_heads, H3 // (3 * num_heads)
         scale = hd ** -0.5
         q, k, v = qkv.view(B, T, 3, nh, hd).unbind(2)  # each [B, T, nh, hd] (strided views)
-        keep = _keep_mask((nh, B, T, T), p, qkv.dtype)  # [nh, B, T, T] 1/(1-p) or 0
+        # dropout: the kernel's mask stream (seed; head h covers elements [h·B·T², (h+1)·B·T²)), or a
+        # stored float mask [nh, B, T, T] where the kernels are unavailable
+        seed = cpu_kernels.draw_seed() if cpu_kernels.available() else None
+        keep = _keep_mask((nh, B, T, T), p, qkv.dtype) if seed is None else None
         scores = qkv.new_empty(B, T, T)  # scratch, reused per head
         y = qkv.new_empty(nh, B, T, hd)
         probs = []
@@ -200,15 +121,20 @@ class _CPUAttention(torch.autograd.Function):
             else:
                 torch.baddbmm(mask_add.expand(B, T, T), q[:, :, h], kt, alpha=scale, out=scores)
             probs.append(torch.softmax(scores, dim=-1))  # [B, T, T]
-            torch.bmm(torch.mul(probs[h], keep[h], out=scores), v[:, :, h], out=y[h])  # [B, T, hd]
-        ctx.save_for_backward(qkv, keep, *probs)
-        ctx.scale = scale
+            if seed is None:
+                torch.mul(probs[h], keep[h], out=scores)  # dropped probabilities
+            else:
+                cpu_kernels.dropout_mul(probs[h], p, seed, h * B * T * T, out=scores)
+            torch.bmm(scores, v[:, :, h], out=y[h])  # [B, T, hd]
+        ctx.save_for_backward(qkv, *probs, *(() if keep is None else (keep,)))
+        ctx.scale, ctx.seed, ctx.p, ctx.nh = scale, seed, p, nh
         return y.permute(1, 2, 0, 3).reshape(B, T, nh * hd)  # [B, T, H]: the one copy, merging heads
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        qkv, keep, *probs = ctx.saved_tensors
-        nh = len(probs)
+        qkv, *probs = ctx.saved_tensors
+        nh, seed, p = ctx.nh, ctx.seed, ctx.p
+        keep = probs.pop() if seed is None else None
         B, T, H3 = qkv.shape
         hd = H3 // (3 * nh)
         q, k, v = qkv.view(B, T, 3, nh, hd).unbind(2)  # each [B, T, nh, hd]
@@ -218,9 +144,17 @@ class _CPUAttention(torch.autograd.Function):
         dprobs = qkv.new_empty(B, T, T)  # scratch
         for h in range(nh):
             gy = g[:, :, h]  # [B, T, hd] (strided)
-            torch.mul(probs[h], keep[h], out=dropped)  # [B, T, T] the dropped probabilities again
+            start = h * B * T * T
+            if seed is None:
+                torch.mul(probs[h], keep[h], out=dropped)  # [B, T, T] the dropped probabilities again
+            else:
+                cpu_kernels.dropout_mul(probs[h], p, seed, start, out=dropped)
             torch.bmm(dropped.transpose(1, 2), gy, out=grad[2, h])  # dv = droppedᵀ gy
-            torch.bmm(gy, v[:, :, h].transpose(1, 2), out=dprobs).mul_(keep[h])  # d probs [B, T, T]
+            torch.bmm(gy, v[:, :, h].transpose(1, 2), out=dprobs)  # d dropped [B, T, T]
+            if seed is None:
+                dprobs.mul_(keep[h])  # d probs
+            else:
+                cpu_kernels.dropout_mul(dprobs, p, seed, start, out=dprobs)
             ds = torch._softmax_backward_data(dprobs, probs[h], -1, qkv.dtype)  # d scores [B, T, T]
             torch.baddbmm(grad[0, h], ds, k[:, :, h], beta=0.0, alpha=ctx.scale, out=grad[0, h])  # dq
             torch.baddbmm(grad[1, h], ds.transpose(1, 2), q[:, :, h], beta=0.0, alpha=ctx.scale,
@@ -287,11 +221,12 @@ class Block(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        p, training = self.dropout.p, self.training
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))  # [B, T, H]
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))  # [B, T, H]
-        x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))  # [B, T, H]
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))  # [B, T, H]
+            x = dropout_add(self.attn(self.attn_norm(x), attn_mask), x, p, training)  # [B, T, H]
+            return dropout_add(self.ffn(self.ffn_norm(x)), x, p, training)  # [B, T, H]
+        x = self.attn_norm(dropout_add(self.attn(x, attn_mask), x, p, training))  # [B, T, H]
+        return self.ffn_norm(dropout_add(self.ffn(x), x, p, training))  # [B, T, H]
 
 
 def check_model_inputs(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,

@@ -199,24 +199,6 @@ def test_build_model_rejects_small_vocab():
         build_model(tiny_cfg(vocab_size=128), ObjectiveConfig(), 128, real_vocab_size=200)
 
 
-def test_cpu_dropout_rate_scale_and_gradient():
-    from megamlm.model.encoder import dropout
-
-    torch.manual_seed(0)
-    x = torch.ones(200_000, requires_grad=True)
-    y = dropout(x, 0.1, True)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach())  # d/dx of x·mask/(1-p) is mask/(1-p)
-    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
-    torch.manual_seed(1)
-    a = dropout(x, 0.3, True)
-    torch.manual_seed(1)
-    assert torch.equal(a, dropout(x, 0.3, True))  # follows torch's seed
-
-
 def test_shipped_small_config_builds():
     from pathlib import Path
 
@@ -228,12 +210,18 @@ def test_shipped_small_config_builds():
     assert 11_000_000 < n < 11_500_000, n
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel-mask", "stored-mask"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_cpu_attention_matches_reference_with_same_dropout_mask(padded):
+def test_cpu_attention_matches_reference_with_same_dropout_mask(padded, kernels):
     """_CPUAttention (per-head strided gemms, hand-written backward) equals autograd through the plain
-    formula softmax(q kᵀ/√d + mask)·keep·v with the mask it draws, in output and in the qkv gradient."""
-    from megamlm.model.encoder import _CPUAttention, _keep_mask
+    formula softmax(q kᵀ/√d + mask)·keep·v with the mask it used, in output and in the qkv gradient:
+    the compiled kernels' stream (regenerated in backward) or the stored numpy-drawn mask."""
+    from megamlm.model import cpu_kernels
+    from megamlm.model.dropout import _keep_mask
+    from megamlm.model.encoder import _CPUAttention
 
+    if kernels and not cpu_kernels.available():
+        pytest.skip("no C compiler here: the kernels cannot be built")
     B, T, nh, hd, p = 3, 9, 4, 8, 0.3
     torch.manual_seed(0)
     qkv = torch.randn(B, T, 3 * nh * hd, dtype=torch.float64, requires_grad=True)
@@ -244,11 +232,20 @@ def test_cpu_attention_matches_reference_with_same_dropout_mask(padded):
     mask_add = torch.zeros(B, 1, T, dtype=torch.float64).masked_fill_(~mask[:, None, :], float("-inf"))
     grad_y = torch.randn(B, T, nh * hd, dtype=torch.float64)
 
-    torch.manual_seed(5)
-    y = _CPUAttention.apply(qkv, mask_add if padded else None, nh, p)
-    y.backward(grad_y)
-    torch.manual_seed(5)
-    keep = _keep_mask((nh, B, T, T), p, torch.float64).transpose(0, 1)  # [B, nh, T, T], same draw
+    previous = cpu_kernels.set_enabled(kernels)
+    try:
+        torch.manual_seed(5)
+        y = _CPUAttention.apply(qkv, mask_add if padded else None, nh, p)
+        y.backward(grad_y)
+    finally:
+        cpu_kernels.set_enabled(previous)
+    torch.manual_seed(5)  # the same draw: the seed of the stream, or the stored mask
+    if kernels:
+        seed = cpu_kernels.draw_seed()
+        keep = cpu_kernels.keep_mask_reference(nh * B * T * T, p, seed).view(nh, B, T, T).double() / (1 - p)
+    else:
+        keep = _keep_mask((nh, B, T, T), p, torch.float64)
+    keep = keep.transpose(0, 1)  # [B, nh, T, T]
     assert 0 < int((keep == 0).sum()) < keep.numel()  # some dropped, some kept
 
     ref_in = qkv.detach().clone().requires_grad_(True)
@@ -279,42 +276,6 @@ def test_attention_dropout_path_used_in_training_and_scaled():
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     assert "_CPUAttentionBackward" in names, names
     torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
-
-
-def test_dropout_mask_bits_split_over_two_generators():
-    """Large masks draw their bits in two halves at once (two SFC64 streams seeded from the global
-    generator): still fixed by torch.manual_seed, the halves are different streams, the rate holds in
-    each; small draws are one stream, also fixed by the seed."""
-    from megamlm.model.encoder import _keep_mask, _random_bits
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        torch.manual_seed(3)
-        a = _random_bits(1 << 18)
-        assert len(a) == 2 and sum(t.numel() for t in a) == 1 << 18
-        torch.manual_seed(3)
-        b = _random_bits(1 << 18)
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-        assert not torch.equal(a[0], a[1])
-        assert not torch.equal(a[0], _random_bits(1 << 18)[0])  # the global generator moved on
-        torch.manual_seed(3)
-        (small,) = _random_bits(1000)
-        torch.manual_seed(3)
-        assert small.numel() == 1000 and torch.equal(small, _random_bits(1000)[0])
-        torch.manual_seed(4)
-        keep = _keep_mask((4 << 18,), 0.25)  # 4 elements per word: both halves of the bits
-        for part in keep.chunk(2):
-            assert abs(float((part == 0).float().mean()) - 0.25) < 0.003
-        torch.testing.assert_close(keep[keep != 0], torch.full_like(keep[keep != 0], 1 / 0.75))
-        odd = _keep_mask((3, 5, 7), 0.5)  # n not a multiple of 4: the last word is partly used
-        assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
-        # bits are uniform: each of the 64 bit positions is set about half the time
-        words = torch.cat(_random_bits(1 << 16))
-        ones = torch.stack([((words >> i) & 1).float().mean() for i in range(64)])
-        assert float((ones - 0.5).abs().max()) < 0.01
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_scratch_logits_workspace_reused_only_when_free():

@@ -1,0 +1,188 @@
+"""Dropout on CPU: the compiled kernels (mask generated from a seed and the element index) against their
+torch specification bit for bit, the autograd functions on both paths (kernels and the numpy-drawn
+fallback), the build cache, and the fallback when no C compiler exists."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megamlm.model import cpu_kernels
+from megamlm.model.dropout import _keep_mask, _random_bits, dropout, dropout_add
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
+
+
+@pytest.fixture(params=[True, False], ids=["kernels", "fallback"])
+def kernels(request):
+    if request.param and not cpu_kernels.available():
+        pytest.skip("no C compiler: kernels not built")
+    previous = cpu_kernels.set_enabled(request.param)
+    yield request.param
+    cpu_kernels.set_enabled(previous)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_mask_is_the_reference_stream_at_any_offset(dtype):
+    """Chunks starting anywhere (not only at word boundaries), any length, seeds over the whole uint64
+    range: kept exactly where keep_mask_reference says, scaled by exactly 1/(1-p) in the dtype."""
+    for seed in (0, 12345, 2 ** 63 + 5, 2 ** 64 - 1):
+        for start in (0, 1, 3, 5, 1000):
+            for n in (1, 3, 8, 1001):
+                x = torch.randn(n, dtype=dtype)
+                y = cpu_kernels.dropout_mul(x, 0.3, seed, start)
+                keep = cpu_kernels.keep_mask_reference(n, 0.3, seed, start)
+                scale = torch.tensor(1 / 0.7, dtype=dtype)
+                assert torch.equal(y, torch.where(keep, x * scale, torch.zeros((), dtype=dtype))), (seed, start, n)
+    # a chunk of a stream equals the same elements of the whole
+    whole = cpu_kernels.dropout_mul(torch.ones(4099, dtype=dtype), 0.5, 7)
+    part = cpu_kernels.dropout_mul(torch.ones(1000, dtype=dtype), 0.5, 7, start=1234)
+    assert torch.equal(part, whole[1234:2234])
+
+
+@needs_kernels
+def test_kernel_split_over_two_threads_equals_one_thread_and_holds_the_rate():
+    n = (1 << 22) + 4099  # above the split size, odd length
+    x, r = torch.randn(n), torch.randn(n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpu_kernels.dropout_add(x, r, 0.1, 99)
+        torch.set_num_threads(1)
+        one = cpu_kernels.dropout_add(x, r, 0.1, 99)
+    finally:
+        torch.set_num_threads(threads)
+    keep = cpu_kernels.keep_mask_reference(n, 0.1, 99)
+    expected = r + torch.where(keep, x * torch.tensor(1 / 0.9), torch.zeros(()))
+    assert torch.equal(two, expected) and torch.equal(one, expected)
+    assert abs(float(keep.float().mean()) - 0.9) < 0.001
+    for i in range(64):  # every bit position of the words is fair
+        bits = cpu_kernels._mix64(torch.arange(1, 1 << 14, dtype=torch.int64) * (cpu_kernels._GOLDEN - (1 << 64)))
+        assert abs(float(((bits >> i) & 1).float().mean()) - 0.5) < 0.02
+
+
+@needs_kernels
+def test_kernel_in_place_and_bad_arguments():
+    x = torch.randn(100)
+    expected = cpu_kernels.dropout_mul(x, 0.2, 3)
+    y = x.clone()
+    assert cpu_kernels.dropout_mul(y, 0.2, 3, out=y) is y and torch.equal(y, expected)
+    with pytest.raises(ValueError, match="contiguous float32/float64"):
+        cpu_kernels.dropout_mul(torch.randn(10, 10).t(), 0.1, 0)
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_kernels.dropout_mul(torch.randn(10).bfloat16(), 0.1, 0)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.dropout_add(torch.randn(10), torch.randn(11), 0.1, 0)
+    with pytest.raises(ValueError, match="probability 1.0"):
+        cpu_kernels.dropout_mul(x, 1.0, 0)
+
+
+def test_dropout_rate_scale_gradient_and_seed(kernels):
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d/dx of x·mask/(1-p) is mask/(1-p): the same mask
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    torch.manual_seed(1)
+    a = dropout(x, 0.3, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(x, 0.3, True))  # follows torch's seed
+    assert not torch.equal(a, dropout(x, 0.3, True))  # and moves it on
+    grad_fn = type(a.grad_fn).__name__
+    assert grad_fn == ("_KernelDropoutBackward" if kernels else "_CPUDropoutBackward"), grad_fn
+
+
+def test_dropout_add_is_residual_plus_dropout_with_the_same_mask(kernels):
+    torch.manual_seed(0)
+    x = torch.randn(4, 33, 16, requires_grad=True)
+    r = torch.randn(4, 33, 16, requires_grad=True)
+    g = torch.randn(4, 33, 16)
+    torch.manual_seed(7)
+    out = dropout_add(x, r, 0.25, True)
+    out.backward(g)
+    dropped = out.detach() - r.detach()
+    keep = dropped != 0
+    assert 0.65 < keep.float().mean().item() < 0.85
+    torch.testing.assert_close(dropped[keep], x.detach()[keep] / 0.75)
+    torch.testing.assert_close(x.grad, torch.where(keep, g / 0.75, torch.zeros(())))
+    torch.testing.assert_close(r.grad, g)
+    if kernels:  # one pass, and the stream is the reference one seeded by one draw of the global generator
+        assert type(out.grad_fn).__name__ == "_KernelDropoutAddBackward"
+        torch.manual_seed(7)
+        ref = cpu_kernels.keep_mask_reference(x.numel(), 0.25, cpu_kernels.draw_seed()).view_as(keep)
+        assert torch.equal(ref, keep)
+    assert torch.equal(dropout_add(x, r, 0.25, False), x + r)
+
+
+def test_numpy_bits_two_streams_fixed_by_the_seed():
+    """The fallback's bits: large draws in two halves at once (two SFC64 streams seeded from the global
+    generator), fixed by torch.manual_seed, different halves, the rate holds in each."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(3)
+        a = _random_bits(1 << 18)
+        assert len(a) == 2 and sum(t.numel() for t in a) == 1 << 18
+        torch.manual_seed(3)
+        b = _random_bits(1 << 18)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not torch.equal(a[0], a[1])
+        assert not torch.equal(a[0], _random_bits(1 << 18)[0])  # the global generator moved on
+        torch.manual_seed(3)
+        (small,) = _random_bits(1000)
+        torch.manual_seed(3)
+        assert small.numel() == 1000 and torch.equal(small, _random_bits(1000)[0])
+        torch.manual_seed(4)
+        keep = _keep_mask((4 << 18,), 0.25)  # 4 elements per word: both halves of the bits
+        for part in keep.chunk(2):
+            assert abs(float((part == 0).float().mean()) - 0.25) < 0.003
+        torch.testing.assert_close(keep[keep != 0], torch.full_like(keep[keep != 0], 1 / 0.75))
+        odd = _keep_mask((3, 5, 7), 0.5)  # n not a multiple of 4: the last word is partly used
+        assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+        words = torch.cat(_random_bits(1 << 16))
+        ones = torch.stack([((words >> i) & 1).float().mean() for i in range(64)])
+        assert float((ones - 0.5).abs().max()) < 0.01
+    finally:
+        torch.set_num_threads(threads)
+
+
+_LOAD = textwrap.dedent("""
+    import logging, sys, torch
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from megamlm.model import cpu_kernels
+    from megamlm.model.encoder import Encoder
+    print("available", cpu_kernels.available())
+    enc = Encoder(50, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32).train()
+    enc(torch.randint(0, 50, (2, 5))).sum().backward()  # trains either way
+    print("trained")
+""")
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: nothing to build")
+def test_kernels_built_once_into_the_cache_then_reused(tmp_path):
+    env = dict(os.environ, MEGAMLM_KERNEL_DIR=str(tmp_path / "k"))
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "available True" in res.stdout and "trained" in res.stdout
+        built = sorted(p.name for p in (tmp_path / "k").iterdir())
+        assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so"), built
+
+
+def test_without_a_compiler_the_model_falls_back_with_a_warning(tmp_path):
+    env = dict(os.environ, MEGAMLM_KERNEL_DIR=str(tmp_path / "k"), CC="/nonexistent/cc", PATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "available False" in res.stdout and "trained" in res.stdout
+    assert "kernels unavailable (no C compiler found" in res.stderr
+    env = dict(os.environ, MEGAMLM_CPU_KERNELS="0")  # switched off
+    res = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "available False" in res.stdout, res.stderr[-2000:]
