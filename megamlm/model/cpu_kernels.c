@@ -1,8 +1,10 @@
 /* megamlm CPU kernels: dropout with its mask generated in place from (seed, element index).
  *
- * Built at first use by megamlm/model/cpu_kernels.py (cc -O3 -march=native -shared) and called
- * through ctypes; the GIL is released during a call. No OpenMP: the Python side may split a call
- * in two halves over two threads.
+ * Built at first use by megamlm/model/cpu_kernels.py (cc -O3 -march=native -fopenmp -shared) and
+ * called through ctypes; the GIL is released during a call. Large calls run on OpenMP threads: the
+ * library needs libgomp.so.1, which resolves to the copy torch has already loaded (same soname), so
+ * the kernels share torch's thread pool (threads spinning after a torch op pick the work up at once)
+ * instead of oversubscribing the cores. Built without OpenMP, the pragmas are ignored (serial).
  *
  * The mask stream (the specification is cpu_kernels.keep_mask_reference, in torch ops):
  *   word w      = mix64(seed + (w + 1) * 0x9e3779b97f4a7c15)    (SplitMix64's w-th output)
@@ -30,6 +32,26 @@ static inline uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+#define BLOCK_WORDS 1024                /* 4096 elements: the unit of work of one thread */
+static int64_t parallel_words = 8192;   /* calls of fewer words run on the calling thread alone */
+
+/* Calls with at least this many 64-bit words (4 elements each) use the OpenMP threads; returns the
+   previous setting. */
+int64_t megamlm_set_parallel_words(int64_t words) {
+    int64_t old = parallel_words;
+    parallel_words = words;
+    return old;
+}
+
+/* Whether the library was built with OpenMP. */
+int megamlm_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
     uint64_t z = mix64(seed + (uint64_t)(i / 4 + 1) * 0x9e3779b97f4a7c15ULL);
     return (int16_t)(uint16_t)(z >> (16 * (i & 3))) >= thr;
@@ -44,12 +66,17 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
         const T *xx = x + j;                                                                       \
         T *oo = out + j;                                                                           \
         uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
-        ELEMENTWISE                                                                                \
-        for (int64_t w = 0; w < nw; w++) {                                                         \
-            uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);                 \
-            for (int l = 0; l < 4; l++) {                                                          \
-                T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                    \
-                oo[4 * w + l] = xx[4 * w + l] * k;                                                 \
+        int64_t nb = (nw + BLOCK_WORDS - 1) / BLOCK_WORDS;                                         \
+        _Pragma("omp parallel for schedule(static) if (nw >= parallel_words)")                     \
+        for (int64_t b = 0; b < nb; b++) {                                                         \
+            int64_t hi = (b + 1) * BLOCK_WORDS < nw ? (b + 1) * BLOCK_WORDS : nw;                  \
+            ELEMENTWISE                                                                            \
+            for (int64_t w = b * BLOCK_WORDS; w < hi; w++) {                                       \
+                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);             \
+                for (int l = 0; l < 4; l++) {                                                      \
+                    T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                \
+                    oo[4 * w + l] = xx[4 * w + l] * k;                                             \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
         for (j += 4 * nw; j < n; j++) out[j] = keep_at(seed, start + j, thr) ? x[j] * scale : (T)0; \
@@ -67,12 +94,17 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
         const T *rr = r + j;                                                                       \
         T *oo = out + j;                                                                           \
         uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
-        ELEMENTWISE                                                                                \
-        for (int64_t w = 0; w < nw; w++) {                                                         \
-            uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);                 \
-            for (int l = 0; l < 4; l++) {                                                          \
-                T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                    \
-                oo[4 * w + l] = rr[4 * w + l] + xx[4 * w + l] * k;                                 \
+        int64_t nb = (nw + BLOCK_WORDS - 1) / BLOCK_WORDS;                                         \
+        _Pragma("omp parallel for schedule(static) if (nw >= parallel_words)")                     \
+        for (int64_t b = 0; b < nb; b++) {                                                         \
+            int64_t hi = (b + 1) * BLOCK_WORDS < nw ? (b + 1) * BLOCK_WORDS : nw;                  \
+            ELEMENTWISE                                                                            \
+            for (int64_t w = b * BLOCK_WORDS; w < hi; w++) {                                       \
+                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);             \
+                for (int l = 0; l < 4; l++) {                                                      \
+                    T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                \
+                    oo[4 * w + l] = rr[4 * w + l] + xx[4 * w + l] * k;                             \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
         for (j += 4 * nw; j < n; j++)                                                              \

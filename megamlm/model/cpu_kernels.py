@@ -7,6 +7,10 @@ residual add is another pass: for the small bench model dropout was ~10% of the 
 Here ``residual + dropout(x)`` is one pass with the random bits computed in registers
 (:func:`dropout_add`), ~6× faster than mask + multiply + add in torch.
 
+Large calls run on OpenMP threads: the library is built with ``-fopenmp`` and its ``libgomp.so.1``
+resolves to the copy torch already loaded, so kernels and torch ops share one thread pool (if a
+second OpenMP runtime shows up in the process the kernels stay serial rather than oversubscribe).
+
 The C source (``cpu_kernels.c``) is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``)
 into ``$MEGAMLM_KERNEL_DIR`` (default ``~/.cache/megamlm/kernels``), keyed by a hash of the source,
 the flags, the compiler and the CPU's instruction-set flags (so a shared home on a mixed cluster
@@ -36,19 +40,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "set_enabled", "draw_seed", "threshold", "dropout_mul", "dropout_add",
-           "keep_mask_reference"]
+__all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
+           "dropout_mul", "dropout_add", "keep_mask_reference"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
 _VERSION = 1  # megamlm_kernels_version() of the source this module speaks to
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 _GOLDEN = 0x9E3779B97F4A7C15
-_SPLIT_ELEMENTS = 1 << 22  # calls at least this large run in two halves on two threads (below, the hand-off costs more)
 
 _lock = threading.Lock()
 _lib = None  # the loaded library, False once loading failed
 _enabled = os.environ.get("MEGAMLM_CPU_KERNELS", "1") != "0"
-_helper = None
 
 
 def _cpu_flags() -> str:
@@ -83,16 +85,26 @@ def _compile(cc: str, out_dir: Path) -> Path:
         return so
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
-    for arch in (["-march=native"], []):  # native first; some compilers / CPUs do not know it
+    # OpenMP and -march=native first; then without OpenMP (serial), then without the native target
+    for extra in (["-fopenmp", "-march=native"], ["-march=native"], []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        res = subprocess.run([cc, *flags, *arch, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cc, *flags, *extra, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=300)
         if res.returncode == 0:
             os.replace(tmp, so)  # atomic: a concurrent rank sees the whole file or none
             return so
         os.unlink(tmp)
         errors.append(res.stderr.strip()[-1000:])
     raise RuntimeError(f"{cc} could not compile {_SRC}:\n" + "\n".join(errors))
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return {line.split()[-1] for line in f if any(n in line for n in ("libgomp", "libiomp", "libomp."))}
+    except OSError:
+        return set()
 
 
 def _load():
@@ -113,6 +125,13 @@ def _load():
             if lib.megamlm_kernels_version() != _VERSION:
                 raise RuntimeError(f"{so} is version {lib.megamlm_kernels_version()}, expected {_VERSION}")
             ptr, i64, u64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32
+            lib.megamlm_set_parallel_words.argtypes = [i64]
+            lib.megamlm_set_parallel_words.restype = i64
+            runtimes = _openmp_runtimes()
+            if lib.megamlm_kernels_openmp() and len(runtimes) > 1:  # ours is not torch's: stay serial
+                lib.megamlm_set_parallel_words(1 << 62)
+                log.warning("megamlm CPU kernels run serially: two OpenMP runtimes are loaded (%s)",
+                            ", ".join(sorted(runtimes)))
             for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
                 getattr(lib, f"megamlm_dropout_mul_{dt}").argtypes = [ptr, ptr, i64, i64, u64, i32, ct]
                 getattr(lib, f"megamlm_dropout_add_{dt}").argtypes = [ptr, ptr, ptr, i64, i64, u64, i32, ct]
@@ -150,25 +169,20 @@ def _run(name: str, tensors: list[torch.Tensor], out: torch.Tensor, start: int, 
     if not lib:
         raise RuntimeError("megamlm CPU kernels are unavailable (see the warning logged when loading them)")
     fn = getattr(lib, f"megamlm_{name}_{'f32' if out.dtype == torch.float32 else 'f64'}")
-    thr, scale, n = threshold(p), 1.0 / (1.0 - p), out.numel()
-    size = out.element_size()
+    fn(*(t.data_ptr() for t in tensors), out.data_ptr(), start, out.numel(), seed, threshold(p), 1.0 / (1.0 - p))
 
-    def part(lo: int, hi: int):
-        fn(*(t.data_ptr() + lo * size for t in tensors), out.data_ptr() + lo * size, start + lo, hi - lo,
-           seed, thr, scale)
 
-    if n < _SPLIT_ELEMENTS or torch.get_num_threads() < 2:
-        part(0, n)
-        return
-    global _helper
-    if _helper is None:
-        from concurrent.futures import ThreadPoolExecutor
+def uses_openmp() -> bool:
+    """Whether the loaded kernels run large calls on (torch's) OpenMP threads."""
+    return available() and bool(_lib.megamlm_kernels_openmp())
 
-        _helper = ThreadPoolExecutor(1, thread_name_prefix="megamlm-kernels")
-    half = (n // 2) & ~3
-    other = _helper.submit(part, half, n)
-    part(0, half)
-    other.result()
+
+def set_parallel_words(words: int) -> int:
+    """Calls of at least ``words`` 64-bit words (4 elements each) use the OpenMP threads; returns the
+    previous setting (for tests)."""
+    if not available():
+        raise RuntimeError("megamlm CPU kernels are unavailable")
+    return int(_lib.megamlm_set_parallel_words(words))
 
 
 def _check(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:

@@ -10,6 +10,8 @@ Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward
   conversion table splits it into query / key / value). CPU training with attention dropout (no SDPA
   kernel has it) takes :class:`_CPUAttention` instead: head-by-head gemms on strided views of the qkv
   output, no head split / merge copies, and a hand-written backward.
+* Dropout comes from ``dropout.py``: on CPU a compiled kernel generates the mask from a seed (nothing
+  stored for backward) and each block's ``residual + dropout(x)`` is one pass (:func:`dropout_add`).
 * The padding mask is passed to SDPA only when the batch may contain padding; ``attention_mask=None``
   means "every position is real" and lets SDPA take its fastest path (see
   :meth:`Encoder.forward`).

@@ -45,21 +45,28 @@ def test_kernel_mask_is_the_reference_stream_at_any_offset(dtype):
 
 
 @needs_kernels
-def test_kernel_split_over_two_threads_equals_one_thread_and_holds_the_rate():
-    n = (1 << 22) + 4099  # above the split size, odd length
+def test_kernel_on_openmp_threads_equals_one_thread_and_holds_the_rate():
+    """Large calls run on torch's OpenMP threads (the kernels link the libgomp torch loaded): the same
+    result as one thread, at any thread count."""
+    n = (1 << 20) + 4099  # odd length, many blocks
     x, r = torch.randn(n), torch.randn(n)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = cpu_kernels.dropout_add(x, r, 0.1, 99)
-        torch.set_num_threads(1)
-        one = cpu_kernels.dropout_add(x, r, 0.1, 99)
-    finally:
-        torch.set_num_threads(threads)
     keep = cpu_kernels.keep_mask_reference(n, 0.1, 99)
     expected = r + torch.where(keep, x * torch.tensor(1 / 0.9), torch.zeros(()))
-    assert torch.equal(two, expected) and torch.equal(one, expected)
-    assert abs(float(keep.float().mean()) - 0.9) < 0.001
+    threads, default_words = torch.get_num_threads(), cpu_kernels.set_parallel_words(1)
+    try:
+        for t, words in ((2, 1), (2, 1 << 40), (1, 1), (3, 1)):
+            torch.set_num_threads(t)
+            cpu_kernels.set_parallel_words(words)
+            assert torch.equal(cpu_kernels.dropout_add(x, r, 0.1, 99), expected), (t, words)
+            y = x.clone()
+            cpu_kernels.dropout_mul(y, 0.1, 99, out=y)
+            assert torch.equal(y, torch.where(keep, x * torch.tensor(1 / 0.9), torch.zeros(()))), (t, words)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.set_parallel_words(default_words)
+    assert abs(float(keep.float().mean()) - 0.9) < 0.002
+    if cpu_kernels.uses_openmp():  # one OpenMP runtime in the process: torch's
+        assert len(cpu_kernels._openmp_runtimes()) == 1, cpu_kernels._openmp_runtimes()
     for i in range(64):  # every bit position of the words is fair
         bits = cpu_kernels._mix64(torch.arange(1, 1 << 14, dtype=torch.int64) * (cpu_kernels._GOLDEN - (1 << 64)))
         assert abs(float(((bits >> i) & 1).float().mean()) - 0.5) < 0.02
