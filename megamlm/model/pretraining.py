@@ -57,13 +57,6 @@ class PretrainingModel(nn.Module):
                                 real_vocab_size, init_std)
         self.pair_head = PairHead(H, init_std) if pair != "none" else None
         self.vocab_group = None
-        # The tied word embedding's gradient = the decoder's dense [V, H] + the lookup's B·T rows. A
-        # sparse lookup gradient is added into the dense one row by row, where a dense one is a zeroed
-        # [V, H] (filled, scattered into, then summed: two more passes over V·H). The sum is dense, so
-        # the optimizer and ZeRO see a dense gradient, as the decoder runs in every training forward.
-        emb = encoder.embeddings.word_embeddings
-        if isinstance(emb, nn.Embedding) and emb.weight is self.mlm_head.decoder.weight:
-            emb.sparse = True
 
     @property
     def real_vocab_size(self) -> int:

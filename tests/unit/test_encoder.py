@@ -278,36 +278,6 @@ def test_attention_dropout_path_used_in_training_and_scaled():
     torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
 
 
-def test_tied_embedding_gradient_is_dense_and_equals_the_dense_lookup():
-    """PretrainingModel makes the tied word-embedding lookup sparse (its rows are added into the
-    decoder's dense gradient): the resulting .grad is dense, equals the all-dense computation, and the
-    fused AdamW steps on it. The fine-tuning encoder alone keeps a dense lookup."""
-    from megamlm.objectives import combine
-
-    model = build_model(tiny_cfg(vocab_size=128, dropout=0.0, attention_dropout=0.0), ObjectiveConfig(), 128,
-                        real_vocab_size=V)
-    emb = model.encoder.embeddings.word_embeddings
-    assert emb.sparse and not Encoder.from_config(tiny_cfg(), V).embeddings.word_embeddings.sparse
-    b = random_batch(3, 12, V, mlm_probability=0.4, seed=1)
-
-    def grad(sparse):
-        emb.sparse = sparse
-        model.zero_grad(set_to_none=True)
-        combine(model(b), int(b.mlm_positions.numel()), 3).backward()
-        return emb.weight.grad
-
-    sparse_grad, dense_grad = grad(True), grad(False).clone()
-    assert sparse_grad.layout == torch.strided
-    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-7, rtol=1e-6)
-    assert float(sparse_grad[b.input_ids.unique()].abs().sum()) > 0
-    emb.sparse = True
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    before = emb.weight.detach().clone()
-    grad(True)
-    opt.step()
-    assert not torch.equal(before, emb.weight)
-
-
 def test_scratch_logits_workspace_reused_only_when_free():
     """Training forward (scratch logits in a reused workspace) gives the loss and gradients of the plain
     F.linear decoder; the workspace is reused step after step, but not while a pending graph holds it
