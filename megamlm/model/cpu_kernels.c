@@ -52,6 +52,14 @@ int megamlm_kernels_openmp(void) {
 #endif
 }
 
+/* An OpenMP runtime function as this library resolved it (to tell which runtime it uses), or 0. */
+#ifdef _OPENMP
+int omp_get_max_threads(void);
+void *megamlm_omp_symbol(void) { return (void *)&omp_get_max_threads; }
+#else
+void *megamlm_omp_symbol(void) { return 0; }
+#endif
+
 static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
     uint64_t z = mix64(seed + (uint64_t)(i / 4 + 1) * 0x9e3779b97f4a7c15ULL);
     return (int16_t)(uint16_t)(z >> (16 * (i & 3))) >= thr;

@@ -8,8 +8,8 @@ Here ``residual + dropout(x)`` is one pass with the random bits computed in regi
 (:func:`dropout_add`), ~6× faster than mask + multiply + add in torch.
 
 Large calls run on OpenMP threads: the library is built with ``-fopenmp`` and its ``libgomp.so.1``
-resolves to the copy torch already loaded, so kernels and torch ops share one thread pool (if a
-second OpenMP runtime shows up in the process the kernels stay serial rather than oversubscribe).
+resolves to the copy torch already loaded, so kernels and torch ops share one thread pool (if the
+kernels resolve another runtime than torch's, they stay serial rather than oversubscribe).
 
 The C source (``cpu_kernels.c``) is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``)
 into ``$MEGAMLM_KERNEL_DIR`` (default ``~/.cache/megamlm/kernels``), keyed by a hash of the source,
@@ -107,6 +107,32 @@ def _openmp_runtimes() -> set[str]:
         return set()
 
 
+def _library_of(address: int) -> str | None:
+    """The file of the shared library holding ``address`` (dladdr), None where unknown."""
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return None
+    dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(DlInfo)], ctypes.c_int
+    info = DlInfo()
+    if not address or not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode(errors="replace"))
+
+
+def _shares_torch_openmp(lib) -> bool:
+    """Whether the kernels' OpenMP runtime is the one torch's own package ships (when it ships one;
+    else the single system runtime both resolve by soname)."""
+    ours = _library_of(lib.megamlm_omp_symbol())
+    torch_dir = os.path.realpath(os.path.dirname(torch.__file__))
+    bundled = {os.path.realpath(p) for p in _openmp_runtimes() if os.path.realpath(p).startswith(torch_dir)}
+    return ours is not None and (ours in bundled if bundled else True)
+
+
 def _load():
     global _lib
     with _lock:
@@ -127,11 +153,11 @@ def _load():
             ptr, i64, u64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int32
             lib.megamlm_set_parallel_words.argtypes = [i64]
             lib.megamlm_set_parallel_words.restype = i64
-            runtimes = _openmp_runtimes()
-            if lib.megamlm_kernels_openmp() and len(runtimes) > 1:  # ours is not torch's: stay serial
+            lib.megamlm_omp_symbol.restype = ctypes.c_void_p
+            if lib.megamlm_kernels_openmp() and not _shares_torch_openmp(lib):  # not torch's pool: serial
                 lib.megamlm_set_parallel_words(1 << 62)
-                log.warning("megamlm CPU kernels run serially: two OpenMP runtimes are loaded (%s)",
-                            ", ".join(sorted(runtimes)))
+                log.warning("megamlm CPU kernels run serially: their OpenMP runtime (%s) is not torch's",
+                            _library_of(lib.megamlm_omp_symbol()))
             for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
                 getattr(lib, f"megamlm_dropout_mul_{dt}").argtypes = [ptr, ptr, i64, i64, u64, i32, ct]
                 getattr(lib, f"megamlm_dropout_add_{dt}").argtypes = [ptr, ptr, ptr, i64, i64, u64, i32, ct]
@@ -174,7 +200,7 @@ def _run(name: str, tensors: list[torch.Tensor], out: torch.Tensor, start: int, 
 
 def uses_openmp() -> bool:
     """Whether the loaded kernels run large calls on (torch's) OpenMP threads."""
-    return available() and bool(_lib.megamlm_kernels_openmp())
+    return available() and bool(_lib.megamlm_kernels_openmp()) and _shares_torch_openmp(_lib)
 
 
 def set_parallel_words(words: int) -> int:
