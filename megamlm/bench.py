@@ -6,7 +6,11 @@ forward, backward, AdamW step (the same optimizer implementation for both) — a
 *real* (unpadded) tokens. We report median, min–max over rounds and the median ratio.
 
 MFU = needed FLOPs per step / step time / measured peak, where the peak is the best of several large
-square matmuls timed in the same process and dtype (``matmul_peak``). Needed FLOPs (``train_flops``),
+square matmuls timed in the same process and dtype (``matmul_peak``) before every round and after the
+last. Each round's step time is set against the better of the two peaks next to it (the machine's
+speed drifts over seconds on shared hosts; pairing cancels that, as the per-round ratio does), and
+we report the median over rounds with min–max; ``mfu_vs_best_peak`` (median step against the best
+peak of the whole run) is the more conservative number, also reported. Needed FLOPs (``train_flops``),
 3 × the forward matmul FLOPs (backward = 2 × forward):
 
     per layer, per real token:  2·(3H·H + H·H + 2·H·F)   (qkv, out, up, down)
@@ -298,7 +302,7 @@ def run_bench(o: BenchOptions) -> dict:
     flops = train_flops(batch, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = sorted({_split_spec(n, o)[1] for n in names})
-    peaks = {p: [matmul_peak(dtypes[p], device=o.device)] for p in precisions}
+    peaks = {p: [matmul_peak(dtypes[p], device=o.device)] for p in precisions}  # peaks[p][r]: before round r
     steps = {}
     for n in names:
         steps[n], n_params = _build_step(n, o, batch)
@@ -308,6 +312,9 @@ def run_bench(o: BenchOptions) -> dict:
         log.info("built %s (%d parameters)", n, n_params)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(o.rounds):
+        if r:
+            for p in precisions:
+                peaks[p].append(matmul_peak(dtypes[p], device=o.device))
         for n in names:
             _sync(o.device)
             t = time.perf_counter()
@@ -316,17 +323,22 @@ def run_bench(o: BenchOptions) -> dict:
             _sync(o.device)
             times[n].append((time.perf_counter() - t) / o.steps)
         log.info("round %d: %s", r, {n: round(times[n][-1], 4) for n in names})
-    for p in precisions:  # before and after the rounds: the best of both
+    for p in precisions:  # and after the last round
         peaks[p].append(matmul_peak(dtypes[p], device=o.device))
     peak_of = {p: max(v) for p, v in peaks.items()}
     result = {"options": asdict(o), "n_tokens": batch.n_tokens, "n_masked": int(batch.mlm_positions.numel()),
-              "flops_per_step": flops, "matmul_peak_flops": peak_of, "models": {}}
+              "flops_per_step": flops, "matmul_peak_flops": peak_of, "matmul_peaks_per_round": peaks, "models": {}}
     for n in names:
         tps = sorted(batch.n_tokens / t for t in times[n])
         med_t = statistics.median(times[n])
+        pk = peaks[_split_spec(n, o)[1]]
+        # each round against the better of the peaks measured just before and just after it
+        round_mfu = sorted(flops / t / max(pk[r], pk[r + 1]) for r, t in enumerate(times[n]))
         result["models"][n] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": tps[0],
                                "tokens_per_s_max": tps[-1], "step_s_median": med_t, "step_s_rounds": times[n],
-                               "mfu": flops / med_t / peak_of[_split_spec(n, o)[1]]}
+                               "mfu": statistics.median(round_mfu), "mfu_min": round_mfu[0],
+                               "mfu_max": round_mfu[-1],
+                               "mfu_vs_best_peak": flops / med_t / peak_of[_split_spec(n, o)[1]]}
     result["ratios"] = {}  # the first model's speed over each other's, per round (same round = same machine state)
     for other in names[1:]:
         ratios = sorted(a / b for a, b in zip(times[other], times[names[0]]))
@@ -346,8 +358,10 @@ def format_report(r: dict) -> str:
              f"dropout {o['dropout']}; threads {torch.get_num_threads()}"
              f"{'; malloc tuned' if o.get('malloc_tuned') else ''}{'; padded' if o['padding'] else ''}",
              f"needed FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; matmul peak "
-             + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in r["matmul_peak_flops"].items())
-             + f" (MFU against the model's precision); {o['rounds']} rounds x {o['steps']} steps"]
+             + ", ".join(f"{p} {min(v) / 1e9:.0f}-{max(v) / 1e9:.0f} GFLOP/s"
+                         for p, v in r["matmul_peaks_per_round"].items())
+             + f" (MFU against the model's precision, each round against the peak measured next to it); "
+               f"{o['rounds']} rounds x {o['steps']} steps"]
     for n, m in r["models"].items():
         mem = ""
         if "peak_rss_delta_mb" in m:
@@ -356,7 +370,8 @@ def format_report(r: dict) -> str:
             mem += f"  cuda max allocated {m['cuda_max_allocated_mb']:.0f} MB"
         lines.append(f"{n:>10}: {m['tokens_per_s_median']:8.0f} tok/s (min {m['tokens_per_s_min']:.0f}, max "
                      f"{m['tokens_per_s_max']:.0f})  step {m['step_s_median'] * 1e3:.0f} ms  MFU "
-                     f"{100 * m['mfu']:.1f}%{mem}")
+                     f"{100 * m['mfu']:.1f}% (rounds {100 * m['mfu_min']:.1f}-{100 * m['mfu_max']:.1f}; "
+                     f"median step vs best peak {100 * m['mfu_vs_best_peak']:.1f}%){mem}")
     first = next(iter(r["models"]), "")
     for other, q in r.get("ratios", {}).items():
         lines.append(f"   ratio: {first} / {other} = {q['median']:.2f}x (per-round min {q['min']:.2f}, "
