@@ -1,4 +1,5 @@
-/* megamlm CPU kernels: dropout with its mask generated in place from (seed, element index).
+/* megamlm CPU kernels: dropout with its mask generated in place from (seed, element index), and the
+ * feed-forward's bias + GELU (forward, and backward with the bias gradient).
  *
  * Built at first use by megamlm/model/cpu_kernels.py (cc -O3 -march=native -fopenmp -shared) and
  * called through ctypes; the GIL is released during a call. Large calls run on OpenMP threads: the
@@ -13,8 +14,10 @@
  * by 1 / (1 - p). The same (seed, i) always gives the same decision: the backward regenerates the
  * mask instead of storing it, and a tensor can be processed in any chunks given each chunk's start.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* The loops are element-wise (out[i] depends on x[i], r[i] only), so out == x is safe: tell the
    compiler, or its overlap check sends in-place calls to a scalar loop (4x slower). */
@@ -124,5 +127,113 @@ DROPOUT_MUL(megamlm_dropout_mul_f64, double)
 DROPOUT_ADD(megamlm_dropout_add_f32, float)
 DROPOUT_ADD(megamlm_dropout_add_f64, double)
 
+/* ---------------------------------------------------------------------------------- bias + GELU
+ * Exact (erf) GELU of z = a + bias[col]: gelu(z) = z/2 (1 + erf(z/sqrt 2)), on rows of `cols`.
+ * float: erf as ATen's vectorized one (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7) with an
+ * inlined exp (Cody-Waite reduction, degree-6 polynomial), so the loops vectorize; the backward
+ * shares one exp(-z^2/2) between erf and the density. double: libm's erf and exp (as ATen).
+ * The bias gradient (column sums of the input gradient) is accumulated in double per thread. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    union { int32_t i; float f; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+/* erf(u) given e = exp(-u*u) */
+static inline float erf_f32(float u, float e) {
+    float t = 1.0f / (0.3275911f * fabsf(u) + 1.0f);
+    float r = (((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f;
+    float y = 1.0f - r * t * e;
+    return u < 0.0f ? -y : y;
+}
+
+static inline float gelu_f32(float z) {
+    float u = z * 0.70710678118654752f;
+    return 0.5f * z * (1.0f + erf_f32(u, exp_f32(-u * u)));
+}
+
+static inline float gelu_grad_f32(float z) {
+    float u = z * 0.70710678118654752f;
+    float e = exp_f32(-u * u);
+    return 0.5f * (1.0f + erf_f32(u, e)) + z * e * 0.39894228040143268f;
+}
+
+static inline double gelu_f64(double z) { return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440)); }
+
+static inline double gelu_grad_f64(double z) {
+    return 0.5 * (1.0 + erf(z * 0.70710678118654752440)) + z * exp(-0.5 * z * z) * 0.39894228040143267794;
+}
+
+/* out[r, c] = gelu(a[r, c] + bias[c]) (bias may be NULL); out may be a. */
+#define BIAS_GELU(NAME, T, GELU)                                                                   \
+    void NAME(const T *a, const T *bias, T *out, int64_t rows, int64_t cols) {                     \
+        _Pragma("omp parallel for schedule(static) if (rows * cols >= 4 * parallel_words)")        \
+        for (int64_t r = 0; r < rows; r++) {                                                       \
+            const T *ar = a + r * cols;                                                            \
+            T *o = out + r * cols;                                                                 \
+            if (bias) {                                                                            \
+                ELEMENTWISE                                                                        \
+                for (int64_t c = 0; c < cols; c++) o[c] = GELU(ar[c] + bias[c]);                   \
+            } else {                                                                               \
+                ELEMENTWISE                                                                        \
+                for (int64_t c = 0; c < cols; c++) o[c] = GELU(ar[c]);                             \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+/* grad_a = grad * gelu'(a + bias) (grad_a may be grad or a); grad_bias[c] += sum over rows of
+   grad_a[:, c] when grad_bias is not NULL (double, zeroed by the caller). Returns 0, or -1 when the
+   per-thread column sums could not be allocated (nothing was written then). */
+#define BIAS_GELU_BACKWARD(NAME, T, GRAD)                                                          \
+    int NAME(const T *grad, const T *a, const T *bias, T *grad_a, double *grad_bias, int64_t rows,  \
+             int64_t cols) {                                                                       \
+        int failed = 0;                                                                            \
+        _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")                             \
+        {                                                                                          \
+            double *acc = grad_bias ? (double *)calloc((size_t)cols, sizeof(double)) : NULL;       \
+            if (grad_bias && !acc) {                                                               \
+                _Pragma("omp atomic write")                                                        \
+                failed = 1;                                                                        \
+            }                                                                                      \
+            _Pragma("omp barrier")                                                                 \
+            if (!failed) {                                                                         \
+                _Pragma("omp for schedule(static)")                                                \
+                for (int64_t r = 0; r < rows; r++) {                                               \
+                    const T *gr = grad + r * cols;                                                 \
+                    const T *ar = a + r * cols;                                                    \
+                    T *o = grad_a + r * cols;                                                      \
+                    ELEMENTWISE                                                                    \
+                    for (int64_t c = 0; c < cols; c++) {                                           \
+                        T d = gr[c] * GRAD(bias ? ar[c] + bias[c] : ar[c]);                        \
+                        o[c] = d;                                                                  \
+                        if (acc) acc[c] += (double)d;                                              \
+                    }                                                                              \
+                }                                                                                  \
+                if (acc) {                                                                         \
+                    _Pragma("omp critical(megamlm_bias_grad)")                                     \
+                    for (int64_t c = 0; c < cols; c++) grad_bias[c] += acc[c];                     \
+                }                                                                                  \
+            }                                                                                      \
+            free(acc);                                                                             \
+        }                                                                                          \
+        return failed ? -1 : 0;                                                                    \
+    }
+
+BIAS_GELU(megamlm_bias_gelu_f32, float, gelu_f32)
+BIAS_GELU(megamlm_bias_gelu_f64, double, gelu_f64)
+BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f32, float, gelu_grad_f32)
+BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f64, double, gelu_grad_f64)
+
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 1; }
+int megamlm_kernels_version(void) { return 2; }

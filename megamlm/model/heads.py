@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamlm.model.encoder import activation_fn, init_bert_weights
+from megamlm.model.encoder import TiedGrad, activation_fn, init_bert_weights
 
 __all__ = ["TiedDecoder", "MLMHead", "PairHead"]
 
@@ -38,8 +38,10 @@ class _LinearInWorkspace(torch.autograd.Function):
     into them), so the next step may reuse the memory once nothing holds it."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, holder: "TiedDecoder"):
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, holder: "TiedDecoder",
+                tied: TiedGrad | None = None):
         ctx.save_for_backward(h, w)
+        ctx.tied, ctx.weight_rows = tied, holder.weight.shape[0]
         out = holder._workspace(h.shape[0], w.shape[0], h.dtype)  # [N, V]
         return torch.addmm(b, h, w.t(), out=out)
 
@@ -47,9 +49,16 @@ class _LinearInWorkspace(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         h, w = ctx.saved_tensors  # [N, H], [V, H]; grad [N, V]
         grad_h = grad.mm(w) if ctx.needs_input_grad[0] else None  # [N, H]
-        grad_w = grad.t().mm(h) if ctx.needs_input_grad[1] else None  # [V, H]
+        grad_w = None
+        if ctx.needs_input_grad[1] and ctx.tied is not None:  # left for the tied lookup, full rows
+            full = grad.new_empty(ctx.weight_rows, h.shape[1])  # [V_rows, H]
+            torch.mm(grad.t(), h, out=full[:w.shape[0]])
+            full[w.shape[0]:].zero_()  # vocabulary padding rows: never predicted
+            ctx.tied.grad = full
+        elif ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(h)  # [V, H]
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None  # [V]
-        return grad_h, grad_w, grad_b, None
+        return grad_h, grad_w, grad_b, None, None
 
 
 class TiedDecoder(nn.Module):
@@ -77,13 +86,23 @@ class TiedDecoder(nn.Module):
             ws = self._ws = torch.empty(n * v + (n * v >> 3), dtype=dtype)  # 1/8 slack: N varies by batch
         return ws[:n * v].view(n, v)
 
-    def forward(self, h: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    def scratch_path(self) -> bool:
+        """Whether a ``scratch`` forward takes the workspace (CPU fp32, no autocast, not compiling):
+        only then does it fill a :class:`TiedGrad`."""
+        w = self.weight
+        return (w.device.type == "cpu" and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling())
+
+    def forward(self, h: torch.Tensor, scratch: bool = False, tied: TiedGrad | None = None) -> torch.Tensor:
+        """``tied``: on the scratch path the weight's gradient is left there for the word-embedding
+        lookup of the same forward (which must then get the same ``tied``), not returned."""
         n = self.n_predicted
         w, b = (self.weight, self.bias) if n == self.weight.shape[0] else (self.weight[:n], self.bias[:n])
         # [V_real, H], [V_real]: contiguous row slices, no copy
-        if (scratch and h.device.type == "cpu" and h.dtype == w.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return _LinearInWorkspace.apply(h, w, b, self)  # [N, V_real]
+        if scratch and h.dtype == torch.float32 and self.scratch_path():
+            return _LinearInWorkspace.apply(h, w, b, self, tied)  # [N, V_real]
+        if tied is not None:
+            raise ValueError("a TiedGrad needs the scratch path (CPU fp32 training logits)")
         return F.linear(h, w, b)  # [N, V_real]
 
 
@@ -99,12 +118,17 @@ class MLMHead(nn.Module):
         init_bert_weights(self, init_std)
         self.decoder = TiedDecoder(word_embedding, n_predicted)  # after init: never re-initialise the tie
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, scratch: bool = False,
+                tied: TiedGrad | None = None) -> torch.Tensor:
         """hidden [B, T, H], positions [N] flat indices into B*T → logits [N, V_real]. ``scratch``: the
-        logits are for the loss alone (the decoder may put them in a reused workspace)."""
+        logits are for the loss alone (the decoder may put them in a reused workspace); ``tied``: see
+        :meth:`TiedDecoder.forward`."""
         H = hidden.shape[-1]
         rows = hidden.reshape(-1, H).index_select(0, positions)  # [N, H]
-        return self.decoder(self.norm(self.act(self.dense(rows))), scratch=scratch)  # [N, V_real]
+        h = self.norm(self.act(self.dense(rows)))  # [N, H]
+        if tied is not None:  # (only the plain TiedDecoder takes one; a vocab-parallel decoder never gets it)
+            return self.decoder(h, scratch=scratch, tied=tied)  # [N, V_real]
+        return self.decoder(h, scratch=scratch)  # [N, V_real]
 
 
 class PairHead(nn.Module):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamlm.model.encoder import Encoder
-from megamlm.model.heads import MLMHead, PairHead
+from megamlm.model.encoder import Encoder, TiedGrad, WordEmbedding
+from megamlm.model.heads import MLMHead, PairHead, TiedDecoder
 from megamlm.objectives import LossTerms, mlm_terms, pair_terms
 
 __all__ = ["PretrainingModel", "build_model", "attention_mask_or_none", "weight_decay_groups"]
@@ -88,16 +88,26 @@ class PretrainingModel(nn.Module):
                     raise ValueError(f"MLM target id {hi if hi >= n else lo} is outside the real vocabulary "
                                      f"[0, {n}) (padded rows are never targets)")
 
-    def hidden(self, batch) -> torch.Tensor:
+    def hidden(self, batch, tied: TiedGrad | None = None) -> torch.Tensor:
         """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch`."""
-        return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch))
+        return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch), tied)
+
+    def _tied_grad(self) -> TiedGrad | None:
+        """A :class:`TiedGrad` for a training forward whose decoder and lookup can hand the tied
+        weight's gradient over (the plain tied modules, the decoder on its CPU workspace path)."""
+        emb, dec = self.encoder.embeddings.word_embeddings, self.mlm_head.decoder
+        if (torch.is_grad_enabled() and isinstance(emb, WordEmbedding) and isinstance(dec, TiedDecoder)
+                and dec.weight is emb.weight and emb.weight.requires_grad and dec.scratch_path()):
+            return TiedGrad()
+        return None
 
     def logits(self, batch, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None).
         ``scratch``: the MLM logits are for the loss alone (may live in a workspace the next call reuses)."""
         self._check_batch(batch)
-        h = self.hidden(batch)  # [B, T, H]
-        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch)  # [N, V_real]
+        tied = self._tied_grad() if scratch else None
+        h = self.hidden(batch, tied)  # [B, T, H]
+        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch, tied=tied)  # [N, V_real]
         pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
         return mlm, pair
 

@@ -53,11 +53,15 @@ def test_kernel_on_openmp_threads_equals_one_thread_and_holds_the_rate():
     keep = cpu_kernels.keep_mask_reference(n, 0.1, 99)
     expected = r + torch.where(keep, x * torch.tensor(1 / 0.9), torch.zeros(()))
     threads, default_words = torch.get_num_threads(), cpu_kernels.set_parallel_words(1)
+    first = None
     try:
         for t, words in ((2, 1), (2, 1 << 40), (1, 1), (3, 1)):
             torch.set_num_threads(t)
             cpu_kernels.set_parallel_words(words)
-            assert torch.equal(cpu_kernels.dropout_add(x, r, 0.1, 99), expected), (t, words)
+            out = cpu_kernels.dropout_add(x, r, 0.1, 99)
+            first = out if first is None else first
+            assert torch.equal(out, first), (t, words)  # bit-identical at any thread count
+            torch.testing.assert_close(out, expected)  # r + x·k may be one fused multiply-add
             y = x.clone()
             cpu_kernels.dropout_mul(y, 0.1, 99, out=y)
             assert torch.equal(y, torch.where(keep, x * torch.tensor(1 / 0.9), torch.zeros(()))), (t, words)
@@ -195,3 +199,74 @@ def test_without_a_compiler_the_model_falls_back_with_a_warning(tmp_path):
     env = dict(os.environ, MEGAMLM_CPU_KERNELS="0")  # switched off
     res = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "available False" in res.stdout, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ bias + GELU
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_bias_gelu_kernel_matches_torch(dtype, tol):
+    """gelu(a + b) and its gradients (a and the bias) against torch's exact GELU, over a wide range of
+    inputs (the tails included), with and without a bias; float64 uses libm's erf (near exact)."""
+    torch.manual_seed(0)
+    a = torch.cat([torch.linspace(-12, 12, 2401, dtype=dtype), torch.randn(599, dtype=dtype) * 3]).view(100, 30)
+    b = torch.randn(30, dtype=dtype)
+    g = torch.randn(100, 30, dtype=dtype)
+    for bias in (b, None):
+        z = a + bias if bias is not None else a
+        torch.testing.assert_close(cpu_kernels.bias_gelu(a, bias), torch.nn.functional.gelu(z), atol=tol, rtol=tol)
+        grad_a, grad_b = cpu_kernels.bias_gelu_backward(g, a, bias, bias_grad=bias is not None)
+        ref = torch.ops.aten.gelu_backward(g, z)
+        torch.testing.assert_close(grad_a, ref, atol=tol, rtol=tol)
+        if bias is None:
+            assert grad_b is None
+        else:
+            torch.testing.assert_close(grad_b, ref.sum(0), atol=50 * tol, rtol=tol)
+    y = a.clone()
+    assert cpu_kernels.bias_gelu(y, b, out=y) is y  # in place
+    torch.testing.assert_close(y, torch.nn.functional.gelu(a + b), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="last dimension 30"):
+        cpu_kernels.bias_gelu(a, torch.zeros(31, dtype=dtype))
+
+
+@needs_kernels
+def test_bias_gelu_bias_grad_on_openmp_threads():
+    """Column sums from several threads (double per thread) equal one thread's, and torch's sum."""
+    torch.manual_seed(1)
+    a, g, b = torch.randn(4096, 300), torch.randn(4096, 300), torch.randn(300)
+    threads, words = torch.get_num_threads(), cpu_kernels.set_parallel_words(1)
+    try:
+        torch.set_num_threads(3)
+        many = cpu_kernels.bias_gelu_backward(g, a, b)
+        cpu_kernels.set_parallel_words(1 << 40)
+        one = cpu_kernels.bias_gelu_backward(g, a, b)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.set_parallel_words(words)
+    assert torch.equal(many[0], one[0])
+    torch.testing.assert_close(many[1], one[1], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(many[1], many[0].double().sum(0).float(), atol=1e-5, rtol=1e-6)
+
+
+def test_linear_gelu_fused_equals_linear_then_gelu(kernels):
+    """The FFN's first layer: fused (mm, then bias + GELU in one kernel) or not, the same output and
+    gradients as nn.Linear followed by F.gelu; other activations never take the kernel."""
+    from megamlm.model.fused import LinearGelu
+
+    torch.manual_seed(0)
+    layer = LinearGelu(16, 40, "gelu")
+    ref = torch.nn.Linear(16, 40)
+    ref.load_state_dict(layer.state_dict())  # same keys: an nn.Linear
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), torch.nn.functional.gelu(ref(x_ref))
+    assert (type(y.grad_fn).__name__ == "_BiasGeluBackward") == kernels
+    torch.testing.assert_close(y, y_ref, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, atol=2e-5, rtol=1e-5)
+    tanh = LinearGelu(16, 40, "gelu_tanh")
+    assert type(tanh(x).grad_fn).__name__ != "_BiasGeluBackward"

@@ -279,9 +279,11 @@ def test_attention_dropout_path_used_in_training_and_scaled():
 
 
 def test_scratch_logits_workspace_reused_only_when_free():
-    """Training forward (scratch logits in a reused workspace) gives the loss and gradients of the plain
-    F.linear decoder; the workspace is reused step after step, but not while a pending graph holds it
-    (two forwards, then one backward of their sum: still the right gradients)."""
+    """Training forward (scratch logits in a reused workspace, the tied weight's decoder gradient handed
+    to the word-embedding lookup through a TiedGrad) gives the loss and gradients of the plain F.linear
+    decoder and nn.Embedding with autograd summing the two; the workspace is reused step after step,
+    but not while a pending graph holds it (two forwards, then one backward of their sum: still the
+    right gradients). The padded vocabulary rows get zero gradient from both."""
     from megamlm.objectives import combine
 
     def grads(model, batches):
@@ -295,13 +297,19 @@ def test_scratch_logits_workspace_reused_only_when_free():
     b2 = random_batch(3, 12, V, mlm_probability=0.4, seed=2)
     dec = model.mlm_head.decoder
 
-    def reference(batches):  # the same model with the plain decoder path
+    def reference(batches):  # the same model with the plain decoder path and no hand-off
         orig = dec.forward
-        dec.forward = lambda h, scratch=False: orig(h, scratch=False)
+        dec.forward = lambda h, scratch=False, tied=None: orig(h, scratch=False)
+        model._tied_grad = lambda: None
         try:
             return grads(model, batches)
         finally:
             dec.forward = orig
+            del model._tied_grad
+
+    assert model._tied_grad() is not None
+    with torch.no_grad():
+        assert model._tied_grad() is None
 
     for batches in ([b1], [b2], [b1, b2]):
         loss, g = grads(model, batches)
@@ -309,6 +317,8 @@ def test_scratch_logits_workspace_reused_only_when_free():
         torch.testing.assert_close(loss, ref_loss)
         for n in g:
             torch.testing.assert_close(g[n], ref_g[n], msg=n)
+        word = g["encoder.embeddings.word_embeddings.weight"]
+        assert float(word[V:].abs().max()) == 0 and float(word[:V].abs().max()) > 0
     grads(model, [b1])
     ws = dec._ws
     grads(model, [b1])
