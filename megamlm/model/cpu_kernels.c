@@ -235,5 +235,135 @@ BIAS_GELU(megamlm_bias_gelu_f64, double, gelu_f64)
 BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f32, float, gelu_grad_f32)
 BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f64, double, gelu_grad_f64)
 
+/* ------------------------------------------------- post-LN residual: LayerNorm(r + dropout(x + bias))
+ * Per row of `cols`: z = r + keep * scale * (x + bias) (mask of element row * cols + c of stream
+ * `seed`; bias is required: pass zeros for none), then y = (z - mean) * rstd * gamma + beta (mean
+ * and biased variance per row). Saves z, mean, rstd for the backward. */
+#define RESIDUAL_LN(NAME, T, SQRT)                                                                 \
+    void NAME(const T *x, const T *bias, const T *r, const T *gamma, const T *beta, T *z, T *y,     \
+              T *mean_out, T *rstd_out, int64_t rows, int64_t cols, uint64_t seed, int32_t thr,     \
+              T scale, double eps) {                                                               \
+        int aligned = (cols & 3) == 0;                                                             \
+        _Pragma("omp parallel for schedule(static) if (rows * cols >= 4 * parallel_words)")        \
+        for (int64_t row = 0; row < rows; row++) {                                                 \
+            const T *xr = x + row * cols, *rr = r + row * cols;                                    \
+            T *zr = z + row * cols, *yr = y + row * cols;                                          \
+            int64_t start = row * cols;                                                            \
+            if (aligned) {                                                                         \
+                uint64_t w0 = (uint64_t)(start / 4) + 1;                                           \
+                ELEMENTWISE                                                                        \
+                for (int64_t w = 0; w < cols / 4; w++) {                                           \
+                    uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);         \
+                    for (int l = 0; l < 4; l++) {                                                  \
+                        int64_t c = 4 * w + l;                                                     \
+                        T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0;            \
+                        zr[c] = rr[c] + k * (xr[c] + bias[c]);                                     \
+                    }                                                                              \
+                }                                                                                  \
+            } else {                                                                               \
+                for (int64_t c = 0; c < cols; c++) {                                               \
+                    T k = keep_at(seed, start + c, thr) ? scale : (T)0;                            \
+                    zr[c] = rr[c] + k * (xr[c] + bias[c]);                                         \
+                }                                                                                  \
+            }                                                                                      \
+            T sum = 0, sq = 0;                                                                     \
+            _Pragma("omp simd reduction(+:sum)")                                                   \
+            for (int64_t c = 0; c < cols; c++) sum += zr[c];                                       \
+            T m = sum / (T)cols;                                                                   \
+            _Pragma("omp simd reduction(+:sq)")                                                    \
+            for (int64_t c = 0; c < cols; c++) {                                                   \
+                T d = zr[c] - m;                                                                   \
+                sq += d * d;                                                                       \
+            }                                                                                      \
+            T rs = (T)(1.0 / sqrt((double)sq / (double)cols + eps));                               \
+            ELEMENTWISE                                                                            \
+            for (int64_t c = 0; c < cols; c++) yr[c] = (zr[c] - m) * rs * gamma[c] + beta[c];       \
+            mean_out[row] = m;                                                                     \
+            rstd_out[row] = rs;                                                                    \
+        }                                                                                          \
+    }
+
+/* Backward of RESIDUAL_LN given gy: gz = LayerNorm's input gradient (= the residual's gradient),
+   gx = keep * scale * gz (the gradient of x, and of the bias summed over rows). Column sums, in
+   double and added to the caller's zeroed arrays: ggamma += gy * xhat, gbeta += gy, gbias += gx
+   (gbias may be NULL). Returns 0, or -1 when the per-thread sums could not be allocated. */
+#define RESIDUAL_LN_BACKWARD(NAME, T)                                                              \
+    int NAME(const T *gy, const T *z, const T *mean, const T *rstd, const T *gamma, T *gz, T *gx,   \
+             double *ggamma, double *gbeta, double *gbias, int64_t rows, int64_t cols,              \
+             uint64_t seed, int32_t thr, T scale) {                                                \
+        int failed = 0;                                                                            \
+        int aligned = (cols & 3) == 0;                                                             \
+        _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")                             \
+        {                                                                                          \
+            double *acc = (double *)calloc((size_t)(3 * cols), sizeof(double));                    \
+            T *xhat = (T *)malloc((size_t)cols * sizeof(T));                                       \
+            if (!acc || !xhat) {                                                                   \
+                _Pragma("omp atomic write")                                                        \
+                failed = 1;                                                                        \
+            }                                                                                      \
+            _Pragma("omp barrier")                                                                 \
+            if (!failed) {                                                                         \
+                double *ag = acc, *ab = acc + cols, *ax = acc + 2 * cols;                          \
+                _Pragma("omp for schedule(static)")                                                \
+                for (int64_t row = 0; row < rows; row++) {                                         \
+                    const T *gyr = gy + row * cols, *zr = z + row * cols;                          \
+                    T *gzr = gz + row * cols, *gxr = gx + row * cols;                              \
+                    T m = mean[row], rs = rstd[row];                                               \
+                    T s1 = 0, s2 = 0;                                                              \
+                    _Pragma("omp simd reduction(+:s1, s2)")                                        \
+                    for (int64_t c = 0; c < cols; c++) {                                           \
+                        T xh = (zr[c] - m) * rs;                                                   \
+                        T g = gyr[c] * gamma[c];                                                   \
+                        xhat[c] = xh;                                                              \
+                        s1 += g;                                                                   \
+                        s2 += g * xh;                                                              \
+                    }                                                                              \
+                    ELEMENTWISE                                                                    \
+                    for (int64_t c = 0; c < cols; c++) {                                           \
+                        ag[c] += (double)(gyr[c] * xhat[c]);                                       \
+                        ab[c] += (double)gyr[c];                                                   \
+                    }                                                                              \
+                    T a1 = s1 / (T)cols, a2 = s2 / (T)cols;                                        \
+                    ELEMENTWISE                                                                    \
+                    for (int64_t c = 0; c < cols; c++) gzr[c] = rs * (gyr[c] * gamma[c] - a1 - xhat[c] * a2); \
+                    int64_t start = row * cols;                                                    \
+                    if (aligned) {                                                                 \
+                        uint64_t w0 = (uint64_t)(start / 4) + 1;                                   \
+                        ELEMENTWISE                                                                \
+                        for (int64_t w = 0; w < cols / 4; w++) {                                   \
+                            uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL); \
+                            for (int l = 0; l < 4; l++) {                                          \
+                                int64_t c = 4 * w + l;                                             \
+                                T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0;    \
+                                gxr[c] = gzr[c] * k;                                               \
+                            }                                                                      \
+                        }                                                                          \
+                    } else {                                                                       \
+                        for (int64_t c = 0; c < cols; c++)                                         \
+                            gxr[c] = keep_at(seed, start + c, thr) ? gzr[c] * scale : (T)0;        \
+                    }                                                                              \
+                    if (gbias) {                                                                   \
+                        ELEMENTWISE                                                                \
+                        for (int64_t c = 0; c < cols; c++) ax[c] += (double)gxr[c];                \
+                    }                                                                              \
+                }                                                                                  \
+                _Pragma("omp critical(megamlm_ln_grad)")                                           \
+                for (int64_t c = 0; c < cols; c++) {                                               \
+                    ggamma[c] += ag[c];                                                            \
+                    gbeta[c] += ab[c];                                                             \
+                    if (gbias) gbias[c] += ax[c];                                                  \
+                }                                                                                  \
+            }                                                                                      \
+            free(acc);                                                                             \
+            free(xhat);                                                                            \
+        }                                                                                          \
+        return failed ? -1 : 0;                                                                    \
+    }
+
+RESIDUAL_LN(megamlm_residual_ln_f32, float, sqrtf)
+RESIDUAL_LN(megamlm_residual_ln_f64, double, sqrt)
+RESIDUAL_LN_BACKWARD(megamlm_residual_ln_backward_f32, float)
+RESIDUAL_LN_BACKWARD(megamlm_residual_ln_backward_f64, double)
+
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 2; }
+int megamlm_kernels_version(void) { return 3; }

@@ -41,10 +41,11 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
-           "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "bias_gelu_backward"]
+           "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "bias_gelu_backward",
+           "residual_layer_norm", "residual_layer_norm_backward"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
-_VERSION = 2  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 3  # megamlm_kernels_version() of the source this module speaks to
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); -fno-trapping-math: lets the
 # float -> int conversion of the inlined exp vectorize (torch itself is built with both math flags)
 _FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC"]
@@ -169,6 +170,10 @@ def _load():
                 getattr(lib, f"megamlm_bias_gelu_{dt}").argtypes = [ptr, ptr, ptr, i64, i64]
                 getattr(lib, f"megamlm_bias_gelu_backward_{dt}").argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64]
                 getattr(lib, f"megamlm_bias_gelu_backward_{dt}").restype = ctypes.c_int
+                getattr(lib, f"megamlm_residual_ln_{dt}").argtypes = [ptr] * 9 + [i64, i64, u64, i32, ct,
+                                                                                 ctypes.c_double]
+                getattr(lib, f"megamlm_residual_ln_backward_{dt}").argtypes = [ptr] * 10 + [i64, i64, u64, i32, ct]
+                getattr(lib, f"megamlm_residual_ln_backward_{dt}").restype = ctypes.c_int
             _lib = lib
         except Exception as e:  # noqa: BLE001 -- any failure means: use the torch fallback
             log.warning("megamlm CPU dropout kernels unavailable (%s); using torch ops", e)
@@ -294,6 +299,48 @@ def bias_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias: torch.Tensor |
     if rc:
         raise MemoryError(f"bias_gelu_backward: no memory for the per-thread column sums ({cols} columns)")
     return grad_a, None if acc is None else acc.to(a.dtype)
+
+
+def residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                        norm_bias: torch.Tensor, eps: float, p: float, seed: int):
+    """Post-LN residual in one pass: ``z = residual + dropout(x + bias)`` (mask of stream ``seed``;
+    p = 0 keeps all) and ``y = LayerNorm(z)`` over the last dimension.
+    Returns (y, z, mean [rows], rstd [rows]); the last three are what the backward needs."""
+    rows, cols = _rows_cols("x", x, bias)
+    _check("residual", residual, x)
+    for name, t in (("weight", weight), ("norm bias", norm_bias)):
+        _check(name, t)
+        if t.shape != (cols,) or t.dtype != x.dtype:
+            raise ValueError(f"LayerNorm {name} {t.dtype} {tuple(t.shape)} does not match [{cols}] {x.dtype}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    y, z = torch.empty_like(x), torch.empty_like(x)
+    mean, rstd = x.new_empty(rows), x.new_empty(rows)
+    bias = x.new_zeros(cols) if bias is None else bias  # (the kernel's loop always adds one: it vectorizes)
+    _lib_fn("residual_ln", x.dtype)(x.data_ptr(), bias.data_ptr(), residual.data_ptr(),
+                                    weight.data_ptr(), norm_bias.data_ptr(), z.data_ptr(), y.data_ptr(),
+                                    mean.data_ptr(), rstd.data_ptr(), rows, cols, seed, threshold(p), 1.0 / (1.0 - p),
+                                    eps)
+    return y, z, mean, rstd
+
+
+def residual_layer_norm_backward(grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                 weight: torch.Tensor, p: float, seed: int, bias_grad: bool = True):
+    """Gradients of :func:`residual_layer_norm`: (grad of z = of the residual, grad of x, of the
+    LayerNorm weight, of its bias, of ``bias`` or None), one pass over the rows (column sums in
+    float64)."""
+    rows, cols = _rows_cols("z", z, None)
+    _check("grad_y", grad_y, z)
+    grad_z, grad_x = torch.empty_like(z), torch.empty_like(z)
+    sums = torch.zeros(3, cols, dtype=torch.float64)
+    rc = _lib_fn("residual_ln_backward", z.dtype)(
+        grad_y.data_ptr(), z.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.data_ptr(), grad_z.data_ptr(),
+        grad_x.data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr() if bias_grad else 0, rows, cols,
+        seed, threshold(p), 1.0 / (1.0 - p))
+    if rc:
+        raise MemoryError(f"residual_layer_norm_backward: no memory for the per-thread column sums ({cols} columns)")
+    sums = sums.to(z.dtype)
+    return grad_z, grad_x, sums[0], sums[1], sums[2] if bias_grad else None
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward
   kernel has it) takes :class:`_CPUAttention` instead: head-by-head gemms on strided views of the qkv
   output, no head split / merge copies, and a hand-written backward.
 * Dropout comes from ``dropout.py``: on CPU a compiled kernel generates the mask from a seed (nothing
-  stored for backward) and each block's ``residual + dropout(x)`` is one pass (:func:`dropout_add`).
+  stored for backward). CPU kernels also fuse (``fused.py``) the feed-forward's bias + GELU and, in
+  post-LN blocks, ``LayerNorm(x + dropout(f(x) + bias))`` with the projection's bias folded in.
 * The padding mask is passed to SDPA only when the batch may contain padding; ``attention_mask=None``
   means "every position is real" and lets SDPA take its fastest path (see
   :meth:`Encoder.forward`).
@@ -27,7 +28,7 @@ from torch import nn
 
 from megamlm.model import cpu_kernels
 from megamlm.model.dropout import Dropout, _keep_mask, dropout, dropout_add
-from megamlm.model.fused import LinearGelu
+from megamlm.model.fused import Linear, LinearGelu, ResidualLayerNorm
 
 __all__ = ["Dropout", "TiedGrad", "WordEmbedding", "Embeddings", "SelfAttention", "FeedForward", "Block", "Encoder", "init_bert_weights",
            "activation_fn", "check_model_inputs"]
@@ -223,10 +224,11 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = hidden // num_heads
         self.qkv = nn.Linear(hidden, 3 * hidden)  # rows: [q; k; v], each [H, H]
-        self.out = nn.Linear(hidden, hidden)
+        self.out = Linear(hidden, hidden)
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, add_bias: bool = True) -> torch.Tensor:
+        """``add_bias=False``: the output projection's bias is left to the caller (a fused residual)."""
         B, T, H = x.shape
         qkv = self.qkv(x)  # [B, T, 3H]
         p = self.attention_dropout if self.training else 0.0
@@ -236,7 +238,7 @@ class SelfAttention(nn.Module):
             mask_add = None
             if attn_mask is not None:  # [B, 1, 1, T] bool → [B, 1, T] additive
                 mask_add = torch.zeros(B, 1, T, dtype=qkv.dtype).masked_fill_(~attn_mask[:, 0], float("-inf"))
-            return self.out(_CPUAttention.apply(qkv, mask_add, self.num_heads, p))  # [B, T, H]
+            return self.out(_CPUAttention.apply(qkv, mask_add, self.num_heads, p), add_bias)  # [B, T, H]
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # each [B, nh, T, hd] (strided views)
         if cpu_dropout:
@@ -244,7 +246,7 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, H)  # [B, T, H]
-        return self.out(y)  # [B, T, H]
+        return self.out(y, add_bias)  # [B, T, H]
 
 
 class FeedForward(nn.Module):
@@ -254,23 +256,25 @@ class FeedForward(nn.Module):
     def __init__(self, hidden: int, ffn: int, activation: str):
         super().__init__()
         self.up = LinearGelu(hidden, ffn, activation)
-        self.down = nn.Linear(ffn, hidden)
+        self.down = Linear(ffn, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.up(x))  # [B, T, H] via [B, T, F]
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        return self.down(self.up(x), add_bias)  # [B, T, H] via [B, T, F]
 
 
 class Block(nn.Module):
-    """One transformer block; ``pre_norm`` chooses x + f(LN(x)) over LN(x + f(x))."""
+    """One transformer block; ``pre_norm`` chooses x + f(LN(x)) over LN(x + f(x)). Post-LN on CPU runs
+    each ``LN(x + dropout(f(x)))`` as one kernel with the projection's bias folded in
+    (:class:`ResidualLayerNorm`)."""
 
     def __init__(self, hidden: int, num_heads: int, ffn: int, eps: float, dropout: float,
                  attention_dropout: float, activation: str, pre_norm: bool):
         super().__init__()
         self.pre_norm = pre_norm
         self.attn = SelfAttention(hidden, num_heads, attention_dropout)
-        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.attn_norm = ResidualLayerNorm(hidden, eps=eps)
         self.ffn = FeedForward(hidden, ffn, activation)
-        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn_norm = ResidualLayerNorm(hidden, eps=eps)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -278,6 +282,10 @@ class Block(nn.Module):
         if self.pre_norm:
             x = dropout_add(self.attn(self.attn_norm(x), attn_mask), x, p, training)  # [B, T, H]
             return dropout_add(self.ffn(self.ffn_norm(x)), x, p, training)  # [B, T, H]
+        q = p if training else 0.0
+        if q < 1.0 and self.attn_norm.fusable(x, self.attn.out.bias) and self.ffn_norm.fusable(x, self.ffn.down.bias):
+            x = self.attn_norm(self.attn(x, attn_mask, add_bias=False), x, self.attn.out.bias, q)  # [B, T, H]
+            return self.ffn_norm(self.ffn(x, add_bias=False), x, self.ffn.down.bias, q)  # [B, T, H]
         x = self.attn_norm(dropout_add(self.attn(x, attn_mask), x, p, training))  # [B, T, H]
         return self.ffn_norm(dropout_add(self.ffn(x), x, p, training))  # [B, T, H]
 

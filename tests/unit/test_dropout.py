@@ -270,3 +270,82 @@ def test_linear_gelu_fused_equals_linear_then_gelu(kernels):
     torch.testing.assert_close(layer.bias.grad, ref.bias.grad, atol=2e-5, rtol=1e-5)
     tanh = LinearGelu(16, 40, "gelu_tanh")
     assert type(tanh(x).grad_fn).__name__ != "_BiasGeluBackward"
+
+
+# --------------------------------------------------------- post-LN residual: LayerNorm(r + dropout(x + b))
+
+def _residual_ln_reference(x, bias, r, w, nb, eps, p, seed):
+    keep = cpu_kernels.keep_mask_reference(x.numel(), p, seed).view_as(x)
+    xb = x + bias if bias is not None else x
+    z = r + torch.where(keep, xb / (1 - p), torch.zeros((), dtype=x.dtype))
+    return torch.nn.functional.layer_norm(z, (x.shape[-1],), w, nb, eps), z
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
+@pytest.mark.parametrize("cols", [36, 37])  # a multiple of 4 (word loop) and not (element by element)
+def test_residual_layer_norm_kernel_matches_torch(dtype, tol, cols):
+    """Forward and every gradient (x, bias, residual, LayerNorm weight and bias) against autograd
+    through the torch formula with the reference mask; p = 0 keeps everything."""
+    torch.manual_seed(0)
+    rows, eps = 50, 1e-12
+    x, r = torch.randn(rows, cols, dtype=dtype), torch.randn(rows, cols, dtype=dtype)
+    b, w, nb = torch.randn(cols, dtype=dtype), torch.randn(cols, dtype=dtype), torch.randn(cols, dtype=dtype)
+    gy = torch.randn(rows, cols, dtype=dtype)
+    for p, bias in ((0.3, b), (0.0, b), (0.3, None)):
+        y, z, mean, rstd = cpu_kernels.residual_layer_norm(x, bias, r, w, nb, eps, p, 7)
+        leaves = [t.clone().requires_grad_(True) for t in (x, b, r, w, nb)]
+        y_ref, z_ref = _residual_ln_reference(leaves[0], leaves[1] if bias is not None else None, *leaves[2:],
+                                              eps, p, 7)
+        torch.testing.assert_close(z, z_ref.detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(y, y_ref.detach(), atol=tol, rtol=tol)
+        y_ref.backward(gy)
+        grads = cpu_kernels.residual_layer_norm_backward(gy, z, mean, rstd, w, p, 7, bias_grad=bias is not None)
+        ref = [leaves[2].grad, leaves[0].grad, leaves[3].grad, leaves[4].grad, leaves[1].grad]
+        for name, got, want in zip(("residual", "x", "weight", "norm bias", "bias"), grads, ref):
+            if want is None:
+                assert got is None, name
+                continue
+            torch.testing.assert_close(got, want, atol=20 * tol, rtol=tol, msg=name)
+
+
+def test_post_ln_block_fused_equals_unfused(kernels):
+    """A post-LN block in training with dropout: the fused residual LayerNorms (projection biases folded
+    into the kernel) give the unfused block's output and gradients when both see the same masks (p
+    tiny: everything kept, so the masks agree whatever stream each path draws)."""
+    from megamlm.model.encoder import Block
+    import megamlm.model.fused as fused
+
+    torch.manual_seed(0)
+    block = Block(32, 4, 64, 1e-12, 1e-9, 1e-9, "gelu", pre_norm=False).train()
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.add_(torch.randn_like(prm) * 0.1)  # non-trivial biases and LayerNorm affine
+    x = torch.randn(3, 9, 32)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        y = block(xi, None)
+        y.backward(torch.ones_like(y) / y.numel() + torch.linspace(0, 1, y.numel()).view_as(y))
+        return y.detach(), xi.grad, {n: prm.grad.clone() for n, prm in block.named_parameters()}
+
+    y1, gx1, g1 = run()
+    original = fused.ResidualLayerNorm.fusable
+    fused.ResidualLayerNorm.fusable = lambda self, t, bias: False
+    try:
+        y2, gx2, g2 = run()
+    finally:
+        fused.ResidualLayerNorm.fusable = original
+    torch.testing.assert_close(y1, y2, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx2, atol=2e-6, rtol=1e-5)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=5e-6, rtol=1e-5, msg=n)
+    x_in = x.clone().requires_grad_(True)
+    names = set()
+    todo = [block(x_in, None).grad_fn]
+    while todo:
+        fn = todo.pop()
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions if f is not None)
+    assert ("_ResidualLayerNormBackward" in names) == kernels, names
