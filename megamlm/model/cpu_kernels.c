@@ -192,17 +192,18 @@ static inline double gelu_grad_f64(double z) {
         }                                                                                          \
     }
 
-/* grad_a = grad * gelu'(a + bias) (grad_a may be grad or a); grad_bias[c] += sum over rows of
-   grad_a[:, c] when grad_bias is not NULL (double, zeroed by the caller). Returns 0, or -1 when the
-   per-thread column sums could not be allocated (nothing was written then). */
+/* grad_a = grad * gelu'(a + bias) (grad_a may be grad or a; bias is required: zeros for none);
+   grad_bias[c] += sum over rows of grad_a[:, c] when grad_bias is not NULL (double, zeroed by the
+   caller). Returns 0, or -1 when the per-thread column sums could not be allocated (then nothing
+   was written). The inner loop has no branch, so it vectorizes. */
 #define BIAS_GELU_BACKWARD(NAME, T, GRAD)                                                          \
     int NAME(const T *grad, const T *a, const T *bias, T *grad_a, double *grad_bias, int64_t rows,  \
              int64_t cols) {                                                                       \
         int failed = 0;                                                                            \
         _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")                             \
         {                                                                                          \
-            double *acc = grad_bias ? (double *)calloc((size_t)cols, sizeof(double)) : NULL;       \
-            if (grad_bias && !acc) {                                                               \
+            double *acc = (double *)calloc((size_t)cols, sizeof(double));                          \
+            if (!acc) {                                                                            \
                 _Pragma("omp atomic write")                                                        \
                 failed = 1;                                                                        \
             }                                                                                      \
@@ -215,12 +216,12 @@ static inline double gelu_grad_f64(double z) {
                     T *o = grad_a + r * cols;                                                      \
                     ELEMENTWISE                                                                    \
                     for (int64_t c = 0; c < cols; c++) {                                           \
-                        T d = gr[c] * GRAD(bias ? ar[c] + bias[c] : ar[c]);                        \
+                        T d = gr[c] * GRAD(ar[c] + bias[c]);                                       \
                         o[c] = d;                                                                  \
-                        if (acc) acc[c] += (double)d;                                              \
+                        acc[c] += (double)d;                                                       \
                     }                                                                              \
                 }                                                                                  \
-                if (acc) {                                                                         \
+                if (grad_bias) {                                                                   \
                     _Pragma("omp critical(megamlm_bias_grad)")                                     \
                     for (int64_t c = 0; c < cols; c++) grad_bias[c] += acc[c];                     \
                 }                                                                                  \

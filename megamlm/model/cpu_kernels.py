@@ -294,7 +294,8 @@ def bias_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias: torch.Tensor |
     _check("grad", grad, a)
     grad_a = torch.empty_like(a)
     acc = torch.zeros(cols, dtype=torch.float64) if bias_grad else None
-    rc = _lib_fn("bias_gelu_backward", a.dtype)(grad.data_ptr(), a.data_ptr(), 0 if bias is None else bias.data_ptr(),
+    bias = a.new_zeros(cols) if bias is None else bias  # (the kernel's loop always adds one: it vectorizes)
+    rc = _lib_fn("bias_gelu_backward", a.dtype)(grad.data_ptr(), a.data_ptr(), bias.data_ptr(),
                                                 grad_a.data_ptr(), 0 if acc is None else acc.data_ptr(), rows, cols)
     if rc:
         raise MemoryError(f"bias_gelu_backward: no memory for the per-thread column sums ({cols} columns)")
