@@ -85,15 +85,17 @@ class LossTerms:
 
 
 def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX,
-              logits_are_scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              logits_are_scratch: bool = False, bias: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] (or the rank's slice [N, V/t] with ``group``) at the masked rows, targets [N] →
     (loss sum fp32, number of targets int64, number correct int64). Rows labelled ``ignore_index``
     count nowhere. Accuracy is argmax == target (ties to the smallest id), the argmax coming from the
     cross-entropy's row-max pass. ``logits_are_scratch``: nothing else reads the logits after this
-    call, so the backward may reuse their storage."""
+    call, so the backward may reuse their storage. ``bias``: the decoder's bias when the logits come
+    without it (single rank, scratch logits: the loss adds it chunk by chunk)."""
     per_row, pred = vocab_parallel_cross_entropy(logits, targets, group, ignore_index,
                                                  inplace_backward=logits_are_scratch,
-                                                 with_argmax=True)  # [N] fp32, [N]
+                                                 with_argmax=True, bias=bias)  # [N] fp32, [N]
     valid = targets != ignore_index  # [N]
     with torch.no_grad():
         correct = ((pred == targets) & valid).sum()

@@ -38,11 +38,13 @@ class _LinearInWorkspace(torch.autograd.Function):
     into them), so the next step may reuse the memory once nothing holds it."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, holder: "TiedDecoder",
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder: "TiedDecoder",
                 tied: TiedGrad | None = None):
         ctx.save_for_backward(h, w)
         ctx.tied, ctx.weight_rows = tied, holder.weight.shape[0]
         out = holder._workspace(h.shape[0], w.shape[0], h.dtype)  # [N, V]
+        if b is None:  # the bias is the caller's (the loss adds it chunk by chunk)
+            return torch.mm(h, w.t(), out=out)
         return torch.addmm(b, h, w.t(), out=out)
 
     @staticmethod
@@ -57,7 +59,7 @@ class _LinearInWorkspace(torch.autograd.Function):
             ctx.tied.grad = full
         elif ctx.needs_input_grad[1]:
             grad_w = grad.t().mm(h)  # [V, H]
-        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None  # [V]
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None  # [V] (None when b was None)
         return grad_h, grad_w, grad_b, None, None
 
 
@@ -93,17 +95,25 @@ class TiedDecoder(nn.Module):
         return (w.device.type == "cpu" and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling())
 
-    def forward(self, h: torch.Tensor, scratch: bool = False, tied: TiedGrad | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, scratch: bool = False, tied: TiedGrad | None = None,
+                add_bias: bool = True) -> torch.Tensor:
         """``tied``: on the scratch path the weight's gradient is left there for the word-embedding
-        lookup of the same forward (which must then get the same ``tied``), not returned."""
+        lookup of the same forward (which must then get the same ``tied``), not returned.
+        ``add_bias=False``: logits without the bias (:meth:`loss_bias`, which the loss then adds)."""
         n = self.n_predicted
         w, b = (self.weight, self.bias) if n == self.weight.shape[0] else (self.weight[:n], self.bias[:n])
         # [V_real, H], [V_real]: contiguous row slices, no copy
+        b = b if add_bias else None
         if scratch and h.dtype == torch.float32 and self.scratch_path():
             return _LinearInWorkspace.apply(h, w, b, self, tied)  # [N, V_real]
         if tied is not None:
             raise ValueError("a TiedGrad needs the scratch path (CPU fp32 training logits)")
         return F.linear(h, w, b)  # [N, V_real]
+
+    def loss_bias(self) -> torch.Tensor:
+        """The bias of the predicted rows [V_real] (a view), for a loss that adds it itself."""
+        n = self.n_predicted
+        return self.bias if n == self.bias.shape[0] else self.bias[:n]
 
 
 class MLMHead(nn.Module):
@@ -119,15 +129,15 @@ class MLMHead(nn.Module):
         self.decoder = TiedDecoder(word_embedding, n_predicted)  # after init: never re-initialise the tie
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, scratch: bool = False,
-                tied: TiedGrad | None = None) -> torch.Tensor:
+                tied: TiedGrad | None = None, add_bias: bool = True) -> torch.Tensor:
         """hidden [B, T, H], positions [N] flat indices into B*T → logits [N, V_real]. ``scratch``: the
         logits are for the loss alone (the decoder may put them in a reused workspace); ``tied``: see
         :meth:`TiedDecoder.forward`."""
         H = hidden.shape[-1]
         rows = hidden.reshape(-1, H).index_select(0, positions)  # [N, H]
         h = self.norm(self.act(self.dense(rows)))  # [N, H]
-        if tied is not None:  # (only the plain TiedDecoder takes one; a vocab-parallel decoder never gets it)
-            return self.decoder(h, scratch=scratch, tied=tied)  # [N, V_real]
+        if tied is not None or not add_bias:  # (only the plain TiedDecoder takes these)
+            return self.decoder(h, scratch=scratch, tied=tied, add_bias=add_bias)  # [N, V_real]
         return self.decoder(h, scratch=scratch)  # [N, V_real]
 
 

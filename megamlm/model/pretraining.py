@@ -101,21 +101,32 @@ class PretrainingModel(nn.Module):
             return TiedGrad()
         return None
 
-    def logits(self, batch, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _bias_in_loss(self) -> bool:
+        """Whether the training loss adds the decoder's bias itself (single rank, the decoder's CPU fp32
+        workspace path, its bias materialised here): saves a broadcast copy into, and a column-sum pass
+        over, the N × V logits."""
+        dec = self.mlm_head.decoder
+        return (self.vocab_group is None and isinstance(dec, TiedDecoder) and dec.scratch_path()
+                and dec.bias.numel() == dec.weight.shape[0])
+
+    def logits(self, batch, scratch: bool = False, _add_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None).
         ``scratch``: the MLM logits are for the loss alone (may live in a workspace the next call reuses)."""
         self._check_batch(batch)
         tied = self._tied_grad() if scratch else None
         h = self.hidden(batch, tied)  # [B, T, H]
-        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch, tied=tied)  # [N, V_real]
+        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch, tied=tied, add_bias=_add_bias)  # [N, V_real]
         pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
         return mlm, pair
 
     def forward(self, batch) -> LossTerms:
-        mlm_logits, pair_logits = self.logits(batch, scratch=True)
+        bias_in_loss = self._bias_in_loss()
+        mlm_logits, pair_logits = self.logits(batch, scratch=True, _add_bias=not bias_in_loss)
         terms = LossTerms()
         # the logits exist for the loss alone: its backward may write the gradient into them
-        terms.add("mlm", *mlm_terms(mlm_logits, batch.mlm_targets, self.vocab_group, logits_are_scratch=True))
+        bias = self.mlm_head.decoder.loss_bias() if bias_in_loss else None
+        terms.add("mlm", *mlm_terms(mlm_logits, batch.mlm_targets, self.vocab_group, logits_are_scratch=True,
+                                    bias=bias))
         if pair_logits is not None:
             terms.add("pair", *pair_terms(pair_logits, batch.pair_labels))
         return terms

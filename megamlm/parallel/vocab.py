@@ -87,14 +87,20 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool,
-                with_argmax: bool = False):
-        x = logits.float()  # [N, V]; not written to in forward
+                with_argmax: bool = False, bias: torch.Tensor | None = None):
+        x = logits.float()  # [N, V]; not written to in forward (but for ``bias``)
         N, V = x.shape
+        if bias is not None:
+            if not (inplace_backward and x is logits):
+                raise ValueError("a bias for the cross-entropy needs fp32 scratch logits (inplace_backward=True)")
+            x = x.detach()  # written in place below; the caller's logits are scratch (read by nothing else)
         step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
         lse = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
         block_max = torch.empty(N, -(-V // _BLOCK), dtype=torch.float32, device=x.device)  # [N, nb]
         for s in range(0, N, step):
             xc = x[s:s + step]  # [c, V]
+            if bias is not None:  # the decoder's bias, added here while the chunk is in cache
+                xc.add_(bias)
             block_max[s:s + step] = _block_max(xc)
             m = block_max[s:s + step].amax(dim=-1, keepdim=True)  # [c, 1] row max
             lse[s:s + step] = torch.sub(xc, m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
@@ -105,7 +111,8 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, lse, safe, valid)
         ctx.input_dtype = logits.dtype
         ctx.inplace = inplace_backward or x is not logits  # our own fp32 copy may always be reused
-        ctx.n_inputs = len(ctx.needs_input_grad)  # 4 or 5: with_argmax is optional
+        ctx.n_inputs = len(ctx.needs_input_grad)  # 4 to 6: with_argmax and bias are optional
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
         if not with_argmax:
             return loss
         pred = _first_argmax(x, block_max, block_max.amax(dim=-1))  # [N]
@@ -119,11 +126,19 @@ class _CrossEntropy(torch.autograd.Function):
         g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
         grad = x if ctx.inplace else torch.empty_like(x)  # [N, V]
         step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
+        grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if ctx.bias_grad else None
         for s in range(0, N, step):
             e = s + step
             torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
+            if grad_bias is not None:  # column sums while the chunk is in cache
+                grad_bias += grad[s:e].sum(0)
         grad[torch.arange(N, device=x.device), safe] -= g  # softmax - onehot, scaled
-        return (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
+        if grad_bias is not None:
+            grad_bias.index_add_(0, safe, -g)  # the onehot part of the column sums
+        out = (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
+        if ctx.n_inputs == 6:
+            out = out[:5] + (grad_bias,)
+        return out
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -197,7 +212,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, group=None,
                                  ignore_index: int = IGNORE_INDEX, inplace_backward: bool = False,
-                                 with_argmax: bool = False):
+                                 with_argmax: bool = False, bias: torch.Tensor | None = None):
     """local_logits [N, V/t] (any float dtype), labels [N] global ids → per-row fp32 loss [N]
     (0 where ``labels == ignore_index``); with ``with_argmax`` → (loss [N], argmax [N]): the global
     argmax id of each row, equal to :func:`vocab_parallel_argmax` (ties to the smallest id), found from
@@ -206,13 +221,21 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     The logits are never written in forward. ``inplace_backward=True`` lets the backward (single-rank
     or vocab-parallel) write the gradient into fp32 logits' storage (saves an [N, V/t] buffer); only for
     logits that nothing reads after the loss, e.g. those the model makes for the loss alone. Columns
-    set to −inf (padded vocabulary rows) get zero probability and zero gradient."""
+    set to −inf (padded vocabulary rows) get zero probability and zero gradient.
+
+    ``bias`` [V] (single rank, fp32 scratch logits with ``inplace_backward``): the decoder's bias, added
+    to the logits chunk by chunk inside the loss (instead of a broadcast copy into all N·V logits before
+    it) with its gradient summed in the backward's chunk loop (instead of another pass over them)."""
     if local_logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != local_logits.shape[0]:
         raise ValueError(f"expected local_logits [N, V] and labels [N], got {tuple(local_logits.shape)} "
                          f"and {tuple(labels.shape)}")
     size, _ = group_size_rank(group)
     if size == 1:
+        if bias is not None:
+            return _CrossEntropy.apply(local_logits, labels, ignore_index, inplace_backward, with_argmax, bias)
         return _CrossEntropy.apply(local_logits, labels, ignore_index, inplace_backward, with_argmax)
+    if bias is not None:
+        raise ValueError("vocab_parallel_cross_entropy: a separate bias is for the single-rank loss only")
     return _VocabParallelCrossEntropy.apply(local_logits, labels, group, ignore_index, inplace_backward,
                                             with_argmax)
 

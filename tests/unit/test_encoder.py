@@ -279,8 +279,8 @@ def test_attention_dropout_path_used_in_training_and_scaled():
 
 
 def test_scratch_logits_workspace_reused_only_when_free():
-    """Training forward (scratch logits in a reused workspace, the tied weight's decoder gradient handed
-    to the word-embedding lookup through a TiedGrad) gives the loss and gradients of the plain F.linear
+    """Training forward (scratch logits in a reused workspace, the decoder's bias added inside the loss,
+    the tied weight's decoder gradient handed to the word-embedding lookup through a TiedGrad) gives the loss and gradients of the plain F.linear
     decoder and nn.Embedding with autograd summing the two; the workspace is reused step after step,
     but not while a pending graph holds it (two forwards, then one backward of their sum: still the
     right gradients). The padded vocabulary rows get zero gradient from both."""
@@ -299,15 +299,16 @@ def test_scratch_logits_workspace_reused_only_when_free():
 
     def reference(batches):  # the same model with the plain decoder path and no hand-off
         orig = dec.forward
-        dec.forward = lambda h, scratch=False, tied=None: orig(h, scratch=False)
+        dec.forward = lambda h, scratch=False, tied=None, add_bias=True: orig(h, scratch=False)
         model._tied_grad = lambda: None
+        model._bias_in_loss = lambda: False
         try:
             return grads(model, batches)
         finally:
             dec.forward = orig
-            del model._tied_grad
+            del model._tied_grad, model._bias_in_loss
 
-    assert model._tied_grad() is not None
+    assert model._tied_grad() is not None and model._bias_in_loss()
     with torch.no_grad():
         assert model._tied_grad() is None
 

@@ -184,6 +184,31 @@ def test_single_rank_cross_entropy_backward(inplace):
         assert torch.equal(logits.detach(), kept)
 
 
+def test_single_rank_cross_entropy_adds_the_bias_itself():
+    """bias= (the decoder's, on scratch logits): the loss, argmax and the gradients of the logits and the
+    bias equal those of the cross-entropy of logits + bias (ignored rows contribute nothing); a vocab-
+    parallel group or non-scratch logits refuse it."""
+    torch.manual_seed(0)
+    N, Vb = 40, 1000  # several row chunks
+    h = torch.randn(N, 8, requires_grad=True)
+    w, b = torch.randn(Vb, 8), torch.randn(Vb, requires_grad=True)
+    labels = torch.randint(0, Vb, (N,))
+    labels[[4, 17]] = IGNORE_INDEX
+    loss, pred = vocab_parallel_cross_entropy(h @ w.t(), labels, inplace_backward=True, with_argmax=True, bias=b)
+    loss.sum().backward()
+    gh, gb = h.grad.clone(), b.grad.clone()
+    h.grad = b.grad = None
+    ref_logits = h @ w.t() + b
+    ref = F.cross_entropy(ref_logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
+    ref.sum().backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(pred, ref_logits.detach().argmax(-1))
+    torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb, b.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="scratch logits"):
+        vocab_parallel_cross_entropy(h @ w.t(), labels, inplace_backward=False, bias=b)
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 128, 300, 30522])
 def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab):
     """with_argmax returns x.argmax(-1) exactly, ties to the smallest id: random rows, constant rows,
