@@ -366,5 +366,76 @@ RESIDUAL_LN(megamlm_residual_ln_f64, double, sqrt)
 RESIDUAL_LN_BACKWARD(megamlm_residual_ln_backward_f32, float)
 RESIDUAL_LN_BACKWARD(megamlm_residual_ln_backward_f64, double)
 
+/* ---------------------------------------------------------------- cross-entropy over logits + bias
+ * Per row of `cols` logits x (float32) and the bias (zeros for none): row max, log-sum-exp and the
+ * first argmax of x + bias, read-only (a row stays in cache across the passes); the loss is
+ * lse - (x + bias)[label] on rows whose label is not ignore_index (0 elsewhere). */
+void megamlm_ce_forward_f32(const float *x, const float *bias, const int64_t *labels, int64_t ignore_index,
+                            float *loss, float *lse, int64_t *argmax, int64_t rows, int64_t cols) {
+    _Pragma("omp parallel for schedule(static) if (rows * cols >= 4 * parallel_words)")
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float m = -INFINITY;
+        _Pragma("omp simd reduction(max:m)")
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] + bias[c];
+            m = v > m ? v : m;
+        }
+        float s = 0.0f;
+        int64_t a = cols - 1;  /* the first column holding the max (the last one if none does: a NaN) */
+        _Pragma("omp simd reduction(+:s) reduction(min:a)")
+        for (int64_t c = 0; c < cols; c++) {
+            float v = xr[c] + bias[c];
+            s += exp_f32(v - m);
+            a = v == m && c < a ? c : a;
+        }
+        float l = m + logf(s);
+        lse[r] = l;
+        argmax[r] = a;
+        int64_t t = labels[r];
+        loss[r] = (t == ignore_index || t < 0 || t >= cols) ? 0.0f : l - (xr[t] + bias[t]);
+    }
+}
+
+/* grad[r, c] = g[r] * (exp(x + bias - lse[r]) - [c == label[r]]) (g = 0 on ignored rows), written to
+   grad (which may be x); grad_bias[c] += its column sums (double; NULL: skipped). Returns 0, or -1
+   when the per-thread sums could not be allocated (then nothing was written). */
+int megamlm_ce_backward_f32(const float *x, const float *bias, const float *lse, const float *g,
+                            const int64_t *labels, int64_t ignore_index, float *grad, double *grad_bias,
+                            int64_t rows, int64_t cols) {
+    int failed = 0;
+    _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")
+    {
+        double *acc = grad_bias ? (double *)calloc((size_t)cols, sizeof(double)) : NULL;
+        if (grad_bias && !acc) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp barrier")
+        if (!failed) {
+            _Pragma("omp for schedule(static)")
+            for (int64_t r = 0; r < rows; r++) {
+                const float *xr = x + r * cols;
+                float *gr = grad + r * cols;
+                float l = lse[r], gg = g[r];
+                ELEMENTWISE
+                for (int64_t c = 0; c < cols; c++) gr[c] = exp_f32(xr[c] + bias[c] - l) * gg;
+                int64_t t = labels[r];
+                if (t != ignore_index && t >= 0 && t < cols) gr[t] -= gg;
+                if (acc) {
+                    ELEMENTWISE
+                    for (int64_t c = 0; c < cols; c++) acc[c] += (double)gr[c];
+                }
+            }
+            if (acc) {
+                _Pragma("omp critical(megamlm_ce_bias_grad)")
+                for (int64_t c = 0; c < cols; c++) grad_bias[c] += acc[c];
+            }
+        }
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 3; }
+int megamlm_kernels_version(void) { return 4; }

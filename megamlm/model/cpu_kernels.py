@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
            "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "bias_gelu_backward",
-           "residual_layer_norm", "residual_layer_norm_backward"]
+           "residual_layer_norm", "residual_layer_norm_backward", "cross_entropy_forward",
+           "cross_entropy_backward"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
-_VERSION = 3  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 4  # megamlm_kernels_version() of the source this module speaks to
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); -fno-trapping-math: lets the
 # float -> int conversion of the inlined exp vectorize (torch itself is built with both math flags)
 _FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC"]
@@ -174,6 +175,9 @@ def _load():
                                                                                  ctypes.c_double]
                 getattr(lib, f"megamlm_residual_ln_backward_{dt}").argtypes = [ptr] * 10 + [i64, i64, u64, i32, ct]
                 getattr(lib, f"megamlm_residual_ln_backward_{dt}").restype = ctypes.c_int
+            lib.megamlm_ce_forward_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
+            lib.megamlm_ce_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
+            lib.megamlm_ce_backward_f32.restype = ctypes.c_int
             _lib = lib
         except Exception as e:  # noqa: BLE001 -- any failure means: use the torch fallback
             log.warning("megamlm CPU dropout kernels unavailable (%s); using torch ops", e)
@@ -342,6 +346,50 @@ def residual_layer_norm_backward(grad_y: torch.Tensor, z: torch.Tensor, mean: to
         raise MemoryError(f"residual_layer_norm_backward: no memory for the per-thread column sums ({cols} columns)")
     sums = sums.to(z.dtype)
     return grad_z, grad_x, sums[0], sums[1], sums[2] if bias_grad else None
+
+
+def _ce_check(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"cross-entropy kernel: float32 [N, V] logits, got {x.dtype} {tuple(x.shape)}")
+    _check("logits", x)
+    if labels.dtype != torch.int64 or labels.shape != x.shape[:1] or not labels.is_contiguous():
+        raise ValueError(f"cross-entropy kernel: int64 labels [{x.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+    if bias is None:
+        return x.new_zeros(x.shape[1])
+    _check("bias", bias)
+    if bias.dtype != torch.float32 or bias.shape != x.shape[1:]:
+        raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)} does not match the logits' [{x.shape[1]}]")
+    return bias
+
+
+def cross_entropy_forward(x: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int):
+    """Per-row cross-entropy of ``x + bias`` (float32 [N, V], bias [V] or None) against ``labels``:
+    (loss [N], 0 on ignored rows; lse [N]; first argmax [N]). Reads the logits only."""
+    bias = _ce_check(x, bias, labels)
+    N, V = x.shape
+    loss, lse = x.new_empty(N), x.new_empty(N)
+    argmax = torch.empty(N, dtype=torch.int64)
+    _lib_fn("ce_forward", torch.float32)(x.data_ptr(), bias.data_ptr(), labels.data_ptr(), ignore_index,
+                                         loss.data_ptr(), lse.data_ptr(), argmax.data_ptr(), N, V)
+    return loss, lse, argmax
+
+
+def cross_entropy_backward(x: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, grad_rows: torch.Tensor,
+                           labels: torch.Tensor, ignore_index: int, out: torch.Tensor | None = None,
+                           bias_grad: bool = False):
+    """(grad of the logits [N, V], written to ``out``, which may be x; grad of the bias [V] or None)
+    for per-row loss gradients ``grad_rows`` [N] (float32; use 0 on ignored rows)."""
+    bias_t = _ce_check(x, bias, labels)
+    N, V = x.shape
+    out = torch.empty_like(x) if out is None else out
+    _check("out", out, x)
+    acc = torch.zeros(V, dtype=torch.float64) if bias_grad else None
+    rc = _lib_fn("ce_backward", torch.float32)(x.data_ptr(), bias_t.data_ptr(), lse.contiguous().data_ptr(),
+                                               grad_rows.contiguous().data_ptr(), labels.data_ptr(), ignore_index,
+                                               out.data_ptr(), 0 if acc is None else acc.data_ptr(), N, V)
+    if rc:
+        raise MemoryError(f"cross_entropy_backward: no memory for the per-thread column sums ({V} columns)")
+    return out, None if acc is None else acc.float()
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:

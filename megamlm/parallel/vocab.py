@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from megamlm.model import cpu_kernels
+
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "VOCAB_SHARDED_PARAMS", "VOCAB_TIED_PARAMS", "group_size_rank",
@@ -88,57 +90,74 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool,
                 with_argmax: bool = False, bias: torch.Tensor | None = None):
-        x = logits.float()  # [N, V]; not written to in forward (but for ``bias``)
+        x = logits.float()  # [N, V]; not written to in forward (but for ``bias`` on the torch path)
         N, V = x.shape
-        if bias is not None:
-            if not (inplace_backward and x is logits):
-                raise ValueError("a bias for the cross-entropy needs fp32 scratch logits (inplace_backward=True)")
-            x = x.detach()  # written in place below; the caller's logits are scratch (read by nothing else)
-        step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
-        lse = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
-        block_max = torch.empty(N, -(-V // _BLOCK), dtype=torch.float32, device=x.device)  # [N, nb]
-        for s in range(0, N, step):
-            xc = x[s:s + step]  # [c, V]
-            if bias is not None:  # the decoder's bias, added here while the chunk is in cache
-                xc.add_(bias)
-            block_max[s:s + step] = _block_max(xc)
-            m = block_max[s:s + step].amax(dim=-1, keepdim=True)  # [c, 1] row max
-            lse[s:s + step] = torch.sub(xc, m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
-        valid = labels != ignore_index  # [N]
-        safe = torch.where(valid, labels, torch.zeros_like(labels))  # [N]
-        target = x.gather(1, safe.unsqueeze(-1)).squeeze(-1)  # [N]
-        loss = torch.where(valid, lse - target, torch.zeros_like(lse))  # [N]
-        ctx.save_for_backward(x, lse, safe, valid)
+        if bias is not None and not (inplace_backward and x is logits):
+            raise ValueError("a bias for the cross-entropy needs fp32 scratch logits (inplace_backward=True)")
         ctx.input_dtype = logits.dtype
         ctx.inplace = inplace_backward or x is not logits  # our own fp32 copy may always be reused
         ctx.n_inputs = len(ctx.needs_input_grad)  # 4 to 6: with_argmax and bias are optional
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
+        ctx.ignore_index = ignore_index
+        ctx.kernel = _ce_kernel(x, labels)
+        if ctx.kernel:  # one read-only pass per row (max, then log-sum-exp and argmax), bias added on the fly
+            labels = labels.contiguous()
+            loss, lse, pred = cpu_kernels.cross_entropy_forward(x, bias, labels, ignore_index)
+            ctx.save_for_backward(x, lse, labels, labels != ignore_index, bias)
+        else:
+            if bias is not None:
+                x = x.detach()  # written in place below; the caller's logits are scratch (read by nothing else)
+            step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
+            lse = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
+            block_max = torch.empty(N, -(-V // _BLOCK), dtype=torch.float32, device=x.device)  # [N, nb]
+            for s in range(0, N, step):
+                xc = x[s:s + step]  # [c, V]
+                if bias is not None:  # the decoder's bias, added here while the chunk is in cache
+                    xc.add_(bias)
+                block_max[s:s + step] = _block_max(xc)
+                m = block_max[s:s + step].amax(dim=-1, keepdim=True)  # [c, 1] row max
+                lse[s:s + step] = torch.sub(xc, m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+            valid = labels != ignore_index  # [N]
+            safe = torch.where(valid, labels, torch.zeros_like(labels))  # [N]
+            target = x.gather(1, safe.unsqueeze(-1)).squeeze(-1)  # [N]
+            loss = torch.where(valid, lse - target, torch.zeros_like(lse))  # [N]
+            ctx.save_for_backward(x, lse, safe, valid, None)
+            pred = _first_argmax(x, block_max, block_max.amax(dim=-1)) if with_argmax else None  # [N]
         if not with_argmax:
             return loss
-        pred = _first_argmax(x, block_max, block_max.amax(dim=-1))  # [N]
         ctx.mark_non_differentiable(pred)
         return loss, pred
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *_):
-        x, lse, safe, valid = ctx.saved_tensors
+        x, lse, safe, valid, bias = ctx.saved_tensors
         N, V = x.shape
         g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
         grad = x if ctx.inplace else torch.empty_like(x)  # [N, V]
-        step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
-        grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if ctx.bias_grad else None
-        for s in range(0, N, step):
-            e = s + step
-            torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
-            if grad_bias is not None:  # column sums while the chunk is in cache
-                grad_bias += grad[s:e].sum(0)
-        grad[torch.arange(N, device=x.device), safe] -= g  # softmax - onehot, scaled
-        if grad_bias is not None:
-            grad_bias.index_add_(0, safe, -g)  # the onehot part of the column sums
+        if ctx.kernel:  # softmax - onehot, scaled, and the bias' column sums, in one pass
+            grad, grad_bias = cpu_kernels.cross_entropy_backward(x, bias, lse, g, safe, ctx.ignore_index, out=grad,
+                                                                 bias_grad=ctx.bias_grad)
+        else:
+            step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
+            grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if ctx.bias_grad else None
+            for s in range(0, N, step):
+                e = s + step
+                torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
+                if grad_bias is not None:  # column sums while the chunk is in cache
+                    grad_bias += grad[s:e].sum(0)
+            grad[torch.arange(N, device=x.device), safe] -= g  # softmax - onehot, scaled
+            if grad_bias is not None:
+                grad_bias.index_add_(0, safe, -g)  # the onehot part of the column sums
         out = (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
         if ctx.n_inputs == 6:
             out = out[:5] + (grad_bias,)
         return out
+
+
+def _ce_kernel(x: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the single-rank loss takes the compiled CPU kernel (float32 CPU logits, int64 labels)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and labels.dtype == torch.int64
+            and not torch.compiler.is_compiling() and cpu_kernels.available())
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
