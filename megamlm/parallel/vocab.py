@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from megamlm.model import cpu_kernels
-
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "VOCAB_SHARDED_PARAMS", "VOCAB_TIED_PARAMS", "group_size_rank",
@@ -100,7 +98,9 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
         ctx.ignore_index = ignore_index
         ctx.kernel = _ce_kernel(x, labels)
-        if ctx.kernel:  # one read-only pass per row (max, then log-sum-exp and argmax), bias added on the fly
+        if ctx.kernel:
+            from megamlm.model import cpu_kernels
+  # one read-only pass per row (max, then log-sum-exp and argmax), bias added on the fly
             labels = labels.contiguous()
             loss, lse, pred = cpu_kernels.cross_entropy_forward(x, bias, labels, ignore_index)
             ctx.save_for_backward(x, lse, labels, labels != ignore_index, bias)
@@ -135,6 +135,7 @@ class _CrossEntropy(torch.autograd.Function):
         g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
         grad = x if ctx.inplace else torch.empty_like(x)  # [N, V]
         if ctx.kernel:  # softmax - onehot, scaled, and the bias' column sums, in one pass
+            from megamlm.model import cpu_kernels
             grad, grad_bias = cpu_kernels.cross_entropy_backward(x, bias, lse, g, safe, ctx.ignore_index, out=grad,
                                                                  bias_grad=ctx.bias_grad)
         else:
@@ -156,6 +157,8 @@ class _CrossEntropy(torch.autograd.Function):
 
 def _ce_kernel(x: torch.Tensor, labels: torch.Tensor) -> bool:
     """Whether the single-rank loss takes the compiled CPU kernel (float32 CPU logits, int64 labels)."""
+    from megamlm.model import cpu_kernels  # (not at the top: megamlm.model imports the objectives, which import us)
+
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and labels.dtype == torch.int64
             and not torch.compiler.is_compiling() and cpu_kernels.available())
 
