@@ -16,15 +16,6 @@ from megamlm.model.dropout import _keep_mask, _random_bits, dropout, dropout_add
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
 
 
-@pytest.fixture(params=[True, False], ids=["kernels", "fallback"])
-def kernels(request):
-    if request.param and not cpu_kernels.available():
-        pytest.skip("no C compiler: kernels not built")
-    previous = cpu_kernels.set_enabled(request.param)
-    yield request.param
-    cpu_kernels.set_enabled(previous)
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_mask_is_the_reference_stream_at_any_offset(dtype):

@@ -12,7 +12,6 @@ from megamlm.bench import random_batch
 from megamlm.config import ModelConfig, ObjectiveConfig
 from megamlm.data.batch import IGNORE_INDEX as BATCH_IGNORE
 from megamlm.model import build_model
-from megamlm.model import cpu_kernels
 from megamlm.objectives import LossTerms, combine, mlm_terms, pair_terms
 from megamlm.parallel.vocab import (IGNORE_INDEX, _VocabParallelCrossEntropy, vocab_parallel_argmax,
                                     vocab_parallel_cross_entropy)
@@ -36,16 +35,6 @@ def cat_batches(a, b):
                  torch.cat([a.mlm_positions, b.mlm_positions + n]), torch.cat([a.mlm_targets, b.mlm_targets]),
                  torch.cat([a.pair_labels, b.pair_labels]), a.n_tokens + b.n_tokens)
 
-
-
-@pytest.fixture(params=[True, False], ids=["ce-kernel", "ce-torch"])
-def ce_path(request):
-    """The single-rank cross-entropy through the compiled CPU kernel, and through torch ops."""
-    if request.param and not cpu_kernels.available():
-        pytest.skip("no C compiler: kernels not built")
-    previous = cpu_kernels.set_enabled(request.param)
-    yield request.param
-    cpu_kernels.set_enabled(previous)
 
 
 def test_ignore_index_agrees_with_batch():
@@ -147,7 +136,7 @@ def test_cross_entropy_fp32_and_not_mutating():
     assert logits.grad.dtype == torch.bfloat16
 
 
-def test_autograd_function_matches_log_softmax_at_size_one(ce_path):
+def test_autograd_function_matches_log_softmax_at_size_one(kernels):
     """The vocab-parallel Function (no collectives at group None) equals F.cross_entropy, forward and
     backward; the caller's logits are left untouched."""
     torch.manual_seed(0)
@@ -177,7 +166,7 @@ def test_cross_entropy_shape_errors():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_single_rank_cross_entropy_backward(inplace, ce_path):
+def test_single_rank_cross_entropy_backward(inplace, kernels):
     """fp32 logits from a matmul: same gradient with and without reusing their storage; without the
     flag the logits are untouched after backward too."""
     torch.manual_seed(0)
@@ -196,7 +185,7 @@ def test_single_rank_cross_entropy_backward(inplace, ce_path):
         assert torch.equal(logits.detach(), kept)
 
 
-def test_single_rank_cross_entropy_adds_the_bias_itself(ce_path):
+def test_single_rank_cross_entropy_adds_the_bias_itself(kernels):
     """bias= (the decoder's, on scratch logits): the loss, argmax and the gradients of the logits and the
     bias equal those of the cross-entropy of logits + bias (ignored rows contribute nothing); a vocab-
     parallel group or non-scratch logits refuse it."""
@@ -222,7 +211,7 @@ def test_single_rank_cross_entropy_adds_the_bias_itself(ce_path):
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 128, 300, 30522])
-def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab, ce_path):
+def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab, kernels):
     """with_argmax returns x.argmax(-1) exactly, ties to the smallest id: random rows, constant rows,
     ties inside one column block, across blocks, on block boundaries and in the short last block;
     the loss is unchanged by the flag."""
@@ -251,7 +240,7 @@ def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab, ce_path)
         loss.sum().backward()  # the extra output does not disturb the backward
 
 
-def test_mlm_accuracy_counts_tied_rows_by_smallest_id(ce_path):
+def test_mlm_accuracy_counts_tied_rows_by_smallest_id(kernels):
     """A row whose target ties the maximum with a smaller id is wrong, as argmax says; a row whose target
     is the smallest of the tied ids is right."""
     x = torch.zeros(3, V)

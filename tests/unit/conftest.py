@@ -1,0 +1,16 @@
+"""Shared fixtures of the unit tests."""
+
+import pytest
+
+from megamlm.model import cpu_kernels
+
+
+@pytest.fixture(params=[True, False], ids=["kernels", "torch-ops"])
+def kernels(request):
+    """Run the test twice: with the compiled CPU kernels, and with the torch-ops fallback (the path of
+    a machine without a C compiler). The kernel run is skipped where they cannot be built."""
+    if request.param and not cpu_kernels.available():
+        pytest.skip("no C compiler: kernels not built")
+    previous = cpu_kernels.set_enabled(request.param)
+    yield request.param
+    cpu_kernels.set_enabled(previous)
