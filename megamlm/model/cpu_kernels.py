@@ -1,6 +1,12 @@
-"""CPU kernels for dropout and the feed-forward's bias + GELU, compiled at first use. Dropout: the mask is generated inside the kernel from a seed and
-each element's index (a counter-based stream, SplitMix64), so it is never drawn into memory, never
-stored for backward (the backward regenerates it) and costs one pass over the data.
+"""Fused CPU kernels, in C (``cpu_kernels.c``), compiled at first use and called through ctypes:
+
+* dropout (:func:`dropout_mul`, :func:`dropout_add`) with the mask generated inside the kernel from a
+  seed and each element's index (a counter-based stream, SplitMix64): never drawn into memory, never
+  stored for backward (the backward regenerates it), one pass over the data;
+* the feed-forward's bias + exact GELU and its backward with the bias gradient (:func:`bias_gelu`);
+* the post-LN residual ``LayerNorm(r + dropout(x + bias))`` and its backward
+  (:func:`residual_layer_norm`);
+* the cross-entropy over ``logits + bias`` with the row argmax (:func:`cross_entropy_forward`).
 
 On CPU, torch's ``dropout`` draws ``bernoulli_`` from the serial mt19937 generator and the
 residual add is another pass: for the small bench model dropout was ~10% of the training step.
@@ -208,11 +214,8 @@ def threshold(p: float) -> int:
 
 
 def _run(name: str, tensors: list[torch.Tensor], out: torch.Tensor, start: int, seed: int, p: float) -> None:
-    lib = _lib or _load()
-    if not lib:
-        raise RuntimeError("megamlm CPU kernels are unavailable (see the warning logged when loading them)")
-    fn = getattr(lib, f"megamlm_{name}_{'f32' if out.dtype == torch.float32 else 'f64'}")
-    fn(*(t.data_ptr() for t in tensors), out.data_ptr(), start, out.numel(), seed, threshold(p), 1.0 / (1.0 - p))
+    _lib_fn(name, out.dtype)(*(t.data_ptr() for t in tensors), out.data_ptr(), start, out.numel(), seed,
+                             threshold(p), 1.0 / (1.0 - p))
 
 
 def uses_openmp() -> bool:
