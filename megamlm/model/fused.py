@@ -19,7 +19,12 @@ from torch import nn
 
 from megamlm.model import cpu_kernels
 
-__all__ = ["LinearGelu", "ResidualLayerNorm", "Linear"]
+__all__ = ["LinearGelu", "ResidualLayerNorm", "Linear", "zero3_partitioned"]
+
+
+def zero3_partitioned(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a parameter DeepSpeed ZeRO-3 manages (gathered only inside its module's call)."""
+    return hasattr(p, "ds_id")
 
 
 class _BiasGelu(torch.autograd.Function):
@@ -89,12 +94,14 @@ class ResidualLayerNorm(nn.LayerNorm):
 
     def fusable(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Whether the fused path applies to ``x`` (decided before the projection runs). Parameters must
-        be materialised here (a ZeRO-3 partitioned one has no elements outside its module's call)."""
+        be materialised here (a ZeRO-3 partitioned one has no elements outside its module's call), and
+        ``bias``, used outside its own module's call, must not be a ZeRO-3 parameter at all (it may be
+        released between that call and this one)."""
         H = self.normalized_shape[-1]
         return (len(self.normalized_shape) == 1 and self.elementwise_affine and self.bias is not None
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and self.weight.dtype == x.dtype and self.weight.numel() == H and self.bias.numel() == H
-                and (bias is None or (bias.numel() == H and bias.dtype == x.dtype))
+                and (bias is None or (bias.numel() == H and bias.dtype == x.dtype and not zero3_partitioned(bias)))
                 and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting()
                 and not torch.compiler.is_compiling() and cpu_kernels.available())
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megamlm.model.encoder import Encoder, TiedGrad, WordEmbedding
+from megamlm.model.fused import zero3_partitioned
 from megamlm.model.heads import MLMHead, PairHead, TiedDecoder
 from megamlm.objectives import LossTerms, mlm_terms, pair_terms
 
@@ -94,20 +95,22 @@ class PretrainingModel(nn.Module):
 
     def _tied_grad(self) -> TiedGrad | None:
         """A :class:`TiedGrad` for a training forward whose decoder and lookup can hand the tied
-        weight's gradient over (the plain tied modules, the decoder on its CPU workspace path)."""
+        weight's gradient over (the plain tied modules, the decoder on its CPU workspace path; not
+        under ZeRO-3, which gathers and releases the weight per module call)."""
         emb, dec = self.encoder.embeddings.word_embeddings, self.mlm_head.decoder
         if (torch.is_grad_enabled() and isinstance(emb, WordEmbedding) and isinstance(dec, TiedDecoder)
-                and dec.weight is emb.weight and emb.weight.requires_grad and dec.scratch_path()):
+                and dec.weight is emb.weight and emb.weight.requires_grad and dec.scratch_path()
+                and not zero3_partitioned(emb.weight)):
             return TiedGrad()
         return None
 
     def _bias_in_loss(self) -> bool:
         """Whether the training loss adds the decoder's bias itself (single rank, the decoder's CPU fp32
-        workspace path, its bias materialised here): saves a broadcast copy into, and a column-sum pass
-        over, the N × V logits."""
+        workspace path, its bias not a ZeRO-3 parameter: the loss reads it outside the decoder's call):
+        saves a broadcast copy into, and a column-sum pass over, the N × V logits."""
         dec = self.mlm_head.decoder
         return (self.vocab_group is None and isinstance(dec, TiedDecoder) and dec.scratch_path()
-                and dec.bias.numel() == dec.weight.shape[0])
+                and dec.bias.numel() == dec.weight.shape[0] and not zero3_partitioned(dec.bias))
 
     def logits(self, batch, scratch: bool = False, _add_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None).

@@ -103,7 +103,9 @@ class _CrossEntropy(torch.autograd.Function):
   # one read-only pass per row (max, then log-sum-exp and argmax), bias added on the fly
             labels = labels.contiguous()
             loss, lse, pred = cpu_kernels.cross_entropy_forward(x, bias, labels, ignore_index)
-            ctx.save_for_backward(x, lse, labels, labels != ignore_index, bias)
+            # the bias' values as of now: under ZeRO-3 its parameter is released (emptied) after the decoder's
+            # call, and this loss runs outside that call; a detached alias keeps the values for the backward
+            ctx.save_for_backward(x, lse, labels, labels != ignore_index, None if bias is None else bias.detach())
         else:
             if bias is not None:
                 x = x.detach()  # written in place below; the caller's logits are scratch (read by nothing else)

@@ -340,3 +340,23 @@ def test_post_ln_block_fused_equals_unfused(kernels):
         names.add(type(fn).__name__)
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     assert ("_ResidualLayerNormBackward" in names) == kernels, names
+
+
+def test_fused_paths_stay_off_for_zero3_parameters():
+    """Parameters DeepSpeed ZeRO-3 manages (they carry ds_id) are gathered only inside their own module's
+    call: the paths that read one outside it (the decoder bias in the loss, a projection bias in the
+    residual LayerNorm, the tied-gradient hand-off) are not taken for them."""
+    from megamlm.config import ModelConfig, ObjectiveConfig
+    from megamlm.model import build_model
+
+    model = build_model(ModelConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, ffn_size=64),
+                        ObjectiveConfig(), 128)
+    block = model.encoder.layers[0]
+    x = torch.randn(2, 5, 32)
+    kernels_here = cpu_kernels.available()
+    assert model._bias_in_loss() and block.attn_norm.fusable(x, block.attn.out.bias) == kernels_here
+    assert model._tied_grad() is not None
+    for prm in (model.mlm_head.decoder.bias, block.attn.out.bias, model.encoder.embeddings.word_embeddings.weight):
+        prm.ds_id = 0  # what deepspeed.zero.Init puts on every parameter it partitions
+    assert not model._bias_in_loss() and not block.attn_norm.fusable(x, block.attn.out.bias)
+    assert model._tied_grad() is None
