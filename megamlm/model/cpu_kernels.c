@@ -68,42 +68,16 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
     return (int16_t)(uint16_t)(z >> (16 * (i & 3))) >= thr;
 }
 
-/* out[j] = x[j] * scale where element start + j is kept, else 0; j in [0, n). out may be x. */
-#define DROPOUT_MUL(NAME, T)                                                                       \
-    void NAME(const T *x, T *out, int64_t start, int64_t n, uint64_t seed, int32_t thr, T scale) { \
-        int64_t j = 0;                                                                             \
-        for (; j < n && ((start + j) & 3); j++) out[j] = keep_at(seed, start + j, thr) ? x[j] * scale : (T)0; \
-        int64_t nw = (n - j) / 4;                                                                  \
-        const T *xx = x + j;                                                                       \
-        T *oo = out + j;                                                                           \
-        uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
-        int64_t nb = (nw + BLOCK_WORDS - 1) / BLOCK_WORDS;                                         \
-        _Pragma("omp parallel for schedule(static) if (nw >= parallel_words)")                     \
-        for (int64_t b = 0; b < nb; b++) {                                                         \
-            int64_t hi = (b + 1) * BLOCK_WORDS < nw ? (b + 1) * BLOCK_WORDS : nw;                  \
-            ELEMENTWISE                                                                            \
-            for (int64_t w = b * BLOCK_WORDS; w < hi; w++) {                                       \
-                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);             \
-                for (int l = 0; l < 4; l++) {                                                      \
-                    T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                \
-                    oo[4 * w + l] = xx[4 * w + l] * k;                                             \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        for (j += 4 * nw; j < n; j++) out[j] = keep_at(seed, start + j, thr) ? x[j] * scale : (T)0; \
-    }
-
-/* out[j] = r[j] + x[j] * scale where element start + j is kept, else r[j]. out may be x or r. */
-#define DROPOUT_ADD(NAME, T)                                                                       \
-    void NAME(const T *x, const T *r, T *out, int64_t start, int64_t n, uint64_t seed, int32_t thr, \
+/* One dropout kernel, two outputs: COMBINE(j, v) turns the dropped value v = keep ? x[j] * scale : 0
+ * of element start + j into out[j] (v itself, or r[j] + v). j in [0, n); out may be x (or r). The
+ * unaligned head and tail go element by element; whole 64-bit words in blocks over the threads. */
+#define DROPOUT_KERNEL(NAME, T, R_PARAM, COMBINE)                                                  \
+    void NAME(const T *x, R_PARAM T *out, int64_t start, int64_t n, uint64_t seed, int32_t thr,     \
               T scale) {                                                                           \
         int64_t j = 0;                                                                             \
         for (; j < n && ((start + j) & 3); j++)                                                    \
-            out[j] = r[j] + (keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);                 \
-        int64_t nw = (n - j) / 4;                                                                  \
-        const T *xx = x + j;                                                                       \
-        const T *rr = r + j;                                                                       \
-        T *oo = out + j;                                                                           \
+            out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
+        int64_t j0 = j, nw = (n - j) / 4;                                                          \
         uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
         int64_t nb = (nw + BLOCK_WORDS - 1) / BLOCK_WORDS;                                         \
         _Pragma("omp parallel for schedule(static) if (nw >= parallel_words)")                     \
@@ -113,14 +87,23 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
             for (int64_t w = b * BLOCK_WORDS; w < hi; w++) {                                       \
                 uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);             \
                 for (int l = 0; l < 4; l++) {                                                      \
+                    int64_t e = j0 + 4 * w + l;                                                    \
                     T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                \
-                    oo[4 * w + l] = rr[4 * w + l] + xx[4 * w + l] * k;                             \
+                    out[e] = COMBINE(e, x[e] * k);                                                 \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (j += 4 * nw; j < n; j++)                                                              \
-            out[j] = r[j] + (keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);                 \
+        for (j = j0 + 4 * nw; j < n; j++)                                                          \
+            out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
     }
+
+#define DROPPED(j, v) (v)
+#define RESIDUAL_PLUS(j, v) (r[j] + (v))
+/* out[j] = x[j] * scale where element start + j is kept, else 0. */
+#define DROPOUT_MUL(NAME, T) DROPOUT_KERNEL(NAME, T, , DROPPED)
+/* out[j] = r[j] + x[j] * scale where element start + j is kept, else r[j]. */
+#define DROPOUT_ADD(NAME, T) DROPOUT_KERNEL(NAME, T, const T *r COMMA, RESIDUAL_PLUS)
+#define COMMA ,
 
 DROPOUT_MUL(megamlm_dropout_mul_f32, float)
 DROPOUT_MUL(megamlm_dropout_mul_f64, double)
