@@ -29,6 +29,13 @@
 #define ELEMENTWISE
 #endif
 
+/* One out-of-line copy of a loop: vectorized once, not re-costed (and left scalar) where inlined. */
+#if defined(__GNUC__)
+#define NOINLINE __attribute__((noinline))
+#else
+#define NOINLINE
+#endif
+
 static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
@@ -68,41 +75,52 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
     return (int16_t)(uint16_t)(z >> (16 * (i & 3))) >= thr;
 }
 
-/* One dropout kernel, two outputs: COMBINE(j, v) turns the dropped value v = keep ? x[j] * scale : 0
- * of element start + j into out[j] (v itself, or r[j] + v). j in [0, n); out may be x (or r). The
- * unaligned head and tail go element by element; whole 64-bit words in blocks over the threads. */
-#define DROPOUT_KERNEL(NAME, T, R_PARAM, COMBINE)                                                  \
-    void NAME(const T *x, R_PARAM T *out, int64_t start, int64_t n, uint64_t seed, int32_t thr,     \
-              T scale) {                                                                           \
+/* One dropout loop, two outputs: COMBINE(j, v) turns the dropped value v = keep ? x[j] * scale : 0
+ * of element start + j into out[j] (v itself, or r[j] + v). j in [0, n); out may be x (or r).
+ * NAME##_span runs on the calling thread: the unaligned head and tail element by element, whole
+ * 64-bit words (4 elements) in the vectorized loop. NAME splits n into word-aligned blocks over the
+ * OpenMP threads (one span each). */
+#define DROPOUT_KERNEL(NAME, T, R_PARAM, R_ARG, COMBINE)                                           \
+    static NOINLINE void NAME##_span(const T *x, R_PARAM T *out, int64_t start, int64_t n,          \
+                                     uint64_t seed, int32_t thr, T scale) {                        \
         int64_t j = 0;                                                                             \
         for (; j < n && ((start + j) & 3); j++)                                                    \
             out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
         int64_t j0 = j, nw = (n - j) / 4;                                                          \
         uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
-        int64_t nb = (nw + BLOCK_WORDS - 1) / BLOCK_WORDS;                                         \
-        _Pragma("omp parallel for schedule(static) if (nw >= parallel_words)")                     \
-        for (int64_t b = 0; b < nb; b++) {                                                         \
-            int64_t hi = (b + 1) * BLOCK_WORDS < nw ? (b + 1) * BLOCK_WORDS : nw;                  \
-            ELEMENTWISE                                                                            \
-            for (int64_t w = b * BLOCK_WORDS; w < hi; w++) {                                       \
-                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);             \
-                for (int l = 0; l < 4; l++) {                                                      \
-                    int64_t e = j0 + 4 * w + l;                                                    \
-                    T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                \
-                    out[e] = COMBINE(e, x[e] * k);                                                 \
-                }                                                                                  \
+        ELEMENTWISE                                                                                \
+        for (int64_t w = 0; w < nw; w++) {                                                         \
+            uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);                 \
+            for (int l = 0; l < 4; l++) {                                                          \
+                int64_t e = j0 + 4 * w + l;                                                        \
+                T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                    \
+                out[e] = COMBINE(e, x[e] * k);                                                     \
             }                                                                                      \
         }                                                                                          \
         for (j = j0 + 4 * nw; j < n; j++)                                                          \
             out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
+    }                                                                                              \
+    void NAME(const T *x, R_PARAM T *out, int64_t start, int64_t n, uint64_t seed, int32_t thr,     \
+              T scale) {                                                                           \
+        int64_t head = (4 - (start & 3)) & 3;                                                      \
+        head = head < n ? head : n;                                                                \
+        int64_t block = 4 * BLOCK_WORDS, nb = (n - head + block - 1) / block;                      \
+        _Pragma("omp parallel for schedule(static) if ((n - head) / 4 >= parallel_words)")         \
+        for (int64_t b = 0; b < nb; b++) {                                                         \
+            int64_t lo = head + b * block, len = n - lo < block ? n - lo : block;                  \
+            NAME##_span(x + lo, R_ARG(lo) out + lo, start + lo, len, seed, thr, scale);            \
+        }                                                                                          \
+        NAME##_span(x, R_ARG(0) out, start, head, seed, thr, scale);                               \
     }
 
 #define DROPPED(j, v) (v)
 #define RESIDUAL_PLUS(j, v) (r[j] + (v))
+#define NO_R(off)
+#define R_AT(off) r + (off),
 /* out[j] = x[j] * scale where element start + j is kept, else 0. */
-#define DROPOUT_MUL(NAME, T) DROPOUT_KERNEL(NAME, T, , DROPPED)
+#define DROPOUT_MUL(NAME, T) DROPOUT_KERNEL(NAME, T, , NO_R, DROPPED)
 /* out[j] = r[j] + x[j] * scale where element start + j is kept, else r[j]. */
-#define DROPOUT_ADD(NAME, T) DROPOUT_KERNEL(NAME, T, const T *r COMMA, RESIDUAL_PLUS)
+#define DROPOUT_ADD(NAME, T) DROPOUT_KERNEL(NAME, T, const T *r COMMA, R_AT, RESIDUAL_PLUS)
 #define COMMA ,
 
 DROPOUT_MUL(megamlm_dropout_mul_f32, float)
@@ -420,5 +438,161 @@ int megamlm_ce_backward_f32(const float *x, const float *bias, const float *lse,
     return failed ? -1 : 0;
 }
 
+/* ------------------------------------------------------------------------- attention with dropout
+ * The whole attention of one (head, sequence) tile at a time, on one thread, while its T x T scores
+ * stay in cache: S = scale q k^T (+ the padding mask), P = softmax(S) (stored for the backward),
+ * D = dropout(P), y = D v. q, k, v are read in place from the fused projection qkv [B, T, 3H]
+ * (columns q | k | v, heads of hd inside each), y is written merged [B, T, H]; the backward writes
+ * the gradient of qkv in the same layout. The tiles t = h * B + b run over the OpenMP threads.
+ * P is [nh, B, T, T] and element (t, i, j) of the dropout stream is t T^2 + i T + j: the stream of
+ * dropout_mul over P as one tensor. The small gemms go to the BLAS sgemm (Fortran interface, 32-bit
+ * integers) whose address megamlm_set_sgemm received: torch's own (MKL on x86); sequential inside
+ * the parallel region. Rows whose keys are all masked get P = 0 (torch's softmax gives NaN). */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                        const float *, const int *, const float *, const int *, const float *, float *,
+                        const int *);
+static sgemm_t sgemm_fn = 0;
+
+void megamlm_set_sgemm(void *f) { sgemm_fn = (sgemm_t)f; }
+
+int megamlm_has_sgemm(void) { return sgemm_fn != 0; }
+
+
+/* Row-major C[M, N] = alpha op(A) op(B) + beta C, op = 'N' or 'T' (as the column-major product
+   C^T = op(B)^T op(A)^T: a row-major matrix is its transpose in column-major order). */
+static void gemm_rm(char ta, char tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                    int ldb, float beta, float *c, int ldc) {
+    sgemm_fn(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+/* C = A B with the gemm above, for the self-test of the pointer the Python side hands over. */
+void megamlm_gemm_rm_f32(char ta, char tb, int m, int n, int k, float alpha, const float *a, int lda,
+                         const float *b, int ldb, float beta, float *c, int ldc) {
+    gemm_rm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/* In place over the rows of a tile s [T, T]: s = softmax(s + mask) (mask [T] additive, NULL for
+   none), and d = dropout(s), element (i, j) being start + i T + j of the stream. Aligned rows
+   (T and start multiples of 4) take the mask in the normalising pass; others one span after. */
+static void softmax_dropout_rows_f32(float *s, const float *mask, float *d, int64_t T, int64_t start,
+                                     uint64_t seed, int32_t thr, float dscale) {
+    int aligned = (T & 3) == 0 && (start & 3) == 0;
+    for (int64_t i = 0; i < T; i++) {
+        float *r = s + i * T, *dr = d + i * T;
+        if (mask) {
+            ELEMENTWISE
+            for (int64_t j = 0; j < T; j++) r[j] += mask[j];
+        }
+        float m = -INFINITY;
+        _Pragma("omp simd reduction(max:m)")
+        for (int64_t j = 0; j < T; j++) m = r[j] > m ? r[j] : m;
+        float sum = 0.0f;
+        _Pragma("omp simd reduction(+:sum)")
+        for (int64_t j = 0; j < T; j++) {
+            float e = r[j] == -INFINITY ? 0.0f : exp_f32(r[j] - m);
+            r[j] = e;
+            sum += e;
+        }
+        float inv = m == -INFINITY ? 0.0f : 1.0f / sum;  /* every key masked: P = 0 */
+        if (aligned) {
+            uint64_t w0 = (uint64_t)((start + i * T) / 4) + 1;
+            ELEMENTWISE
+            for (int64_t w = 0; w < T / 4; w++) {
+                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);
+                for (int l = 0; l < 4; l++) {
+                    int64_t c = 4 * w + l;
+                    float pv = r[c] * inv;
+                    r[c] = pv;
+                    dr[c] = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? pv * dscale : 0.0f;
+                }
+            }
+        } else {
+            ELEMENTWISE
+            for (int64_t j = 0; j < T; j++) r[j] *= inv;
+        }
+    }
+    if (!aligned) megamlm_dropout_mul_f32_span(s, d, start, T * T, seed, thr, dscale);
+}
+
+/* probs [nh, B, T, T] and y [B, T, H] from qkv [B, T, 3H] and mask_add [B, T] (or NULL). Returns 0,
+   -1 when a thread's scratch could not be allocated, -2 without an sgemm. */
+int megamlm_attention_forward_f32(const float *qkv, const float *mask_add, float *probs, float *y, int64_t B,
+                                  int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
+                                  float dscale) {
+    if (!sgemm_fn) return -2;
+    int64_t H = nh * hd, TT = T * T, tiles = nh * B;
+    int failed = 0;
+    _Pragma("omp parallel if (tiles > 1)")
+    {
+        float *d = (float *)malloc((size_t)TT * sizeof(float));
+        if (!d) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp barrier")
+        if (!failed) {
+            _Pragma("omp for schedule(static)")
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t h = t / B, b = t % B;
+                const float *q = qkv + b * T * 3 * H + h * hd, *k = q + H, *v = q + 2 * H;
+                float *p = probs + t * TT;
+                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, scale, q, (int)(3 * H), k, (int)(3 * H), 0.0f, p, (int)T);
+                softmax_dropout_rows_f32(p, mask_add ? mask_add + b * T : NULL, d, T, t * TT, seed, thr, dscale);
+                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, v, (int)(3 * H), 0.0f,
+                        y + b * T * H + h * hd, (int)H);
+            }
+        }
+        free(d);
+    }
+    return failed ? -1 : 0;
+}
+
+/* gqkv [B, T, 3H] (every element written) from gy [B, T, H], qkv and the forward's probs:
+   D = dropout(P), dv = D^T gy, dD = gy v^T; the softmax backward dS = P (dP - rowsum(P dP)) with
+   dP = keep scale dD, where P keep scale = D: dS = D dD - P rowsum(D dD) (the mask once, not twice);
+   dq = scale dS k, dk = scale dS^T q. Returns as the forward. */
+int megamlm_attention_backward_f32(const float *qkv, const float *probs, const float *gy, float *gqkv, int64_t B,
+                                   int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
+                                   float dscale) {
+    if (!sgemm_fn) return -2;
+    int64_t H = nh * hd, TT = T * T, tiles = nh * B;
+    int ld = (int)(3 * H), failed = 0;
+    _Pragma("omp parallel if (tiles > 1)")
+    {
+        float *d = (float *)malloc((size_t)(2 * TT) * sizeof(float));
+        if (!d) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp barrier")
+        if (!failed) {
+            float *dd = d + TT;
+            _Pragma("omp for schedule(static)")
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t h = t / B, b = t % B;
+                const float *q = qkv + b * T * 3 * H + h * hd, *k = q + H, *v = q + 2 * H;
+                const float *p = probs + t * TT, *g = gy + b * T * H + h * hd;
+                float *gq = gqkv + b * T * 3 * H + h * hd, *gk = gq + H, *gv = gq + 2 * H;
+                megamlm_dropout_mul_f32_span(p, d, t * TT, TT, seed, thr, dscale);
+                gemm_rm('T', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, g, (int)H, 0.0f, gv, ld);
+                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, 1.0f, g, (int)H, v, ld, 0.0f, dd, (int)T);
+                for (int64_t i = 0; i < T; i++) {  /* P dP = D dD: dS = D dD - P rowsum(D dD) */
+                    const float *pr = p + i * T, *dr = d + i * T;
+                    float *r = dd + i * T;
+                    float s = 0.0f;
+                    _Pragma("omp simd reduction(+:s)")
+                    for (int64_t j = 0; j < T; j++) s += dr[j] * r[j];
+                    ELEMENTWISE
+                    for (int64_t j = 0; j < T; j++) r[j] = dr[j] * r[j] - pr[j] * s;
+                }
+                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, k, ld, 0.0f, gq, ld);
+                gemm_rm('T', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, q, ld, 0.0f, gk, ld);
+            }
+        }
+        free(d);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 4; }
+int megamlm_kernels_version(void) { return 5; }

@@ -6,7 +6,12 @@
 * the feed-forward's bias + exact GELU and its backward with the bias gradient (:func:`bias_gelu`);
 * the post-LN residual ``LayerNorm(r + dropout(x + bias))`` and its backward
   (:func:`residual_layer_norm`);
-* the cross-entropy over ``logits + bias`` with the row argmax (:func:`cross_entropy_forward`).
+* the cross-entropy over ``logits + bias`` with the row argmax (:func:`cross_entropy_forward`);
+* multi-head attention with dropout, tile by tile (:func:`attention_forward`): one (head, sequence)
+  at a time on one thread, its scores, softmax, dropout and both products while the [T, T] tile is
+  in cache, q/k/v read in place from the fused projection, y written with heads merged. Its small
+  gemms call torch's own BLAS ``sgemm_`` (exported by x86 wheels, checked at load):
+  :func:`attention_available` is False where there is none.
 
 On CPU, torch's ``dropout`` draws ``bernoulli_`` from the serial mt19937 generator and the
 residual add is another pass: for the small bench model dropout was ~10% of the training step.
@@ -49,10 +54,10 @@ log = logging.getLogger(__name__)
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
            "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "bias_gelu_backward",
            "residual_layer_norm", "residual_layer_norm_backward", "cross_entropy_forward",
-           "cross_entropy_backward"]
+           "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
-_VERSION = 4  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 5  # megamlm_kernels_version() of the source this module speaks to
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); -fno-trapping-math: lets the
 # float -> int conversion of the inlined exp vectorize (torch itself is built with both math flags)
 _FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC"]
@@ -184,11 +189,60 @@ def _load():
             lib.megamlm_ce_forward_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
             lib.megamlm_ce_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
             lib.megamlm_ce_backward_f32.restype = ctypes.c_int
+            lib.megamlm_set_sgemm.argtypes = [ptr]
+            for name in ("forward", "backward"):
+                fn = getattr(lib, f"megamlm_attention_{name}_f32")
+                fn.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
+                fn.restype = ctypes.c_int
+            c_int, c_char, c_float = ctypes.c_int, ctypes.c_char, ctypes.c_float
+            lib.megamlm_gemm_rm_f32.argtypes = [c_char, c_char, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int,
+                                                c_float, ptr, c_int]
+            _attach_sgemm(lib)
             _lib = lib
         except Exception as e:  # noqa: BLE001 -- any failure means: use the torch fallback
             log.warning("megamlm CPU dropout kernels unavailable (%s); using torch ops", e)
             _lib = False
         return _lib
+
+
+def _torch_sgemm() -> int | None:
+    """The address of ``sgemm_`` (BLAS, Fortran interface) in the library torch's CPU ops run on, or None.
+    x86 wheels link MKL into ``libtorch_cpu`` and export its symbols."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            handle = ctypes.CDLL(str(lib_dir / name))
+            return ctypes.cast(handle.sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _attach_sgemm(lib) -> None:
+    """Hand torch's sgemm to the attention kernels after checking it on all four transpose cases of a
+    small strided product (a BLAS with another integer width or calling convention fails here and
+    leaves the kernels without one: :func:`attention_available` is False)."""
+    address = _torch_sgemm()
+    if not address:
+        return
+    lib.megamlm_set_sgemm(address)
+    g = torch.Generator().manual_seed(0)
+    for ta in "NT":
+        for tb in "NT":
+            m, n, k = 5, 3, 7
+            a = torch.randn(m, k, generator=g) if ta == "N" else torch.randn(k, m, generator=g)
+            b = torch.randn(k, n, generator=g) if tb == "N" else torch.randn(n, k, generator=g)
+            a_wide = torch.zeros(a.shape[0], a.shape[1] + 2)  # leading dimensions larger than the rows
+            a_wide[:, :a.shape[1]] = a
+            c = torch.full((m, n + 1), 7.0)
+            lib.megamlm_gemm_rm_f32(ta.encode(), tb.encode(), m, n, k, 2.0, a_wide.data_ptr(), a_wide.shape[1],
+                                    b.data_ptr(), b.shape[1], 1.0, c.data_ptr(), n + 1)
+            want = 2.0 * ((a if ta == "N" else a.t()) @ (b if tb == "N" else b.t())) + 7.0
+            if not (torch.allclose(c[:, :n], want, atol=1e-5) and bool((c[:, n] == 7.0).all())):
+                lib.megamlm_set_sgemm(None)
+                log.warning("torch's sgemm_ (at %s) failed the self-test; the attention kernel is off",
+                            _library_of(address))
+                return
 
 
 def available() -> bool:
@@ -393,6 +447,67 @@ def cross_entropy_backward(x: torch.Tensor, bias: torch.Tensor | None, lse: torc
     if rc:
         raise MemoryError(f"cross_entropy_backward: no memory for the per-thread column sums ({V} columns)")
     return out, None if acc is None else acc.float()
+
+
+def attention_available() -> bool:
+    """Whether :func:`attention_forward` can run: the kernels are in use and have torch's sgemm."""
+    return available() and bool(_lib.megamlm_has_sgemm())
+
+
+def _attention_check(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    if qkv.dtype != torch.float32 or qkv.dim() != 3 or qkv.shape[2] % (3 * num_heads):
+        raise ValueError(f"attention kernel: float32 qkv [B, T, 3·heads·head_dim] with {num_heads} heads, got "
+                         f"{qkv.dtype} {tuple(qkv.shape)}")
+    _check("qkv", qkv)
+    B, T, H3 = qkv.shape
+    if max(T, H3) >= 1 << 31:
+        raise ValueError(f"attention kernel: sequence {T} or width {H3} exceeds the BLAS's 32-bit sizes")
+    return B, T, num_heads, H3 // (3 * num_heads)
+
+
+def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float, seed: int):
+    """Multi-head attention with dropout from the fused projection ``qkv`` [B, T, 3H] (float32, columns
+    q | k | v): (y [B, T, H] with heads merged, probs [nh, B, T, T] for the backward). ``mask_add``
+    [B, T] additive (0 attend, -inf padding) or None; dropout ``p`` with the mask of stream ``seed``
+    over ``probs`` as one tensor; scale 1/√head_dim."""
+    B, T, nh, hd = _attention_check(qkv, num_heads)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    if mask_add is not None:
+        _check("mask_add", mask_add)
+        if mask_add.dtype != torch.float32 or mask_add.shape != (B, T):
+            raise ValueError(f"mask_add: float32 [{B}, {T}], got {mask_add.dtype} {tuple(mask_add.shape)}")
+    y, probs = qkv.new_empty(B, T, nh * hd), qkv.new_empty(nh, B, T, T)
+    rc = _lib_fn("attention_forward", torch.float32)(qkv.data_ptr(), 0 if mask_add is None else mask_add.data_ptr(),
+                                            probs.data_ptr(), y.data_ptr(), B, T, nh, hd, hd ** -0.5, seed,
+                                            threshold(p), 1.0 / (1.0 - p))
+    _attention_rc(rc, T)
+    return y, probs
+
+
+def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, num_heads: int, p: float,
+                       seed: int) -> torch.Tensor:
+    """The gradient of ``qkv`` [B, T, 3H] for ``grad_y`` [B, T, H], given the forward's ``probs``,
+    ``p`` and ``seed`` (the dropout mask is regenerated)."""
+    B, T, nh, hd = _attention_check(qkv, num_heads)
+    _check("grad_y", grad_y)
+    _check("probs", probs)
+    if grad_y.shape != (B, T, nh * hd) or probs.shape != (nh, B, T, T) or grad_y.dtype != qkv.dtype \
+            or probs.dtype != qkv.dtype:
+        raise ValueError(f"attention backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do not "
+                         f"match qkv {tuple(qkv.shape)} with {nh} heads")
+    grad = torch.empty_like(qkv)
+    rc = _lib_fn("attention_backward", torch.float32)(qkv.data_ptr(), probs.data_ptr(), grad_y.data_ptr(), grad.data_ptr(),
+                                             B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
+    _attention_rc(rc, T)
+    return grad
+
+
+def _attention_rc(rc: int, T: int) -> None:
+    if rc == -1:
+        raise MemoryError(f"attention kernel: no memory for the per-thread [{T}, {T}] scratch")
+    if rc:
+        raise RuntimeError("attention kernel: no sgemm attached (check attention_available() first)")
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ Reads top-down: :class:`Embeddings`, :class:`SelfAttention`, :class:`FeedForward
 * Attention goes through ``F.scaled_dot_product_attention`` so GPUs get flash / memory-efficient
   kernels. Q, K and V come from one fused ``qkv`` linear ([3H, H], rows ordered q, k, v: the HF
   conversion table splits it into query / key / value). CPU training with attention dropout (no SDPA
-  kernel has it) takes :class:`_CPUAttention` instead: head-by-head gemms on strided views of the qkv
-  output, no head split / merge copies, and a hand-written backward.
+  kernel has it) takes :class:`_TileAttention` instead (float32: the compiled kernel, one cached
+  (head, sequence) tile at a time on each thread), else :class:`_CPUAttention` (head-by-head gemms on
+  strided views of the qkv output); both read q, k, v in place and have a hand-written backward.
 * Dropout comes from ``dropout.py``: on CPU a compiled kernel generates the mask from a seed (nothing
   stored for backward). CPU kernels also fuse (``fused.py``) the feed-forward's bias + GELU and, in
   post-LN blocks, ``LayerNorm(x + dropout(f(x) + bias))`` with the projection's bias folded in.
@@ -216,6 +217,29 @@ class _CPUAttention(torch.autograd.Function):
         return grad.permute(2, 3, 0, 1, 4).reshape(B, T, H3), None, None, None  # [B, T, 3H]
 
 
+class _TileAttention(torch.autograd.Function):
+    """Attention with dropout on CPU, float32, by :func:`cpu_kernels.attention_forward`: each (head,
+    sequence) tile's scores, softmax, dropout and products in one pass on one thread while the tile
+    is in cache; qkv [B, T, 3H] read in place, y [B, T, H] written with heads merged, and the backward
+    writes the qkv gradient in place of its layout (no split or merge copies). The dropout mask is the
+    kernels' stream over the probabilities [nh, B, T, T] (that of :class:`_CPUAttention`); saved for
+    backward: qkv and the probabilities. ``mask_add``: None or [B, T] additive (0 attend, -inf padding)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float):
+        seed = cpu_kernels.draw_seed()
+        y, probs = cpu_kernels.attention_forward(qkv, mask_add, num_heads, p, seed)
+        ctx.save_for_backward(qkv, probs)
+        ctx.nh, ctx.p, ctx.seed = num_heads, p, seed
+        return y  # [B, T, H]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        qkv, probs = ctx.saved_tensors
+        grad = cpu_kernels.attention_backward(grad_y.contiguous(), qkv, probs, ctx.nh, ctx.p, ctx.seed)
+        return grad, None, None, None  # [B, T, 3H]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: fused QKV projection, SDPA, output projection."""
 
@@ -238,7 +262,12 @@ class SelfAttention(nn.Module):
             mask_add = None
             if attn_mask is not None:  # [B, 1, 1, T] bool → [B, 1, T] additive
                 mask_add = torch.zeros(B, 1, T, dtype=qkv.dtype).masked_fill_(~attn_mask[:, 0], float("-inf"))
-            return self.out(_CPUAttention.apply(qkv, mask_add, self.num_heads, p), add_bias)  # [B, T, H]
+            if qkv.dtype == torch.float32 and cpu_kernels.attention_available():
+                y = _TileAttention.apply(qkv.contiguous(), None if mask_add is None else mask_add.view(B, T),
+                                         self.num_heads, p)
+            else:
+                y = _CPUAttention.apply(qkv, mask_add, self.num_heads, p)
+            return self.out(y, add_bias)  # [B, T, H]
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # each [B, nh, T, hd] (strided views)
         if cpu_dropout:

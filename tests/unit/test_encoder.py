@@ -12,6 +12,7 @@ from megamlm.bench import random_batch
 from megamlm.config import ModelConfig, ObjectiveConfig
 from megamlm.data.batch import Batch
 from megamlm.model import Encoder, build_model, weight_decay_groups
+from megamlm.model import cpu_kernels
 
 V = 97
 
@@ -257,14 +258,17 @@ def test_cpu_attention_matches_reference_with_same_dropout_mask(padded, kernels)
     torch.testing.assert_close(qkv.grad, ref_in.grad)
 
 
-def test_attention_dropout_path_used_in_training_and_scaled():
-    """The model's training attention (p > 0, CPU, fp32) takes _CPUAttention and, with p → 0 in the mask
-    (all kept), equals the eval-mode SDPA output."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_dropout_path_used_in_training_and_scaled(dtype, kernels):
+    """The model's training attention (p > 0, CPU) takes the tile kernel (float32, where the kernels have
+    torch's sgemm) or _CPUAttention (float64, or no kernels) and, with p → 0 in the mask (all kept),
+    equals the eval-mode SDPA output."""
+    from megamlm.model import cpu_kernels
     from megamlm.model.encoder import SelfAttention
 
     torch.manual_seed(0)
-    attn = SelfAttention(32, 4, attention_dropout=1e-9).train()  # threshold rounds to 0: keeps all
-    x = torch.randn(2, 7, 32)
+    attn = SelfAttention(32, 4, attention_dropout=1e-9).to(dtype).train()  # threshold rounds to 0: keeps all
+    x = torch.randn(2, 7, 32, dtype=dtype)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
     am = mask[:, None, None, :]
@@ -274,8 +278,103 @@ def test_attention_dropout_path_used_in_training_and_scaled():
         fn = todo.pop()
         names.add(fn.name())
         todo.extend(f for f, _ in fn.next_functions if f is not None)
-    assert "_CPUAttentionBackward" in names, names
+    tile = dtype == torch.float32 and cpu_kernels.attention_available()
+    assert ("_TileAttentionBackward" if tile else "_CPUAttentionBackward") in names, names
+    if kernels and dtype == torch.float32 and cpu_kernels._torch_sgemm():
+        assert tile  # x86 torch exports its sgemm: the tile kernel is in use wherever the kernels are
     torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
+
+
+needs_tile = pytest.mark.skipif(not cpu_kernels.attention_available(),
+                                reason="no C compiler, or torch exports no sgemm: no tile attention kernel")
+
+
+@needs_tile
+@pytest.mark.parametrize("T", [16, 9])  # rows on word boundaries (mask in the softmax pass) and not
+@pytest.mark.parametrize("padded", [False, True])
+def test_tile_attention_kernel_matches_formula_with_the_stream_mask(T, padded):
+    """cpu_kernels.attention_forward / backward against autograd through softmax(q kᵀ/√d + mask)·keep·v
+    in float64, keep from keep_mask_reference over the probabilities [nh, B, T, T]: output, saved
+    probabilities and the qkv gradient (float32 tolerances). A sequence with every key masked gets
+    zero probabilities (not NaN) and zero gradient."""
+    B, nh, hd, p = 3, 4, 8, 0.3
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T, 3 * nh * hd, generator=g)
+    grad_y = torch.randn(B, T, nh * hd, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        mask[1, 6:] = False
+        mask[2, :] = False  # no real key at all
+    mask_add = torch.zeros(B, T).masked_fill_(~mask, float("-inf"))
+    seed = 2 ** 63 + 11
+    y, probs = cpu_kernels.attention_forward(qkv, mask_add if padded else None, nh, p, seed)
+    grad = cpu_kernels.attention_backward(grad_y, qkv, probs, nh, p, seed)
+
+    keep = cpu_kernels.keep_mask_reference(nh * B * T * T, p, seed).view(nh, B, T, T).double() / (1 - p)
+    assert 0 < int((keep == 0).sum()) < keep.numel()
+    ref_in = qkv.double().requires_grad_(True)
+    q, k, v = ref_in.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, nh, T, hd]
+    scores = q @ k.transpose(-1, -2) / hd ** 0.5 + mask_add.double()[:, None, None, :]
+    ref_probs = torch.softmax(scores, -1).nan_to_num(0.0)  # [B, nh, T, T]; all-masked rows: 0
+    ref = ((ref_probs * keep.transpose(0, 1)) @ v).transpose(1, 2).reshape(B, T, nh * hd)
+    ref.backward(grad_y.double())
+    torch.testing.assert_close(probs.double(), ref_probs.transpose(0, 1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    real = slice(0, 2) if padded else slice(None)  # (the reference's gradient is NaN for sequence 2)
+    torch.testing.assert_close(grad[real].double(), ref_in.grad[real], atol=1e-5, rtol=1e-5)
+    if padded:
+        assert torch.equal(probs[:, 2], torch.zeros_like(probs[:, 2]))
+        assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+        assert bool(grad.isfinite().all())
+
+
+@needs_tile
+def test_tile_attention_equals_per_head_attention_with_the_same_seed():
+    """_TileAttention and _CPUAttention draw one seed and use one stream: same output and gradient (the
+    tile path is a faster schedule of the same computation), padded batch, on the OpenMP threads."""
+    from megamlm.model.encoder import _CPUAttention, _TileAttention
+
+    B, T, nh, hd, p = 8, 32, 4, 16, 0.1
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, 3 * nh * hd, generator=g)
+    grad_y = torch.randn(B, T, nh * hd, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[3, 20:] = False
+    mask_add = torch.zeros(B, T).masked_fill_(~mask, float("-inf"))
+    outs = []
+    for fn, m in ((_TileAttention, mask_add), (_CPUAttention, mask_add[:, None, :])):
+        x = qkv.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = fn.apply(x, m, nh, p)
+        y.backward(grad_y)
+        outs.append((y.detach(), x.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+
+
+@needs_tile
+def test_tile_attention_bad_arguments_and_missing_sgemm():
+    qkv = torch.randn(2, 5, 24)
+    with pytest.raises(ValueError, match="float32 qkv"):
+        cpu_kernels.attention_forward(qkv.double(), None, 4, 0.1, 1)
+    with pytest.raises(ValueError, match="5 heads"):
+        cpu_kernels.attention_forward(qkv, None, 5, 0.1, 1)
+    with pytest.raises(ValueError, match="mask_add"):
+        cpu_kernels.attention_forward(qkv, torch.zeros(2, 4), 4, 0.1, 1)
+    with pytest.raises(ValueError, match="dropout probability"):
+        cpu_kernels.attention_forward(qkv, None, 4, 1.0, 1)
+    y, probs = cpu_kernels.attention_forward(qkv, None, 4, 0.1, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_kernels.attention_backward(y[:, :4].contiguous(), qkv, probs, 4, 0.1, 1)
+    lib = cpu_kernels._lib
+    lib.megamlm_set_sgemm(None)  # as on a torch build that exports no sgemm
+    try:
+        assert not cpu_kernels.attention_available()
+        with pytest.raises(RuntimeError, match="no sgemm"):
+            cpu_kernels.attention_forward(qkv, None, 4, 0.1, 1)
+    finally:
+        cpu_kernels._attach_sgemm(lib)
+    assert cpu_kernels.attention_available()
 
 
 def test_scratch_logits_workspace_reused_only_when_free():
