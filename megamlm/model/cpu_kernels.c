@@ -131,9 +131,10 @@ DROPOUT_ADD(megamlm_dropout_add_f64, double)
 /* ---------------------------------------------------------------------------------- bias + GELU
  * Exact (erf) GELU of z = a + bias[col]: gelu(z) = z/2 (1 + erf(z/sqrt 2)), on rows of `cols`.
  * float: erf as ATen's vectorized one (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7) with an
- * inlined exp (Cody-Waite reduction, degree-6 polynomial), so the loops vectorize; the backward
- * shares one exp(-z^2/2) between erf and the density. double: libm's erf and exp (as ATen).
- * The bias gradient (column sums of the input gradient) is accumulated in double per thread. */
+ * inlined exp (Cody-Waite reduction, degree-6 polynomial), so the loops vectorize. double: libm's
+ * erf and exp (as ATen). In training the forward also writes the derivative gelu'(z) (one exp shared
+ * by erf and the density); the backward multiplies by it and sums the bias gradient (column sums,
+ * in double per thread) in the same pass. */
 static inline float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = floorf(x * 1.44269504088896341f + 0.5f);
@@ -164,78 +165,101 @@ static inline float gelu_f32(float z) {
     return 0.5f * z * (1.0f + erf_f32(u, exp_f32(-u * u)));
 }
 
-static inline float gelu_grad_f32(float z) {
+/* gelu(z), and gelu'(z) = Phi(z) + z phi(z) in *grad, from one exp */
+static inline float gelu_and_grad_f32(float z, float *grad) {
     float u = z * 0.70710678118654752f;
     float e = exp_f32(-u * u);
-    return 0.5f * (1.0f + erf_f32(u, e)) + z * e * 0.39894228040143268f;
+    float phi2 = 1.0f + erf_f32(u, e); /* 2 Phi(z) */
+    *grad = 0.5f * phi2 + z * e * 0.39894228040143268f;
+    return 0.5f * z * phi2;
 }
 
 static inline double gelu_f64(double z) { return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440)); }
 
-static inline double gelu_grad_f64(double z) {
-    return 0.5 * (1.0 + erf(z * 0.70710678118654752440)) + z * exp(-0.5 * z * z) * 0.39894228040143267794;
+static inline double gelu_and_grad_f64(double z, double *grad) {
+    double phi2 = 1.0 + erf(z * 0.70710678118654752440);
+    *grad = 0.5 * phi2 + z * exp(-0.5 * z * z) * 0.39894228040143267794;
+    return 0.5 * z * phi2;
 }
 
-/* out[r, c] = gelu(a[r, c] + bias[c]) (bias may be NULL); out may be a. */
-#define BIAS_GELU(NAME, T, GELU)                                                                   \
-    void NAME(const T *a, const T *bias, T *out, int64_t rows, int64_t cols) {                     \
+/* out[r, c] = gelu(a[r, c] + bias[c]) (bias is required: zeros for none; out may be a), and where
+   deriv is not NULL, deriv[r, c] = gelu'(a[r, c] + bias[c]) (what the backward multiplies by: saved
+   instead of a, so the backward is one multiply, not a second erf and exp). */
+#define BIAS_GELU(NAME, T, GELU, GELU_AND_GRAD)                                                    \
+    void NAME(const T *a, const T *bias, T *out, T *deriv, int64_t rows, int64_t cols) {           \
         _Pragma("omp parallel for schedule(static) if (rows * cols >= 4 * parallel_words)")        \
         for (int64_t r = 0; r < rows; r++) {                                                       \
             const T *ar = a + r * cols;                                                            \
             T *o = out + r * cols;                                                                 \
-            if (bias) {                                                                            \
+            if (deriv) {                                                                           \
+                T *d = deriv + r * cols;                                                           \
                 ELEMENTWISE                                                                        \
-                for (int64_t c = 0; c < cols; c++) o[c] = GELU(ar[c] + bias[c]);                   \
+                for (int64_t c = 0; c < cols; c++) o[c] = GELU_AND_GRAD(ar[c] + bias[c], d + c);   \
             } else {                                                                               \
                 ELEMENTWISE                                                                        \
-                for (int64_t c = 0; c < cols; c++) o[c] = GELU(ar[c]);                             \
+                for (int64_t c = 0; c < cols; c++) o[c] = GELU(ar[c] + bias[c]);                   \
             }                                                                                      \
         }                                                                                          \
     }
 
-/* grad_a = grad * gelu'(a + bias) (grad_a may be grad or a; bias is required: zeros for none);
-   grad_bias[c] += sum over rows of grad_a[:, c] when grad_bias is not NULL (double, zeroed by the
-   caller). Returns 0, or -1 when the per-thread column sums could not be allocated (then nothing
-   was written). The inner loop has no branch, so it vectorizes. */
-#define BIAS_GELU_BACKWARD(NAME, T, GRAD)                                                          \
-    int NAME(const T *grad, const T *a, const T *bias, T *grad_a, double *grad_bias, int64_t rows,  \
-             int64_t cols) {                                                                       \
+/* out = grad * deriv (out may be grad or deriv); colsum[c] += sum over rows of out[:, c] when colsum
+   is not NULL (double, zeroed by the caller): the bias gradient, summed in T over blocks of
+   COLSUM_BLOCK rows (full-width vectors), then in double per thread. Returns 0, or -1 when the
+   per-thread sums could not be allocated (then nothing was written). */
+#define COLSUM_BLOCK 16 /* rows summed in T before each add into the double sums */
+#define MUL_COLSUM(NAME, T)                                                                        \
+    int NAME(const T *grad, const T *deriv, T *out, double *colsum, int64_t rows, int64_t cols) {  \
         int failed = 0;                                                                            \
         _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")                             \
         {                                                                                          \
-            double *acc = (double *)calloc((size_t)cols, sizeof(double));                          \
-            if (!acc) {                                                                            \
+            double *acc = colsum ? (double *)calloc((size_t)cols, sizeof(double)) : NULL;          \
+            T *part = colsum ? (T *)malloc((size_t)cols * sizeof(T)) : NULL;                       \
+            if (colsum && (!acc || !part)) {                                                       \
                 _Pragma("omp atomic write")                                                        \
                 failed = 1;                                                                        \
             }                                                                                      \
             _Pragma("omp barrier")                                                                 \
             if (!failed) {                                                                         \
+                int64_t nblocks = (rows + COLSUM_BLOCK - 1) / COLSUM_BLOCK;                        \
                 _Pragma("omp for schedule(static)")                                                \
-                for (int64_t r = 0; r < rows; r++) {                                               \
-                    const T *gr = grad + r * cols;                                                 \
-                    const T *ar = a + r * cols;                                                    \
-                    T *o = grad_a + r * cols;                                                      \
-                    ELEMENTWISE                                                                    \
-                    for (int64_t c = 0; c < cols; c++) {                                           \
-                        T d = gr[c] * GRAD(ar[c] + bias[c]);                                       \
-                        o[c] = d;                                                                  \
-                        acc[c] += (double)d;                                                       \
+                for (int64_t blk = 0; blk < nblocks; blk++) {                                      \
+                    int64_t r0 = blk * COLSUM_BLOCK;                                               \
+                    int64_t r1 = r0 + COLSUM_BLOCK < rows ? r0 + COLSUM_BLOCK : rows;              \
+                    if (part)                                                                      \
+                        for (int64_t c = 0; c < cols; c++) part[c] = 0;                            \
+                    for (int64_t r = r0; r < r1; r++) {                                            \
+                        const T *gr = grad + r * cols, *dr = deriv + r * cols;                     \
+                        T *o = out + r * cols;                                                     \
+                        if (part) {                                                                \
+                            ELEMENTWISE                                                            \
+                            for (int64_t c = 0; c < cols; c++) {                                   \
+                                T v = gr[c] * dr[c];                                               \
+                                o[c] = v;                                                          \
+                                part[c] += v;                                                      \
+                            }                                                                      \
+                        } else {                                                                   \
+                            ELEMENTWISE                                                            \
+                            for (int64_t c = 0; c < cols; c++) o[c] = gr[c] * dr[c];               \
+                        }                                                                          \
                     }                                                                              \
+                    if (part)                                                                      \
+                        for (int64_t c = 0; c < cols; c++) acc[c] += (double)part[c];              \
                 }                                                                                  \
-                if (grad_bias) {                                                                   \
-                    _Pragma("omp critical(megamlm_bias_grad)")                                     \
-                    for (int64_t c = 0; c < cols; c++) grad_bias[c] += acc[c];                     \
+                if (acc) {                                                                         \
+                    _Pragma("omp critical(megamlm_colsum)")                                        \
+                    for (int64_t c = 0; c < cols; c++) colsum[c] += acc[c];                        \
                 }                                                                                  \
             }                                                                                      \
             free(acc);                                                                             \
+            free(part);                                                                            \
         }                                                                                          \
         return failed ? -1 : 0;                                                                    \
     }
 
-BIAS_GELU(megamlm_bias_gelu_f32, float, gelu_f32)
-BIAS_GELU(megamlm_bias_gelu_f64, double, gelu_f64)
-BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f32, float, gelu_grad_f32)
-BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f64, double, gelu_grad_f64)
+BIAS_GELU(megamlm_bias_gelu_f32, float, gelu_f32, gelu_and_grad_f32)
+BIAS_GELU(megamlm_bias_gelu_f64, double, gelu_f64, gelu_and_grad_f64)
+MUL_COLSUM(megamlm_mul_colsum_f32, float)
+MUL_COLSUM(megamlm_mul_colsum_f64, double)
 
 /* ------------------------------------------------- post-LN residual: LayerNorm(r + dropout(x + bias))
  * Per row of `cols`: z = r + keep * scale * (x + bias) (mask of element row * cols + c of stream
@@ -286,9 +310,9 @@ BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f64, double, gelu_grad_f64)
     }
 
 /* Backward of RESIDUAL_LN given gy: gz = LayerNorm's input gradient (= the residual's gradient),
-   gx = keep * scale * gz (the gradient of x, and of the bias summed over rows). Column sums, in
-   double and added to the caller's zeroed arrays: ggamma += gy * xhat, gbeta += gy, gbias += gx
-   (gbias may be NULL). Returns 0, or -1 when the per-thread sums could not be allocated. */
+   gx = keep * scale * gz (the gradient of x, and of the bias summed over rows). Column sums (in T over
+   blocks of COLSUM_BLOCK rows, then in double) added to the caller's zeroed arrays: ggamma += gy * xhat,
+   gbeta += gy, gbias += gx (gbias may be NULL). Returns 0, or -1 when the per-thread sums could not be allocated. */
 #define RESIDUAL_LN_BACKWARD(NAME, T)                                                              \
     int NAME(const T *gy, const T *z, const T *mean, const T *rstd, const T *gamma, T *gz, T *gx,   \
              double *ggamma, double *gbeta, double *gbias, int64_t rows, int64_t cols,              \
@@ -298,62 +322,67 @@ BIAS_GELU_BACKWARD(megamlm_bias_gelu_backward_f64, double, gelu_grad_f64)
         _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")                             \
         {                                                                                          \
             double *acc = (double *)calloc((size_t)(3 * cols), sizeof(double));                    \
-            T *xhat = (T *)malloc((size_t)cols * sizeof(T));                                       \
+            T *xhat = (T *)malloc((size_t)(4 * cols) * sizeof(T));                                 \
             if (!acc || !xhat) {                                                                   \
                 _Pragma("omp atomic write")                                                        \
                 failed = 1;                                                                        \
             }                                                                                      \
             _Pragma("omp barrier")                                                                 \
             if (!failed) {                                                                         \
-                double *ag = acc, *ab = acc + cols, *ax = acc + 2 * cols;                          \
+                /* column sums in T over blocks of COLSUM_BLOCK rows, then in double */            \
+                T *pg = xhat + cols, *pb = xhat + 2 * cols, *px = xhat + 3 * cols;                 \
+                int64_t nblocks = (rows + COLSUM_BLOCK - 1) / COLSUM_BLOCK;                        \
                 _Pragma("omp for schedule(static)")                                                \
-                for (int64_t row = 0; row < rows; row++) {                                         \
-                    const T *gyr = gy + row * cols, *zr = z + row * cols;                          \
-                    T *gzr = gz + row * cols, *gxr = gx + row * cols;                              \
-                    T m = mean[row], rs = rstd[row];                                               \
-                    T s1 = 0, s2 = 0;                                                              \
-                    _Pragma("omp simd reduction(+:s1, s2)")                                        \
-                    for (int64_t c = 0; c < cols; c++) {                                           \
-                        T xh = (zr[c] - m) * rs;                                                   \
-                        T g = gyr[c] * gamma[c];                                                   \
-                        xhat[c] = xh;                                                              \
-                        s1 += g;                                                                   \
-                        s2 += g * xh;                                                              \
-                    }                                                                              \
-                    ELEMENTWISE                                                                    \
-                    for (int64_t c = 0; c < cols; c++) {                                           \
-                        ag[c] += (double)(gyr[c] * xhat[c]);                                       \
-                        ab[c] += (double)gyr[c];                                                   \
-                    }                                                                              \
-                    T a1 = s1 / (T)cols, a2 = s2 / (T)cols;                                        \
-                    ELEMENTWISE                                                                    \
-                    for (int64_t c = 0; c < cols; c++) gzr[c] = rs * (gyr[c] * gamma[c] - a1 - xhat[c] * a2); \
-                    int64_t start = row * cols;                                                    \
-                    if (aligned) {                                                                 \
-                        uint64_t w0 = (uint64_t)(start / 4) + 1;                                   \
+                for (int64_t blk = 0; blk < nblocks; blk++) {                                      \
+                    int64_t r0 = blk * COLSUM_BLOCK;                                               \
+                    int64_t r1 = r0 + COLSUM_BLOCK < rows ? r0 + COLSUM_BLOCK : rows;              \
+                    for (int64_t c = 0; c < 3 * cols; c++) pg[c] = 0;                              \
+                    for (int64_t row = r0; row < r1; row++) {                                      \
+                        const T *gyr = gy + row * cols, *zr = z + row * cols;                      \
+                        T *gzr = gz + row * cols, *gxr = gx + row * cols;                          \
+                        T m = mean[row], rs = rstd[row];                                           \
+                        T s1 = 0, s2 = 0;                                                          \
+                        _Pragma("omp simd reduction(+:s1, s2)")                                    \
+                        for (int64_t c = 0; c < cols; c++) {                                       \
+                            T xh = (zr[c] - m) * rs;                                               \
+                            T g = gyr[c] * gamma[c];                                               \
+                            xhat[c] = xh;                                                          \
+                            pg[c] += gyr[c] * xh;                                                  \
+                            pb[c] += gyr[c];                                                       \
+                            s1 += g;                                                               \
+                            s2 += g * xh;                                                          \
+                        }                                                                          \
+                        T a1 = s1 / (T)cols, a2 = s2 / (T)cols;                                    \
                         ELEMENTWISE                                                                \
-                        for (int64_t w = 0; w < cols / 4; w++) {                                   \
-                            uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL); \
-                            for (int l = 0; l < 4; l++) {                                          \
-                                int64_t c = 4 * w + l;                                             \
-                                T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0;    \
-                                gxr[c] = gzr[c] * k;                                               \
+                        for (int64_t c = 0; c < cols; c++) gzr[c] = rs * (gyr[c] * gamma[c] - a1 - xhat[c] * a2); \
+                        int64_t start = row * cols;                                                \
+                        if (aligned) {                                                             \
+                            uint64_t w0 = (uint64_t)(start / 4) + 1;                               \
+                            ELEMENTWISE                                                            \
+                            for (int64_t w = 0; w < cols / 4; w++) {                               \
+                                uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL); \
+                                for (int l = 0; l < 4; l++) {                                      \
+                                    int64_t c = 4 * w + l;                                         \
+                                    T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0; \
+                                    gxr[c] = gzr[c] * k;                                           \
+                                    px[c] += gxr[c];                                               \
+                                }                                                                  \
+                            }                                                                      \
+                        } else {                                                                   \
+                            for (int64_t c = 0; c < cols; c++) {                                   \
+                                gxr[c] = keep_at(seed, start + c, thr) ? gzr[c] * scale : (T)0;    \
+                                px[c] += gxr[c];                                                   \
                             }                                                                      \
                         }                                                                          \
-                    } else {                                                                       \
-                        for (int64_t c = 0; c < cols; c++)                                         \
-                            gxr[c] = keep_at(seed, start + c, thr) ? gzr[c] * scale : (T)0;        \
                     }                                                                              \
-                    if (gbias) {                                                                   \
-                        ELEMENTWISE                                                                \
-                        for (int64_t c = 0; c < cols; c++) ax[c] += (double)gxr[c];                \
-                    }                                                                              \
+                    ELEMENTWISE                                                                    \
+                    for (int64_t c = 0; c < 3 * cols; c++) acc[c] += (double)pg[c];               \
                 }                                                                                  \
                 _Pragma("omp critical(megamlm_ln_grad)")                                           \
                 for (int64_t c = 0; c < cols; c++) {                                               \
-                    ggamma[c] += ag[c];                                                            \
-                    gbeta[c] += ab[c];                                                             \
-                    if (gbias) gbias[c] += ax[c];                                                  \
+                    ggamma[c] += acc[c];                                                           \
+                    gbeta[c] += acc[cols + c];                                                     \
+                    if (gbias) gbias[c] += acc[2 * cols + c];                                      \
                 }                                                                                  \
             }                                                                                      \
             free(acc);                                                                             \
@@ -595,4 +624,4 @@ int megamlm_attention_backward_f32(const float *qkv, const float *probs, const f
 }
 
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 5; }
+int megamlm_kernels_version(void) { return 6; }

@@ -3,7 +3,8 @@
 * dropout (:func:`dropout_mul`, :func:`dropout_add`) with the mask generated inside the kernel from a
   seed and each element's index (a counter-based stream, SplitMix64): never drawn into memory, never
   stored for backward (the backward regenerates it), one pass over the data;
-* the feed-forward's bias + exact GELU and its backward with the bias gradient (:func:`bias_gelu`);
+* the feed-forward's bias + exact GELU with its derivative (:func:`bias_gelu`), and the backward's
+  multiply with the bias gradient (:func:`mul_colsum`);
 * the post-LN residual ``LayerNorm(r + dropout(x + bias))`` and its backward
   (:func:`residual_layer_norm`);
 * the cross-entropy over ``logits + bias`` with the row argmax (:func:`cross_entropy_forward`);
@@ -52,12 +53,12 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
-           "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "bias_gelu_backward",
+           "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "mul_colsum",
            "residual_layer_norm", "residual_layer_norm_backward", "cross_entropy_forward",
            "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
-_VERSION = 5  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 6  # megamlm_kernels_version() of the source this module speaks to
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); -fno-trapping-math: lets the
 # float -> int conversion of the inlined exp vectorize (torch itself is built with both math flags)
 _FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC"]
@@ -179,9 +180,9 @@ def _load():
             for dt, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
                 getattr(lib, f"megamlm_dropout_mul_{dt}").argtypes = [ptr, ptr, i64, i64, u64, i32, ct]
                 getattr(lib, f"megamlm_dropout_add_{dt}").argtypes = [ptr, ptr, ptr, i64, i64, u64, i32, ct]
-                getattr(lib, f"megamlm_bias_gelu_{dt}").argtypes = [ptr, ptr, ptr, i64, i64]
-                getattr(lib, f"megamlm_bias_gelu_backward_{dt}").argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64]
-                getattr(lib, f"megamlm_bias_gelu_backward_{dt}").restype = ctypes.c_int
+                getattr(lib, f"megamlm_bias_gelu_{dt}").argtypes = [ptr, ptr, ptr, ptr, i64, i64]
+                getattr(lib, f"megamlm_mul_colsum_{dt}").argtypes = [ptr, ptr, ptr, ptr, i64, i64]
+                getattr(lib, f"megamlm_mul_colsum_{dt}").restype = ctypes.c_int
                 getattr(lib, f"megamlm_residual_ln_{dt}").argtypes = [ptr] * 9 + [i64, i64, u64, i32, ct,
                                                                                  ctypes.c_double]
                 getattr(lib, f"megamlm_residual_ln_backward_{dt}").argtypes = [ptr] * 10 + [i64, i64, u64, i32, ct]
@@ -337,30 +338,32 @@ def _lib_fn(name: str, dtype: torch.dtype):
     return getattr(lib, f"megamlm_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def bias_gelu(a: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+def bias_gelu(a: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None, derivative: bool = False):
     """Exact (erf) GELU of ``a + bias`` (bias over the last dimension, or None), one pass; ``out`` may
-    be ``a``. float32: ATen's erf approximation (|error| ≤ 1.5e-7); float64: libm's erf."""
+    be ``a``. float32: ATen's erf approximation (|error| ≤ 1.5e-7); float64: libm's erf. With
+    ``derivative``: (gelu, gelu'(a + bias)) from the same pass, the latter for :func:`mul_colsum`."""
     rows, cols = _rows_cols("a", a, bias)
     out = torch.empty_like(a) if out is None else out
     _check("out", out, a)
-    _lib_fn("bias_gelu", a.dtype)(a.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), rows, cols)
-    return out
-
-
-def bias_gelu_backward(grad: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None,
-                       bias_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad · gelu'(a + bias), its sum over all but the last dimension or None): the gradients of
-    :func:`bias_gelu` for ``a`` and ``bias``, one pass (the sums accumulated in float64)."""
-    rows, cols = _rows_cols("a", a, bias)
-    _check("grad", grad, a)
-    grad_a = torch.empty_like(a)
-    acc = torch.zeros(cols, dtype=torch.float64) if bias_grad else None
+    deriv = torch.empty_like(a) if derivative else None
     bias = a.new_zeros(cols) if bias is None else bias  # (the kernel's loop always adds one: it vectorizes)
-    rc = _lib_fn("bias_gelu_backward", a.dtype)(grad.data_ptr(), a.data_ptr(), bias.data_ptr(),
-                                                grad_a.data_ptr(), 0 if acc is None else acc.data_ptr(), rows, cols)
+    _lib_fn("bias_gelu", a.dtype)(a.data_ptr(), bias.data_ptr(), out.data_ptr(), 0 if deriv is None else deriv.data_ptr(),
+                                  rows, cols)
+    return (out, deriv) if derivative else out
+
+
+def mul_colsum(grad: torch.Tensor, deriv: torch.Tensor, colsum: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad · deriv, its sum over all but the last dimension or None), one pass (the sums accumulated
+    in float64): the gradients of :func:`bias_gelu` for ``a`` and ``bias`` given its derivative."""
+    rows, cols = _rows_cols("deriv", deriv, None)
+    _check("grad", grad, deriv)
+    out = torch.empty_like(deriv)
+    acc = torch.zeros(cols, dtype=torch.float64) if colsum else None
+    rc = _lib_fn("mul_colsum", deriv.dtype)(grad.data_ptr(), deriv.data_ptr(), out.data_ptr(),
+                                            0 if acc is None else acc.data_ptr(), rows, cols)
     if rc:
-        raise MemoryError(f"bias_gelu_backward: no memory for the per-thread column sums ({cols} columns)")
-    return grad_a, None if acc is None else acc.to(a.dtype)
+        raise MemoryError(f"mul_colsum: no memory for the per-thread column sums ({cols} columns)")
+    return out, None if acc is None else acc.to(deriv.dtype)
 
 
 def residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,

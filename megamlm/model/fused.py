@@ -5,9 +5,9 @@ kernel pass forward and one backward.
 ``nn.Linear`` + ``F.gelu`` on CPU costs the bias twice per step: ``addmm`` first copies the bias into
 every row of the [tokens, ffn] output (and the gemm then reads it back), and the backward sums the
 output gradient over rows in a separate pass. :class:`LinearGelu` runs the gemm without bias and
-hands ``(x Wᵀ, b)`` to :func:`megamlm.model.cpu_kernels.bias_gelu`, whose backward returns the bias
-gradient from the same pass that computes the GELU derivative (one exp shared by erf and the
-density). Elsewhere (accelerators, other dtypes, autocast, ``torch.compile``, no C compiler) it is
+hands ``(x Wᵀ, b)`` to :func:`megamlm.model.cpu_kernels.bias_gelu`, which also writes the GELU
+derivative (one exp shared by erf and the density); the backward multiplies by it and returns the
+bias gradient from the same pass. Elsewhere (accelerators, other dtypes, autocast, ``torch.compile``, no C compiler) it is
 exactly ``act(linear(x))``.
 """
 
@@ -28,16 +28,20 @@ def zero3_partitioned(p: torch.Tensor) -> bool:
 
 
 class _BiasGelu(torch.autograd.Function):
+    """gelu(a + bias); saves gelu'(a + bias) from the same kernel pass (not ``a``: the backward is a
+    multiply, without a second erf and exp)."""
+
     @staticmethod
     def forward(ctx, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(a, bias)
-        return cpu_kernels.bias_gelu(a, bias)
+        out, deriv = cpu_kernels.bias_gelu(a, bias, derivative=True)
+        ctx.save_for_backward(deriv)
+        ctx.has_bias = bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a, bias = ctx.saved_tensors
-        need_bias = bias is not None and ctx.needs_input_grad[1]
-        grad_a, grad_bias = cpu_kernels.bias_gelu_backward(grad.contiguous(), a, bias, bias_grad=need_bias)
+        (deriv,) = ctx.saved_tensors
+        grad_a, grad_bias = cpu_kernels.mul_colsum(grad.contiguous(), deriv, colsum=ctx.has_bias and ctx.needs_input_grad[1])
         return grad_a, grad_bias
 
 

@@ -197,8 +197,9 @@ def test_without_a_compiler_the_model_falls_back_with_a_warning(tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 def test_bias_gelu_kernel_matches_torch(dtype, tol):
-    """gelu(a + b) and its gradients (a and the bias) against torch's exact GELU, over a wide range of
-    inputs (the tails included), with and without a bias; float64 uses libm's erf (near exact)."""
+    """gelu(a + b), its derivative from the same pass, and the backward (grad · derivative and the bias
+    gradient) against torch's exact GELU and gelu_backward, over a wide range of inputs (the tails
+    included), with and without a bias; float64 uses libm's erf (near exact)."""
     torch.manual_seed(0)
     a = torch.cat([torch.linspace(-12, 12, 2401, dtype=dtype), torch.randn(599, dtype=dtype) * 3]).view(100, 30)
     b = torch.randn(30, dtype=dtype)
@@ -206,7 +207,11 @@ def test_bias_gelu_kernel_matches_torch(dtype, tol):
     for bias in (b, None):
         z = a + bias if bias is not None else a
         torch.testing.assert_close(cpu_kernels.bias_gelu(a, bias), torch.nn.functional.gelu(z), atol=tol, rtol=tol)
-        grad_a, grad_b = cpu_kernels.bias_gelu_backward(g, a, bias, bias_grad=bias is not None)
+        out, deriv = cpu_kernels.bias_gelu(a, bias, derivative=True)
+        assert torch.equal(out, cpu_kernels.bias_gelu(a, bias))
+        torch.testing.assert_close(deriv, torch.ops.aten.gelu_backward(torch.ones_like(z), z), atol=tol, rtol=tol)
+        grad_a, grad_b = cpu_kernels.mul_colsum(g, deriv, colsum=bias is not None)
+        assert torch.equal(grad_a, g * deriv)
         ref = torch.ops.aten.gelu_backward(g, z)
         torch.testing.assert_close(grad_a, ref, atol=tol, rtol=tol)
         if bias is None:
@@ -224,13 +229,13 @@ def test_bias_gelu_kernel_matches_torch(dtype, tol):
 def test_bias_gelu_bias_grad_on_openmp_threads():
     """Column sums from several threads (double per thread) equal one thread's, and torch's sum."""
     torch.manual_seed(1)
-    a, g, b = torch.randn(4096, 300), torch.randn(4096, 300), torch.randn(300)
+    d, g = torch.randn(4096, 300), torch.randn(4096, 300)
     threads, words = torch.get_num_threads(), cpu_kernels.set_parallel_words(1)
     try:
         torch.set_num_threads(3)
-        many = cpu_kernels.bias_gelu_backward(g, a, b)
+        many = cpu_kernels.mul_colsum(g, d)
         cpu_kernels.set_parallel_words(1 << 40)
-        one = cpu_kernels.bias_gelu_backward(g, a, b)
+        one = cpu_kernels.mul_colsum(g, d)
     finally:
         torch.set_num_threads(threads)
         cpu_kernels.set_parallel_words(words)
