@@ -428,33 +428,53 @@ void megamlm_ce_forward_f32(const float *x, const float *bias, const int64_t *la
 }
 
 /* grad[r, c] = g[r] * (exp(x + bias - lse[r]) - [c == label[r]]) (g = 0 on ignored rows), written to
-   grad (which may be x); grad_bias[c] += its column sums (double; NULL: skipped). Returns 0, or -1
-   when the per-thread sums could not be allocated (then nothing was written). */
+   grad (which may be x); grad_bias[c] += its column sums (float over blocks of rows, then double;
+   NULL: skipped). Returns 0, or -1 when the per-thread sums could not be allocated (then nothing
+   was written). */
 int megamlm_ce_backward_f32(const float *x, const float *bias, const float *lse, const float *g,
                             const int64_t *labels, int64_t ignore_index, float *grad, double *grad_bias,
                             int64_t rows, int64_t cols) {
     int failed = 0;
     _Pragma("omp parallel if (rows * cols >= 4 * parallel_words)")
     {
+        /* column sums in float over blocks of COLSUM_BLOCK rows, then in double per thread */
         double *acc = grad_bias ? (double *)calloc((size_t)cols, sizeof(double)) : NULL;
-        if (grad_bias && !acc) {
+        float *part = grad_bias ? (float *)malloc((size_t)cols * sizeof(float)) : NULL;
+        if (grad_bias && (!acc || !part)) {
             _Pragma("omp atomic write")
             failed = 1;
         }
         _Pragma("omp barrier")
         if (!failed) {
+            int64_t nblocks = (rows + COLSUM_BLOCK - 1) / COLSUM_BLOCK;
             _Pragma("omp for schedule(static)")
-            for (int64_t r = 0; r < rows; r++) {
-                const float *xr = x + r * cols;
-                float *gr = grad + r * cols;
-                float l = lse[r], gg = g[r];
-                ELEMENTWISE
-                for (int64_t c = 0; c < cols; c++) gr[c] = exp_f32(xr[c] + bias[c] - l) * gg;
-                int64_t t = labels[r];
-                if (t != ignore_index && t >= 0 && t < cols) gr[t] -= gg;
-                if (acc) {
+            for (int64_t blk = 0; blk < nblocks; blk++) {
+                int64_t r0 = blk * COLSUM_BLOCK, r1 = r0 + COLSUM_BLOCK < rows ? r0 + COLSUM_BLOCK : rows;
+                if (part)
+                    for (int64_t c = 0; c < cols; c++) part[c] = 0.0f;
+                for (int64_t r = r0; r < r1; r++) {
+                    const float *xr = x + r * cols;
+                    float *gr = grad + r * cols;
+                    float l = lse[r], gg = g[r];
+                    int64_t t = labels[r];
+                    int valid = t != ignore_index && t >= 0 && t < cols;
+                    if (part) {
+                        ELEMENTWISE
+                        for (int64_t c = 0; c < cols; c++) {
+                            float v = exp_f32(xr[c] + bias[c] - l) * gg;
+                            gr[c] = v;
+                            part[c] += v;
+                        }
+                        if (valid) part[t] -= gg;
+                    } else {
+                        ELEMENTWISE
+                        for (int64_t c = 0; c < cols; c++) gr[c] = exp_f32(xr[c] + bias[c] - l) * gg;
+                    }
+                    if (valid) gr[t] -= gg;
+                }
+                if (part) {
                     ELEMENTWISE
-                    for (int64_t c = 0; c < cols; c++) acc[c] += (double)gr[c];
+                    for (int64_t c = 0; c < cols; c++) acc[c] += (double)part[c];
                 }
             }
             if (acc) {
@@ -463,6 +483,7 @@ int megamlm_ce_backward_f32(const float *x, const float *bias, const float *lse,
             }
         }
         free(acc);
+        free(part);
     }
     return failed ? -1 : 0;
 }
