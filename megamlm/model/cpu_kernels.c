@@ -536,14 +536,20 @@ static void softmax_dropout_rows_f32(float *s, const float *mask, float *d, int6
         float m = -INFINITY;
         _Pragma("omp simd reduction(max:m)")
         for (int64_t j = 0; j < T; j++) m = r[j] > m ? r[j] : m;
+        if (m == -INFINITY) {  /* every key masked: P = 0 (torch's softmax: NaN) */
+            for (int64_t j = 0; j < T; j++) r[j] = dr[j] = 0.0f;
+            continue;
+        }
         float sum = 0.0f;
         _Pragma("omp simd reduction(+:sum)")
         for (int64_t j = 0; j < T; j++) {
-            float e = r[j] == -INFINITY ? 0.0f : exp_f32(r[j] - m);
+            /* e^-70 = 4e-31 of the row's largest term: 0 (masked keys; and no denormal P ever reaches
+               the gemms, where denormal operands cost ~20x) */
+            float x = r[j] - m, e = x < -70.0f ? 0.0f : exp_f32(x);
             r[j] = e;
             sum += e;
         }
-        float inv = m == -INFINITY ? 0.0f : 1.0f / sum;  /* every key masked: P = 0 */
+        float inv = 1.0f / sum;
         if (aligned) {
             uint64_t w0 = (uint64_t)((start + i * T) / 4) + 1;
             ELEMENTWISE
@@ -564,32 +570,60 @@ static void softmax_dropout_rows_f32(float *s, const float *mask, float *d, int6
     if (!aligned) megamlm_dropout_mul_f32_span(s, d, start, T * T, seed, thr, dscale);
 }
 
-/* probs [nh, B, T, T] and y [B, T, H] from qkv [B, T, 3H] and mask_add [B, T] (or NULL). Returns 0,
-   -1 when a thread's scratch could not be allocated, -2 without an sgemm. */
-int megamlm_attention_forward_f32(const float *qkv, const float *mask_add, float *probs, float *y, int64_t B,
-                                  int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
-                                  float dscale) {
+/* probs [nh, B, T, T] and y [B, T, H] from qkv [B, T, 3H] (without its bias), bias [3H] (q | k | v,
+   or NULL) and mask_add [B, T] (or NULL). The bias enters without a pass over qkv:
+     k's bias adds q.bk to every score of a row: a constant the softmax removes (skipped, exactly);
+     q's bias adds scale k_j.bq to every score of column j: added with the mask (a [T] vector);
+     v's bias adds (rowsum D)_i bv to row i of D v (after the gemm, on the tile in cache).
+   Returns 0, -1 when a thread's scratch could not be allocated, -2 without an sgemm. */
+int megamlm_attention_forward_f32(const float *qkv, const float *bias, const float *mask_add, float *probs,
+                                  float *y, int64_t B, int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed,
+                                  int32_t thr, float dscale) {
     if (!sgemm_fn) return -2;
     int64_t H = nh * hd, TT = T * T, tiles = nh * B;
-    int failed = 0;
+    int ld = (int)(3 * H), failed = 0;
     _Pragma("omp parallel if (tiles > 1)")
     {
-        float *d = (float *)malloc((size_t)TT * sizeof(float));
+        float *d = (float *)malloc((size_t)(TT + T) * sizeof(float));
         if (!d) {
             _Pragma("omp atomic write")
             failed = 1;
         }
         _Pragma("omp barrier")
         if (!failed) {
+            float *coladd = d + TT;
             _Pragma("omp for schedule(static)")
             for (int64_t t = 0; t < tiles; t++) {
                 int64_t h = t / B, b = t % B;
                 const float *q = qkv + b * T * 3 * H + h * hd, *k = q + H, *v = q + 2 * H;
-                float *p = probs + t * TT;
-                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, scale, q, (int)(3 * H), k, (int)(3 * H), 0.0f, p, (int)T);
-                softmax_dropout_rows_f32(p, mask_add ? mask_add + b * T : NULL, d, T, t * TT, seed, thr, dscale);
-                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, v, (int)(3 * H), 0.0f,
-                        y + b * T * H + h * hd, (int)H);
+                float *p = probs + t * TT, *yt = y + b * T * H + h * hd;
+                const float *add = mask_add ? mask_add + b * T : NULL;
+                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, scale, q, ld, k, ld, 0.0f, p, (int)T);
+                if (bias) {  /* coladd_j = mask_j + scale k_j.bq */
+                    const float *bq = bias + h * hd;
+                    for (int64_t j = 0; j < T; j++) {
+                        const float *kj = k + j * 3 * H;
+                        float a = 0.0f;
+                        _Pragma("omp simd reduction(+:a)")
+                        for (int64_t c = 0; c < hd; c++) a += kj[c] * bq[c];
+                        coladd[j] = scale * a + (add ? add[j] : 0.0f);
+                    }
+                    add = coladd;
+                }
+                softmax_dropout_rows_f32(p, add, d, T, t * TT, seed, thr, dscale);
+                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, v, ld, 0.0f, yt, (int)H);
+                if (bias) {  /* y_i += (rowsum D)_i bv */
+                    const float *bv = bias + 2 * H + h * hd;
+                    for (int64_t i = 0; i < T; i++) {
+                        const float *dr = d + i * T;
+                        float rs = 0.0f;
+                        _Pragma("omp simd reduction(+:rs)")
+                        for (int64_t j = 0; j < T; j++) rs += dr[j];
+                        float *yr = yt + i * H;
+                        ELEMENTWISE
+                        for (int64_t c = 0; c < hd; c++) yr[c] += rs * bv[c];
+                    }
+                }
             }
         }
         free(d);
@@ -597,26 +631,30 @@ int megamlm_attention_forward_f32(const float *qkv, const float *mask_add, float
     return failed ? -1 : 0;
 }
 
-/* gqkv [B, T, 3H] (every element written) from gy [B, T, H], qkv and the forward's probs:
-   D = dropout(P), dv = D^T gy, dD = gy v^T; the softmax backward dS = P (dP - rowsum(P dP)) with
-   dP = keep scale dD, where P keep scale = D: dS = D dD - P rowsum(D dD) (the mask once, not twice);
-   dq = scale dS k, dk = scale dS^T q. Returns as the forward. */
-int megamlm_attention_backward_f32(const float *qkv, const float *probs, const float *gy, float *gqkv, int64_t B,
-                                   int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
-                                   float dscale) {
+/* gqkv [B, T, 3H] (every element written) from gy [B, T, H], qkv, bias (as the forward's) and the
+   forward's probs: D = dropout(P), dv = D^T gy, dD = gy (v + bv)^T; the softmax backward
+   dS = P (dP - rowsum(P dP)) with dP = keep scale dD, where P keep scale = D: dS = D dD - P rowsum(D dD)
+   (the mask once, not twice); dq = scale dS (k + bk) = scale dS k (rows of dS sum to 0),
+   dk = scale dS^T (q + bq). grad_bias [3H] (double, zeroed by the caller; NULL: skipped) +=
+   q: scale k^T colsum(dS); k: 0 (exactly: the softmax removes bk); v: gy^T rowsum(D).
+   Returns as the forward. */
+int megamlm_attention_backward_f32(const float *qkv, const float *bias, const float *probs, const float *gy,
+                                   float *gqkv, double *grad_bias, int64_t B, int64_t T, int64_t nh, int64_t hd,
+                                   float scale, uint64_t seed, int32_t thr, float dscale) {
     if (!sgemm_fn) return -2;
     int64_t H = nh * hd, TT = T * T, tiles = nh * B;
     int ld = (int)(3 * H), failed = 0;
     _Pragma("omp parallel if (tiles > 1)")
     {
-        float *d = (float *)malloc((size_t)(2 * TT) * sizeof(float));
-        if (!d) {
+        float *d = (float *)malloc((size_t)(2 * TT + 3 * T + 2 * hd) * sizeof(float));
+        double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;
+        if (!d || (grad_bias && !acc)) {
             _Pragma("omp atomic write")
             failed = 1;
         }
         _Pragma("omp barrier")
         if (!failed) {
-            float *dd = d + TT;
+            float *dd = d + TT, *rowadd = dd + TT, *cs = rowadd + T, *rsd = cs + T, *fq = rsd + T, *fv = fq + hd;
             _Pragma("omp for schedule(static)")
             for (int64_t t = 0; t < tiles; t++) {
                 int64_t h = t / B, b = t % B;
@@ -626,23 +664,72 @@ int megamlm_attention_backward_f32(const float *qkv, const float *probs, const f
                 megamlm_dropout_mul_f32_span(p, d, t * TT, TT, seed, thr, dscale);
                 gemm_rm('T', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, g, (int)H, 0.0f, gv, ld);
                 gemm_rm('N', 'T', (int)T, (int)T, (int)hd, 1.0f, g, (int)H, v, ld, 0.0f, dd, (int)T);
+                if (bias) {  /* dD_ij += gy_i.bv */
+                    const float *bv = bias + 2 * H + h * hd;
+                    for (int64_t i = 0; i < T; i++) {
+                        const float *gr = g + i * H;
+                        float a = 0.0f;
+                        _Pragma("omp simd reduction(+:a)")
+                        for (int64_t c = 0; c < hd; c++) a += gr[c] * bv[c];
+                        rowadd[i] = a;
+                        cs[i] = 0.0f;
+                    }
+                }
                 for (int64_t i = 0; i < T; i++) {  /* P dP = D dD: dS = D dD - P rowsum(D dD) */
                     const float *pr = p + i * T, *dr = d + i * T;
                     float *r = dd + i * T;
-                    float s = 0.0f;
+                    float ra = bias ? rowadd[i] : 0.0f, s = 0.0f;
                     _Pragma("omp simd reduction(+:s)")
-                    for (int64_t j = 0; j < T; j++) s += dr[j] * r[j];
+                    for (int64_t j = 0; j < T; j++) s += dr[j] * (r[j] + ra);
                     ELEMENTWISE
-                    for (int64_t j = 0; j < T; j++) r[j] = dr[j] * r[j] - pr[j] * s;
+                    for (int64_t j = 0; j < T; j++) r[j] = dr[j] * (r[j] + ra) - pr[j] * s;
+                    if (bias) {
+                        float rs = 0.0f;
+                        _Pragma("omp simd reduction(+:rs)")
+                        for (int64_t j = 0; j < T; j++) rs += dr[j];
+                        rsd[i] = rs;
+                        ELEMENTWISE
+                        for (int64_t j = 0; j < T; j++) cs[j] += r[j];
+                    }
                 }
                 gemm_rm('N', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, k, ld, 0.0f, gq, ld);
                 gemm_rm('T', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, q, ld, 0.0f, gk, ld);
+                if (bias) {
+                    const float *bq = bias + h * hd;
+                    for (int64_t j = 0; j < T; j++) {  /* dk_j += scale colsum(dS)_j bq */
+                        float *gkr = gk + j * 3 * H, w = scale * cs[j];
+                        ELEMENTWISE
+                        for (int64_t c = 0; c < hd; c++) gkr[c] += w * bq[c];
+                    }
+                    if (acc) {  /* this tile's sums in float (T terms), then into the double sums */
+                        for (int64_t c = 0; c < 2 * hd; c++) fq[c] = 0.0f;
+                        for (int64_t j = 0; j < T; j++) {
+                            const float *kj = k + j * 3 * H, *gr = g + j * H;
+                            float w = scale * cs[j], rs = rsd[j];
+                            ELEMENTWISE
+                            for (int64_t c = 0; c < hd; c++) {
+                                fq[c] += w * kj[c];
+                                fv[c] += rs * gr[c];
+                            }
+                        }
+                        double *aq = acc + h * hd, *av = acc + 2 * H + h * hd;
+                        for (int64_t c = 0; c < hd; c++) {
+                            aq[c] += (double)fq[c];
+                            av[c] += (double)fv[c];
+                        }
+                    }
+                }
+            }
+            if (acc) {
+                _Pragma("omp critical(megamlm_attention_bias_grad)")
+                for (int64_t c = 0; c < 3 * H; c++) grad_bias[c] += acc[c];
             }
         }
         free(d);
+        free(acc);
     }
     return failed ? -1 : 0;
 }
 
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 6; }
+int megamlm_kernels_version(void) { return 7; }

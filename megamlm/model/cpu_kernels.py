@@ -58,7 +58,7 @@ __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "dra
            "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward"]
 
 _SRC = Path(__file__).with_name("cpu_kernels.c")
-_VERSION = 6  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 7  # megamlm_kernels_version() of the source this module speaks to
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); -fno-trapping-math: lets the
 # float -> int conversion of the inlined exp vectorize (torch itself is built with both math flags)
 _FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC"]
@@ -191,9 +191,9 @@ def _load():
             lib.megamlm_ce_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
             lib.megamlm_ce_backward_f32.restype = ctypes.c_int
             lib.megamlm_set_sgemm.argtypes = [ptr]
-            for name in ("forward", "backward"):
+            for name, n_ptr in (("forward", 5), ("backward", 6)):
                 fn = getattr(lib, f"megamlm_attention_{name}_f32")
-                fn.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
+                fn.argtypes = [ptr] * n_ptr + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
                 fn.restype = ctypes.c_int
             c_int, c_char, c_float = ctypes.c_int, ctypes.c_char, ctypes.c_float
             lib.megamlm_gemm_rm_f32.argtypes = [c_char, c_char, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int,
@@ -468,11 +468,22 @@ def _attention_check(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, 
     return B, T, num_heads, H3 // (3 * num_heads)
 
 
-def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float, seed: int):
-    """Multi-head attention with dropout from the fused projection ``qkv`` [B, T, 3H] (float32, columns
-    q | k | v): (y [B, T, H] with heads merged, probs [nh, B, T, T] for the backward). ``mask_add``
-    [B, T] additive (0 attend, -inf padding) or None; dropout ``p`` with the mask of stream ``seed``
-    over ``probs`` as one tensor; scale 1/√head_dim."""
+def _attention_bias(bias: torch.Tensor | None, qkv: torch.Tensor) -> int:
+    if bias is None:
+        return 0
+    _check("bias", bias)
+    if bias.dtype != torch.float32 or bias.shape != qkv.shape[2:]:
+        raise ValueError(f"bias: float32 [{qkv.shape[2]}] (q | k | v), got {bias.dtype} {tuple(bias.shape)}")
+    return bias.data_ptr()
+
+
+def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float, seed: int,
+                      bias: torch.Tensor | None = None):
+    """Multi-head attention with dropout from the fused projection: q, k, v = ``qkv`` [B, T, 3H]
+    (float32, columns q | k | v) + ``bias`` [3H] (or None; applied inside the kernel, see the C
+    source). Returns (y [B, T, H] with heads merged, probs [nh, B, T, T] for the backward).
+    ``mask_add`` [B, T] additive (0 attend, -inf padding) or None; dropout ``p`` with the mask of
+    stream ``seed`` over ``probs`` as one tensor; scale 1/√head_dim."""
     B, T, nh, hd = _attention_check(qkv, num_heads)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability {p} must be in [0, 1)")
@@ -480,18 +491,21 @@ def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_head
         _check("mask_add", mask_add)
         if mask_add.dtype != torch.float32 or mask_add.shape != (B, T):
             raise ValueError(f"mask_add: float32 [{B}, {T}], got {mask_add.dtype} {tuple(mask_add.shape)}")
+    bias_ptr = _attention_bias(bias, qkv)
     y, probs = qkv.new_empty(B, T, nh * hd), qkv.new_empty(nh, B, T, T)
-    rc = _lib_fn("attention_forward", torch.float32)(qkv.data_ptr(), 0 if mask_add is None else mask_add.data_ptr(),
-                                            probs.data_ptr(), y.data_ptr(), B, T, nh, hd, hd ** -0.5, seed,
-                                            threshold(p), 1.0 / (1.0 - p))
+    rc = _lib_fn("attention_forward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, 0 if mask_add is None else mask_add.data_ptr(), probs.data_ptr(), y.data_ptr(),
+        B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
     _attention_rc(rc, T)
     return y, probs
 
 
 def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, num_heads: int, p: float,
-                       seed: int) -> torch.Tensor:
-    """The gradient of ``qkv`` [B, T, 3H] for ``grad_y`` [B, T, H], given the forward's ``probs``,
-    ``p`` and ``seed`` (the dropout mask is regenerated)."""
+                       seed: int, bias: torch.Tensor | None = None,
+                       bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the gradient of ``qkv`` [B, T, 3H], and of ``bias`` [3H] or None) for ``grad_y`` [B, T, H],
+    given the forward's inputs, ``probs``, ``p`` and ``seed`` (the dropout mask is regenerated). The
+    k part of the bias gradient is exactly 0 (the softmax removes a key bias)."""
     B, T, nh, hd = _attention_check(qkv, num_heads)
     _check("grad_y", grad_y)
     _check("probs", probs)
@@ -499,11 +513,16 @@ def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Ten
             or probs.dtype != qkv.dtype:
         raise ValueError(f"attention backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do not "
                          f"match qkv {tuple(qkv.shape)} with {nh} heads")
+    bias_ptr = _attention_bias(bias, qkv)
+    if bias_grad and bias is None:
+        raise ValueError("attention backward: bias_grad=True needs the bias")
     grad = torch.empty_like(qkv)
-    rc = _lib_fn("attention_backward", torch.float32)(qkv.data_ptr(), probs.data_ptr(), grad_y.data_ptr(), grad.data_ptr(),
-                                             B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
+    acc = torch.zeros(qkv.shape[2], dtype=torch.float64) if bias_grad else None
+    rc = _lib_fn("attention_backward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, probs.data_ptr(), grad_y.data_ptr(), grad.data_ptr(),
+        0 if acc is None else acc.data_ptr(), B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
     _attention_rc(rc, T)
-    return grad
+    return grad, None if acc is None else acc.float()
 
 
 def _attention_rc(rc: int, T: int) -> None:

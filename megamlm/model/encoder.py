@@ -29,7 +29,7 @@ from torch import nn
 
 from megamlm.model import cpu_kernels
 from megamlm.model.dropout import Dropout, _keep_mask, dropout, dropout_add
-from megamlm.model.fused import Linear, LinearGelu, ResidualLayerNorm
+from megamlm.model.fused import Linear, LinearGelu, ResidualLayerNorm, zero3_partitioned
 
 __all__ = ["Dropout", "TiedGrad", "WordEmbedding", "Embeddings", "SelfAttention", "FeedForward", "Block", "Encoder", "init_bert_weights",
            "activation_fn", "check_model_inputs"]
@@ -221,23 +221,31 @@ class _TileAttention(torch.autograd.Function):
     """Attention with dropout on CPU, float32, by :func:`cpu_kernels.attention_forward`: each (head,
     sequence) tile's scores, softmax, dropout and products in one pass on one thread while the tile
     is in cache; qkv [B, T, 3H] read in place, y [B, T, H] written with heads merged, and the backward
-    writes the qkv gradient in place of its layout (no split or merge copies). The dropout mask is the
-    kernels' stream over the probabilities [nh, B, T, T] (that of :class:`_CPUAttention`); saved for
-    backward: qkv and the probabilities. ``mask_add``: None or [B, T] additive (0 attend, -inf padding)."""
+    writes the qkv gradient in place of its layout (no split or merge copies). ``bias``: the qkv
+    projection's bias (or None), which the projection then leaves out: the kernel applies it per tile
+    at O(T·hd) cost (no broadcast copy before the projection's gemm, no pass over the qkv gradient
+    for its gradient; a key bias has exactly no effect through the softmax, and gets gradient 0).
+    The dropout mask is the kernels' stream over the probabilities [nh, B, T, T] (that of
+    :class:`_CPUAttention`); saved for backward: qkv, the bias and the probabilities.
+    ``mask_add``: None or [B, T] additive (0 attend, -inf padding)."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float):
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, mask_add: torch.Tensor | None, num_heads: int,
+                p: float):
         seed = cpu_kernels.draw_seed()
-        y, probs = cpu_kernels.attention_forward(qkv, mask_add, num_heads, p, seed)
-        ctx.save_for_backward(qkv, probs)
+        y, probs = cpu_kernels.attention_forward(qkv, mask_add, num_heads, p, seed, bias)
+        # (a detached alias of the bias: its values as of now, whatever ZeRO does to the parameter later)
+        ctx.save_for_backward(qkv, probs, None if bias is None else bias.detach())
         ctx.nh, ctx.p, ctx.seed = num_heads, p, seed
         return y  # [B, T, H]
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        qkv, probs = ctx.saved_tensors
-        grad = cpu_kernels.attention_backward(grad_y.contiguous(), qkv, probs, ctx.nh, ctx.p, ctx.seed)
-        return grad, None, None, None  # [B, T, 3H]
+        qkv, probs, bias = ctx.saved_tensors
+        need_bias = bias is not None and ctx.needs_input_grad[1]
+        grad, grad_bias = cpu_kernels.attention_backward(grad_y.contiguous(), qkv, probs, ctx.nh, ctx.p, ctx.seed,
+                                                         bias, bias_grad=need_bias)
+        return grad, grad_bias, None, None, None  # [B, T, 3H], [3H]
 
 
 class SelfAttention(nn.Module):
@@ -247,27 +255,31 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden // num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)  # rows: [q; k; v], each [H, H]
+        self.qkv = Linear(hidden, 3 * hidden)  # rows: [q; k; v], each [H, H]
         self.out = Linear(hidden, hidden)
         self.attention_dropout = attention_dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, add_bias: bool = True) -> torch.Tensor:
         """``add_bias=False``: the output projection's bias is left to the caller (a fused residual)."""
         B, T, H = x.shape
-        qkv = self.qkv(x)  # [B, T, 3H]
         p = self.attention_dropout if self.training else 0.0
         # SDPA's CPU kernels have no dropout: it would fall back to the math path with bernoulli_
         cpu_dropout = p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()
-        if cpu_dropout and qkv.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"):
+        if cpu_dropout and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"):
             mask_add = None
             if attn_mask is not None:  # [B, 1, 1, T] bool → [B, 1, T] additive
-                mask_add = torch.zeros(B, 1, T, dtype=qkv.dtype).masked_fill_(~attn_mask[:, 0], float("-inf"))
-            if qkv.dtype == torch.float32 and cpu_kernels.attention_available():
-                y = _TileAttention.apply(qkv.contiguous(), None if mask_add is None else mask_add.view(B, T),
-                                         self.num_heads, p)
+                mask_add = torch.zeros(B, 1, T, dtype=x.dtype).masked_fill_(~attn_mask[:, 0], float("-inf"))
+            if x.dtype == torch.float32 and self.qkv.weight.dtype == x.dtype and cpu_kernels.attention_available():
+                # the bias goes to the kernel, unless ZeRO-3 manages it (then only the qkv call may read it)
+                bias = self.qkv.bias
+                fold = bias is not None and bias.dtype == x.dtype and not zero3_partitioned(bias)
+                qkv = self.qkv(x, add_bias=not fold).contiguous()  # [B, T, 3H]
+                y = _TileAttention.apply(qkv, bias if fold else None,
+                                         None if mask_add is None else mask_add.view(B, T), self.num_heads, p)
             else:
-                y = _CPUAttention.apply(qkv, mask_add, self.num_heads, p)
+                y = _CPUAttention.apply(self.qkv(x), mask_add, self.num_heads, p)
             return self.out(y, add_bias)  # [B, T, H]
+        qkv = self.qkv(x)  # [B, T, 3H]
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # each [B, nh, T, hd] (strided views)
         if cpu_dropout:

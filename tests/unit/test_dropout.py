@@ -350,7 +350,7 @@ def test_post_ln_block_fused_equals_unfused(kernels):
 def test_fused_paths_stay_off_for_zero3_parameters():
     """Parameters DeepSpeed ZeRO-3 manages (they carry ds_id) are gathered only inside their own module's
     call: the paths that read one outside it (the decoder bias in the loss, a projection bias in the
-    residual LayerNorm, the tied-gradient hand-off) are not taken for them."""
+    residual LayerNorm or in the attention kernel, the tied-gradient hand-off) are not taken for them."""
     from megamlm.config import ModelConfig, ObjectiveConfig
     from megamlm.model import build_model
 
@@ -361,7 +361,23 @@ def test_fused_paths_stay_off_for_zero3_parameters():
     kernels_here = cpu_kernels.available()
     assert model._bias_in_loss() and block.attn_norm.fusable(x, block.attn.out.bias) == kernels_here
     assert model._tied_grad() is not None
-    for prm in (model.mlm_head.decoder.bias, block.attn.out.bias, model.encoder.embeddings.word_embeddings.weight):
+
+    def attention_bias_folded():  # whether the qkv bias reached the tile attention kernel
+        todo = [block.attn.train()(x, None).grad_fn]
+        while todo:  # search the backward graph
+            fn = todo.pop()
+            if fn.name() == "_TileAttentionBackward":
+                return any(getattr(f, "variable", None) is block.attn.qkv.bias for f, _ in fn.next_functions if f)
+            todo.extend(f for f, _ in fn.next_functions if f is not None)
+        raise AssertionError("no tile attention in the graph")
+
+    tile = cpu_kernels.attention_available()
+    if tile:
+        assert attention_bias_folded()
+    for prm in (model.mlm_head.decoder.bias, block.attn.out.bias, model.encoder.embeddings.word_embeddings.weight,
+                block.attn.qkv.bias):
         prm.ds_id = 0  # what deepspeed.zero.Init puts on every parameter it partitions
     assert not model._bias_in_loss() and not block.attn_norm.fusable(x, block.attn.out.bias)
     assert model._tied_grad() is None
+    if tile:
+        assert not attention_bias_folded()

@@ -292,28 +292,32 @@ needs_tile = pytest.mark.skipif(not cpu_kernels.attention_available(),
 @needs_tile
 @pytest.mark.parametrize("T", [16, 9])  # rows on word boundaries (mask in the softmax pass) and not
 @pytest.mark.parametrize("padded", [False, True])
-def test_tile_attention_kernel_matches_formula_with_the_stream_mask(T, padded):
-    """cpu_kernels.attention_forward / backward against autograd through softmax(q kᵀ/√d + mask)·keep·v
-    in float64, keep from keep_mask_reference over the probabilities [nh, B, T, T]: output, saved
-    probabilities and the qkv gradient (float32 tolerances). A sequence with every key masked gets
-    zero probabilities (not NaN) and zero gradient."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_tile_attention_kernel_matches_formula_with_the_stream_mask(T, padded, with_bias):
+    """cpu_kernels.attention_forward / backward against autograd through softmax(q kᵀ/√d + mask)·keep·v,
+    q, k, v = qkv + bias, in float64, keep from keep_mask_reference over the probabilities
+    [nh, B, T, T]: output, saved probabilities, the qkv and bias gradients (float32 tolerances; the
+    kernel applies the bias inside, the key bias' gradient is exactly 0). A sequence with every key
+    masked gets zero probabilities (not NaN) and zero gradient."""
     B, nh, hd, p = 3, 4, 8, 0.3
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, T, 3 * nh * hd, generator=g)
     grad_y = torch.randn(B, T, nh * hd, generator=g)
+    bias = torch.randn(3 * nh * hd, generator=g) if with_bias else None
     mask = torch.ones(B, T, dtype=torch.bool)
     if padded:
         mask[1, 6:] = False
         mask[2, :] = False  # no real key at all
     mask_add = torch.zeros(B, T).masked_fill_(~mask, float("-inf"))
     seed = 2 ** 63 + 11
-    y, probs = cpu_kernels.attention_forward(qkv, mask_add if padded else None, nh, p, seed)
-    grad = cpu_kernels.attention_backward(grad_y, qkv, probs, nh, p, seed)
+    y, probs = cpu_kernels.attention_forward(qkv, mask_add if padded else None, nh, p, seed, bias)
+    grad, grad_bias = cpu_kernels.attention_backward(grad_y, qkv, probs, nh, p, seed, bias, bias_grad=with_bias)
 
     keep = cpu_kernels.keep_mask_reference(nh * B * T * T, p, seed).view(nh, B, T, T).double() / (1 - p)
     assert 0 < int((keep == 0).sum()) < keep.numel()
     ref_in = qkv.double().requires_grad_(True)
-    q, k, v = ref_in.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, nh, T, hd]
+    ref_bias = (torch.zeros(3 * nh * hd, dtype=torch.float64) if bias is None else bias.double()).requires_grad_(True)
+    q, k, v = (ref_in + ref_bias).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, nh, T, hd]
     scores = q @ k.transpose(-1, -2) / hd ** 0.5 + mask_add.double()[:, None, None, :]
     ref_probs = torch.softmax(scores, -1).nan_to_num(0.0)  # [B, nh, T, T]; all-masked rows: 0
     ref = ((ref_probs * keep.transpose(0, 1)) @ v).transpose(1, 2).reshape(B, T, nh * hd)
@@ -322,6 +326,15 @@ def test_tile_attention_kernel_matches_formula_with_the_stream_mask(T, padded):
     torch.testing.assert_close(y.double(), ref.detach(), atol=1e-5, rtol=1e-5)
     real = slice(0, 2) if padded else slice(None)  # (the reference's gradient is NaN for sequence 2)
     torch.testing.assert_close(grad[real].double(), ref_in.grad[real], atol=1e-5, rtol=1e-5)
+    if with_bias:
+        H = nh * hd
+        assert torch.equal(grad_bias[H:2 * H], torch.zeros(H))  # the key bias: exactly no gradient
+        if not padded:  # (the reference's is NaN with the all-masked sequence)
+            torch.testing.assert_close(grad_bias.double(), ref_bias.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_bias[:H], grad[..., :H].sum((0, 1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_bias[2 * H:], grad[..., 2 * H:].sum((0, 1)), atol=1e-5, rtol=1e-5)
+    else:
+        assert grad_bias is None
     if padded:
         assert torch.equal(probs[:, 2], torch.zeros_like(probs[:, 2]))
         assert torch.equal(grad[2], torch.zeros_like(grad[2]))
@@ -345,7 +358,7 @@ def test_tile_attention_equals_per_head_attention_with_the_same_seed():
     for fn, m in ((_TileAttention, mask_add), (_CPUAttention, mask_add[:, None, :])):
         x = qkv.clone().requires_grad_(True)
         torch.manual_seed(7)
-        y = fn.apply(x, m, nh, p)
+        y = fn.apply(x, None, m, nh, p) if fn is _TileAttention else fn.apply(x, m, nh, p)
         y.backward(grad_y)
         outs.append((y.detach(), x.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
@@ -363,9 +376,13 @@ def test_tile_attention_bad_arguments_and_missing_sgemm():
         cpu_kernels.attention_forward(qkv, torch.zeros(2, 4), 4, 0.1, 1)
     with pytest.raises(ValueError, match="dropout probability"):
         cpu_kernels.attention_forward(qkv, None, 4, 1.0, 1)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.attention_forward(qkv, None, 4, 0.1, 1, bias=torch.zeros(23))
     y, probs = cpu_kernels.attention_forward(qkv, None, 4, 0.1, 1)
     with pytest.raises(ValueError, match="do not match"):
         cpu_kernels.attention_backward(y[:, :4].contiguous(), qkv, probs, 4, 0.1, 1)
+    with pytest.raises(ValueError, match="needs the bias"):
+        cpu_kernels.attention_backward(y, qkv, probs, 4, 0.1, 1, bias_grad=True)
     lib = cpu_kernels._lib
     lib.megamlm_set_sgemm(None)  # as on a torch build that exports no sgemm
     try:
