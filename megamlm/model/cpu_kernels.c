@@ -585,7 +585,7 @@ int megamlm_attention_forward_f32(const float *qkv, const float *bias, const flo
     if (!sgemm_fn) return -2;
     int64_t H = nh * hd, TT = T * T, tiles = nh * B;
     int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1)")
+    _Pragma("omp parallel if (tiles > 1 && tiles * TT / 4 >= parallel_words)")
     {
         float *d = (float *)malloc((size_t)(TT + T) * sizeof(float));
         if (!d) {
@@ -647,7 +647,7 @@ int megamlm_attention_backward_f32(const float *qkv, const float *bias, const fl
     if (!sgemm_fn) return -2;
     int64_t H = nh * hd, TT = T * T, tiles = nh * B;
     int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1)")
+    _Pragma("omp parallel if (tiles > 1 && tiles * TT / 4 >= parallel_words)")
     {
         float *d = (float *)malloc((size_t)(2 * TT + 3 * T + 2 * hd) * sizeof(float));
         double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;

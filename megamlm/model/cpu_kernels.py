@@ -222,28 +222,39 @@ def _torch_sgemm() -> int | None:
 def _attach_sgemm(lib) -> None:
     """Hand torch's sgemm to the attention kernels after checking it on all four transpose cases of a
     small strided product (a BLAS with another integer width or calling convention fails here and
-    leaves the kernels without one: :func:`attention_available` is False)."""
+    leaves the kernels without one: :func:`attention_available` is False; the other kernels stay)."""
     address = _torch_sgemm()
     if not address:
         return
     lib.megamlm_set_sgemm(address)
+    try:
+        ok = _sgemm_self_test(lib)
+    except Exception as e:  # noqa: BLE001 -- whatever went wrong, the attention kernel stays off
+        ok = False
+        log.warning("sgemm self-test raised %s", e)
+    if not ok:
+        lib.megamlm_set_sgemm(None)
+        log.warning("torch's sgemm_ (at %s) failed the self-test; the attention kernel is off", _library_of(address))
+
+
+def _sgemm_self_test(lib) -> bool:
     g = torch.Generator().manual_seed(0)
-    for ta in "NT":
-        for tb in "NT":
-            m, n, k = 5, 3, 7
-            a = torch.randn(m, k, generator=g) if ta == "N" else torch.randn(k, m, generator=g)
-            b = torch.randn(k, n, generator=g) if tb == "N" else torch.randn(n, k, generator=g)
-            a_wide = torch.zeros(a.shape[0], a.shape[1] + 2)  # leading dimensions larger than the rows
-            a_wide[:, :a.shape[1]] = a
-            c = torch.full((m, n + 1), 7.0)
-            lib.megamlm_gemm_rm_f32(ta.encode(), tb.encode(), m, n, k, 2.0, a_wide.data_ptr(), a_wide.shape[1],
-                                    b.data_ptr(), b.shape[1], 1.0, c.data_ptr(), n + 1)
-            want = 2.0 * ((a if ta == "N" else a.t()) @ (b if tb == "N" else b.t())) + 7.0
-            if not (torch.allclose(c[:, :n], want, atol=1e-5) and bool((c[:, n] == 7.0).all())):
-                lib.megamlm_set_sgemm(None)
-                log.warning("torch's sgemm_ (at %s) failed the self-test; the attention kernel is off",
-                            _library_of(address))
-                return
+    # (the first kernel call may come from a model's forward under autocast: compute the reference in fp32)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        for ta in "NT":
+            for tb in "NT":
+                m, n, k = 5, 3, 7
+                a = torch.randn(m, k, generator=g) if ta == "N" else torch.randn(k, m, generator=g)
+                b = torch.randn(k, n, generator=g) if tb == "N" else torch.randn(n, k, generator=g)
+                a_wide = torch.zeros(a.shape[0], a.shape[1] + 2)  # leading dimensions larger than the rows
+                a_wide[:, :a.shape[1]] = a
+                c = torch.full((m, n + 1), 7.0)
+                lib.megamlm_gemm_rm_f32(ta.encode(), tb.encode(), m, n, k, 2.0, a_wide.data_ptr(), a_wide.shape[1],
+                                        b.data_ptr(), b.shape[1], 1.0, c.data_ptr(), n + 1)
+                want = 2.0 * ((a if ta == "N" else a.t()) @ (b if tb == "N" else b.t())) + 7.0
+                if not (torch.allclose(c[:, :n], want, atol=1e-5) and bool((c[:, n] == 7.0).all())):
+                    return False
+    return True
 
 
 def available() -> bool:

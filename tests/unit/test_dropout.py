@@ -181,6 +181,23 @@ def test_kernels_built_once_into_the_cache_then_reused(tmp_path):
         assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so"), built
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: nothing to build")
+def test_kernels_first_loaded_under_bf16_autocast():
+    """The first kernel call may come from a bf16-autocast forward (the bench's bf16 model): loading,
+    including the sgemm self-test, is not affected by autocast (it once failed there, silently
+    dropping every kernel for the run)."""
+    code = textwrap.dedent("""
+        import torch
+        from megamlm.model import cpu_kernels
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            print("available", cpu_kernels.available(), cpu_kernels.attention_available() == bool(cpu_kernels._torch_sgemm()))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "available True True" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "unavailable" not in res.stderr and "self-test" not in res.stderr, res.stderr[-2000:]
+
+
 def test_without_a_compiler_the_model_falls_back_with_a_warning(tmp_path):
     env = dict(os.environ, MEGAMLM_KERNEL_DIR=str(tmp_path / "k"), CC="/nonexistent/cc", PATH=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=300)
