@@ -75,6 +75,23 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
     return (int16_t)(uint16_t)(z >> (16 * (i & 3))) >= thr;
 }
 
+/* The mask's vectorized loop: over the n elements (a multiple of 4) from element `start` (a multiple
+   of 4) of stream `seed`, runs BODY with c = 0 .. n-1 (the offset) and k = scale where that element
+   is kept, else 0: one SplitMix64 word per 4 elements, 16 bits each. */
+#define FOR_MASK_WORDS(T, seed, start, n, thr, scale, BODY)                                        \
+    do {                                                                                           \
+        uint64_t w0_ = (uint64_t)((start) / 4) + 1;                                                \
+        ELEMENTWISE                                                                                \
+        for (int64_t w_ = 0; w_ < (n) / 4; w_++) {                                                 \
+            uint64_t h_ = mix64((seed) + (w0_ + (uint64_t)w_) * 0x9e3779b97f4a7c15ULL);            \
+            for (int l_ = 0; l_ < 4; l_++) {                                                       \
+                int64_t c = 4 * w_ + l_;                                                           \
+                T k = (int16_t)(uint16_t)(h_ >> (16 * l_)) >= (thr) ? (scale) : (T)0;             \
+                BODY;                                                                              \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
 /* One dropout loop, two outputs: COMBINE(j, v) turns the dropped value v = keep ? x[j] * scale : 0
  * of element start + j into out[j] (v itself, or r[j] + v). j in [0, n); out may be x (or r).
  * NAME##_span runs on the calling thread: the unaligned head and tail element by element, whole
@@ -87,16 +104,8 @@ static inline int keep_at(uint64_t seed, int64_t i, int32_t thr) {
         for (; j < n && ((start + j) & 3); j++)                                                    \
             out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
         int64_t j0 = j, nw = (n - j) / 4;                                                          \
-        uint64_t w0 = (uint64_t)((start + j) / 4) + 1;                                             \
-        ELEMENTWISE                                                                                \
-        for (int64_t w = 0; w < nw; w++) {                                                         \
-            uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);                 \
-            for (int l = 0; l < 4; l++) {                                                          \
-                int64_t e = j0 + 4 * w + l;                                                        \
-                T k = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? scale : (T)0;                    \
-                out[e] = COMBINE(e, x[e] * k);                                                     \
-            }                                                                                      \
-        }                                                                                          \
+        FOR_MASK_WORDS(T, seed, start + j0, 4 * nw, thr, scale,                                    \
+                       out[j0 + c] = COMBINE(j0 + c, x[j0 + c] * k));                              \
         for (j = j0 + 4 * nw; j < n; j++)                                                          \
             out[j] = COMBINE(j, keep_at(seed, start + j, thr) ? x[j] * scale : (T)0);              \
     }                                                                                              \
@@ -276,16 +285,7 @@ MUL_COLSUM(megamlm_mul_colsum_f64, double)
             T *zr = z + row * cols, *yr = y + row * cols;                                          \
             int64_t start = row * cols;                                                            \
             if (aligned) {                                                                         \
-                uint64_t w0 = (uint64_t)(start / 4) + 1;                                           \
-                ELEMENTWISE                                                                        \
-                for (int64_t w = 0; w < cols / 4; w++) {                                           \
-                    uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);         \
-                    for (int l = 0; l < 4; l++) {                                                  \
-                        int64_t c = 4 * w + l;                                                     \
-                        T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0;            \
-                        zr[c] = rr[c] + k * (xr[c] + bias[c]);                                     \
-                    }                                                                              \
-                }                                                                                  \
+                FOR_MASK_WORDS(T, seed, start, cols, thr, scale, zr[c] = rr[c] + k * (xr[c] + bias[c])); \
             } else {                                                                               \
                 for (int64_t c = 0; c < cols; c++) {                                               \
                     T k = keep_at(seed, start + c, thr) ? scale : (T)0;                            \
@@ -357,17 +357,8 @@ MUL_COLSUM(megamlm_mul_colsum_f64, double)
                         for (int64_t c = 0; c < cols; c++) gzr[c] = rs * (gyr[c] * gamma[c] - a1 - xhat[c] * a2); \
                         int64_t start = row * cols;                                                \
                         if (aligned) {                                                             \
-                            uint64_t w0 = (uint64_t)(start / 4) + 1;                               \
-                            ELEMENTWISE                                                            \
-                            for (int64_t w = 0; w < cols / 4; w++) {                               \
-                                uint64_t h = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL); \
-                                for (int l = 0; l < 4; l++) {                                      \
-                                    int64_t c = 4 * w + l;                                         \
-                                    T k = (int16_t)(uint16_t)(h >> (16 * l)) >= thr ? scale : (T)0; \
-                                    gxr[c] = gzr[c] * k;                                           \
-                                    px[c] += gxr[c];                                               \
-                                }                                                                  \
-                            }                                                                      \
+                            FOR_MASK_WORDS(T, seed, start, cols, thr, scale,                       \
+                                           gxr[c] = gzr[c] * k; px[c] += gxr[c]);                  \
                         } else {                                                                   \
                             for (int64_t c = 0; c < cols; c++) {                                   \
                                 gxr[c] = keep_at(seed, start + c, thr) ? gzr[c] * scale : (T)0;    \
@@ -554,17 +545,7 @@ static void softmax_dropout_rows_f32(float *s, const float *mask, float *d, int6
         }
         float inv = 1.0f / sum;
         if (aligned) {
-            uint64_t w0 = (uint64_t)((start + i * T) / 4) + 1;
-            ELEMENTWISE
-            for (int64_t w = 0; w < T / 4; w++) {
-                uint64_t z = mix64(seed + (w0 + (uint64_t)w) * 0x9e3779b97f4a7c15ULL);
-                for (int l = 0; l < 4; l++) {
-                    int64_t c = 4 * w + l;
-                    float pv = r[c] * inv;
-                    r[c] = pv;
-                    dr[c] = (int16_t)(uint16_t)(z >> (16 * l)) >= thr ? pv * dscale : 0.0f;
-                }
-            }
+            FOR_MASK_WORDS(float, seed, start + i * T, T, thr, dscale, r[c] *= inv; dr[c] = r[c] * k);
         } else {
             ELEMENTWISE
             for (int64_t j = 0; j < T; j++) r[j] *= inv;
