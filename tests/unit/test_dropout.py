@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from megamlm.model import cpu_kernels
+from megamlm.model import cpu_kernels, kernel_build
 from megamlm.model.dropout import _keep_mask, _random_bits, dropout, dropout_add
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
@@ -61,9 +61,9 @@ def test_kernel_on_openmp_threads_equals_one_thread_and_holds_the_rate():
         cpu_kernels.set_parallel_words(default_words)
     assert abs(float(keep.float().mean()) - 0.9) < 0.002
     if cpu_kernels.uses_openmp():  # the kernels' OpenMP runtime is torch's (its thread pool)
-        ours = cpu_kernels._library_of(cpu_kernels._lib.megamlm_omp_symbol())
-        assert ours in {os.path.realpath(p) for p in cpu_kernels._openmp_runtimes()}, ours
-        assert cpu_kernels._shares_torch_openmp(cpu_kernels._lib)
+        ours = kernel_build.library_of(cpu_kernels._lib.megamlm_omp_symbol())
+        assert ours in {os.path.realpath(p) for p in kernel_build.openmp_runtimes()}, ours
+        assert kernel_build.shares_torch_openmp(cpu_kernels._lib)
     for i in range(64):  # every bit position of the words is fair
         bits = cpu_kernels._mix64(torch.arange(1, 1 << 14, dtype=torch.int64) * (cpu_kernels._GOLDEN - (1 << 64)))
         assert abs(float(((bits >> i) & 1).float().mean()) - 0.5) < 0.02
@@ -188,9 +188,9 @@ def test_kernels_first_loaded_under_bf16_autocast():
     dropping every kernel for the run)."""
     code = textwrap.dedent("""
         import torch
-        from megamlm.model import cpu_kernels
+        from megamlm.model import cpu_kernels, kernel_build
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            print("available", cpu_kernels.available(), cpu_kernels.attention_available() == bool(cpu_kernels._torch_sgemm()))
+            print("available", cpu_kernels.available(), cpu_kernels.attention_available() == bool(kernel_build.torch_sgemm()))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -12,7 +12,7 @@ from megamlm.bench import random_batch
 from megamlm.config import ModelConfig, ObjectiveConfig
 from megamlm.data.batch import Batch
 from megamlm.model import Encoder, build_model, weight_decay_groups
-from megamlm.model import cpu_kernels
+from megamlm.model import cpu_kernels, kernel_build
 
 V = 97
 
@@ -280,7 +280,7 @@ def test_attention_dropout_path_used_in_training_and_scaled(dtype, kernels):
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     tile = dtype == torch.float32 and cpu_kernels.attention_available()
     assert ("_TileAttentionBackward" if tile else "_CPUAttentionBackward") in names, names
-    if kernels and dtype == torch.float32 and cpu_kernels._torch_sgemm():
+    if kernels and dtype == torch.float32 and kernel_build.torch_sgemm():
         assert tile  # x86 torch exports its sgemm: the tile kernel is in use wherever the kernels are
     torch.testing.assert_close(train_out, attn.eval()(x, am), atol=1e-5, rtol=1e-5)
 
@@ -390,7 +390,7 @@ def test_tile_attention_bad_arguments_and_missing_sgemm():
         with pytest.raises(RuntimeError, match="no sgemm"):
             cpu_kernels.attention_forward(qkv, None, 4, 0.1, 1)
     finally:
-        cpu_kernels._attach_sgemm(lib)
+        kernel_build.attach_sgemm(lib)
     assert cpu_kernels.attention_available()
 
 
