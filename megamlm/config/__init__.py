@@ -4,6 +4,9 @@ Every field carries its help text and its allowed values in ``field(metadata=...
 the single source for validation, for ``megamlm check-config`` and for the docs. Problems are
 collected and raised together as one :class:`ConfigError` (a ``ValueError``), each naming the key, the
 value and what is allowed. Builders take their own section, never the whole :class:`Config`.
+
+The checks against the files a config names (tokenizer, shards) live in :mod:`megamlm.config.files`, imported
+by those who need them (check-config, pretrain's preflight), not here: it reads the tokenizer and the manifest.
 """
 
 from megamlm.config.load import (
@@ -16,6 +19,8 @@ from megamlm.config.load import (
     grad_accumulation_steps,
     load_config,
     parse_overrides,
+    validate_dict,
+    valid_fields,
 )
 from megamlm.config.sections import (
     SECTIONS,
@@ -39,5 +44,5 @@ __all__ = [
     "TokenizerConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "ParallelConfig", "OptimConfig",
     "EngineConfig", "TrainConfig", "CheckpointConfig", "TelemetryConfig",
     "load_config", "parse_overrides", "config_to_dict", "config_from_dict", "cross_check", "dump_config",
-    "describe_fields", "data_parallel_size", "grad_accumulation_steps",
+    "describe_fields", "data_parallel_size", "grad_accumulation_steps", "validate_dict", "valid_fields",
 ]

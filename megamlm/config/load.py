@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -128,68 +129,128 @@ def _section_from_dict(cls: type, name: str, raw: Any, problems: list[str]) -> A
         return cls()
 
 
+def validate_dict(raw: dict, world_size: int | None = None) -> tuple[Config, list[str]]:
+    """A :class:`Config` from ``raw`` and every problem found, without raising: fields that failed their
+    checks keep the value given, and the cross-section checks skip the ones whose inputs failed."""
+    problems: list[str] = []
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(_unknown(str(key), list(SECTIONS), "section "))
+    sections = {name: _section_from_dict(cls, name, raw.get(name), problems) for name, cls in SECTIONS.items()}
+    cfg = Config(**sections)
+    problems.extend(cross_check(cfg, world_size))
+    return cfg, problems
+
+
 def config_from_dict(raw: dict, source: str | None = None, world_size: int | None = None) -> Config:
     """Build and validate a :class:`Config`; every problem found is raised together."""
-    problems: list[str] = []
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
-    sections = {}
-    for key in raw:
-        if key not in SECTIONS:
-            problems.append(_unknown(str(key), list(SECTIONS), "section "))
-    for name, cls in SECTIONS.items():
-        sections[name] = _section_from_dict(cls, name, raw.get(name), problems)
-    cfg = Config(**sections)
-    try:  # cross-section checks also run when a field failed, so every problem shows in one go
-        problems.extend(cross_check(cfg, world_size))
-    except (TypeError, ValueError, ArithmeticError):
-        pass
+    cfg, problems = validate_dict(raw, world_size)
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
+def valid_fields(cfg: Config) -> set[str]:
+    """``section.key`` of every field whose value passes its own type and range checks (a field that
+    failed keeps the value it was given, so checks on several fields first ask this)."""
+    ok = set()
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        if not isinstance(section, cls):
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            scratch: list[str] = []
+            value = _coerce(getattr(section, f.name), hints[f.name], "", scratch)
+            if not scratch:
+                _check_range(value, f.metadata, "", scratch)
+            if not scratch:
+                ok.add(f"{name}.{f.name}")
+    return ok
+
+
+def vocab_parallel_hint(rows: int, tp: int, pad: int) -> str:
+    """The keys that make ``tp`` divide a vocabulary of ``rows`` rows (``pad``: tokenizer.pad_vocab_to_multiple)."""
+    step = math.lcm(tp, pad)
+    divisors = [d for d in range(tp - 1, 0, -1) if rows % d == 0]
+    return (f"set model.vocab_size to a multiple of {step} (a multiple of both parallel.vocab_parallel_size={tp} "
+            f"and tokenizer.pad_vocab_to_multiple={pad}), e.g. {-(-rows // step) * step}, or "
+            f"parallel.vocab_parallel_size to a divisor of {rows} (e.g. {divisors[0]})")
+
+
 def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
-    """Checks that involve more than one field; ``world_size`` adds the batch and topology arithmetic."""
+    """Checks that involve more than one field; ``world_size`` adds the batch and topology arithmetic.
+
+    A check runs only when its fields passed their own checks (those already reported the problem), so a
+    field of the wrong type or out of range never raises here. The padded vocabulary of a config without
+    model.vocab_size is the tokenizer's: :func:`megamlm.config.files.check_files` checks it against the file."""
+    ok = valid_fields(cfg)
+
+    def need(*keys: str) -> bool:
+        return all(k in ok for k in keys)
+
     p: list[str] = []
     m, o, d, e = cfg.model, cfg.objective, cfg.data, cfg.engine
-    if m.hidden_size % m.num_heads:
+    if need("model.hidden_size", "model.num_heads") and m.hidden_size % m.num_heads:
         p.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    if d.seq_len > m.max_position_embeddings:
+    if need("data.seq_len", "model.max_position_embeddings") and d.seq_len > m.max_position_embeddings:
         p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
-    if o.mask_token_ratio + o.random_token_ratio > 1.0 + 1e-9:
+    if need("objective.mask_token_ratio", "objective.random_token_ratio") \
+            and o.mask_token_ratio + o.random_token_ratio > 1.0 + 1e-9:
         p.append(f"objective.mask_token_ratio + objective.random_token_ratio = "
                  f"{o.mask_token_ratio + o.random_token_ratio:g} exceeds 1")
-    if o.pair != "none" and m.type_vocab_size < 2:
+    if need("objective.pair", "model.type_vocab_size") and o.pair != "none" and m.type_vocab_size < 2:
         p.append(f"objective.pair={o.pair!r} needs model.type_vocab_size >= 2, got {m.type_vocab_size}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+    if need("optim.betas") and (len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas)):
         p.append(f"optim.betas={cfg.optim.betas!r} must be two numbers in [0, 1)")
-    if cfg.optim.lr > 0 and cfg.optim.min_lr > cfg.optim.lr:
+    if need("optim.lr", "optim.min_lr") and cfg.optim.lr > 0 and cfg.optim.min_lr > cfg.optim.lr:
         p.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
-    if cfg.train.max_steps == 0 and cfg.train.max_tokens == 0:
+    if need("train.max_steps", "train.max_tokens") and cfg.train.max_steps == 0 and cfg.train.max_tokens == 0:
         p.append("train.max_steps and train.max_tokens are both 0: set a budget")
-    pad = cfg.tokenizer.pad_vocab_to_multiple
-    if m.vocab_size and m.vocab_size % pad:
-        p.append(f"model.vocab_size={m.vocab_size} is not a multiple of tokenizer.pad_vocab_to_multiple={pad}")
-    tp = cfg.parallel.vocab_parallel_size
-    if (m.vocab_size or pad) % tp:
-        what = f"model.vocab_size={m.vocab_size}" if m.vocab_size else f"tokenizer.pad_vocab_to_multiple={pad}"
-        p.append(f"parallel.vocab_parallel_size={tp} does not divide the padded vocabulary ({what}); "
-                 f"make it a multiple of {tp}")
+    p += _vocab_checks(cfg, ok)
     if world_size is not None:
-        if world_size < 1:
-            p.append(f"world size {world_size} must be >= 1")
-        elif world_size % tp:
-            p.append(f"world size {world_size} is not divisible by parallel.vocab_parallel_size={tp}")
-        else:
-            dp = world_size // tp
-            per_step = d.micro_batch_size * dp
-            if e.global_batch_size and e.global_batch_size % per_step:
-                p.append(f"engine.global_batch_size={e.global_batch_size} is not a multiple of "
-                         f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp} = {per_step}")
+        p += _world_checks(cfg, world_size, ok)
     return p
+
+
+def _vocab_checks(cfg: Config, ok: set[str]) -> list[str]:
+    """model.vocab_size (when set) against the padding multiple and the vocab-parallel size."""
+    if "model.vocab_size" not in ok or not cfg.model.vocab_size:
+        return []
+    rows, pad, tp = cfg.model.vocab_size, cfg.tokenizer.pad_vocab_to_multiple, cfg.parallel.vocab_parallel_size
+    pad_ok, tp_ok = "tokenizer.pad_vocab_to_multiple" in ok, "parallel.vocab_parallel_size" in ok
+    p = []
+    if pad_ok and rows % pad:
+        p.append(f"model.vocab_size={rows} is not a multiple of tokenizer.pad_vocab_to_multiple={pad}")
+    if pad_ok and tp_ok and rows % tp:
+        p.append(f"parallel.vocab_parallel_size={tp} does not divide the padded vocabulary of {rows} rows "
+                 f"(model.vocab_size={rows}): {vocab_parallel_hint(rows, tp, pad)}")
+    return p
+
+
+def _world_checks(cfg: Config, world_size: int, ok: set[str]) -> list[str]:
+    if not isinstance(world_size, int) or isinstance(world_size, bool):
+        return [f"world size {world_size!r} must be an integer"]
+    if world_size < 1:
+        return [f"world size {world_size} must be >= 1"]
+    if "parallel.vocab_parallel_size" not in ok:
+        return []
+    tp = cfg.parallel.vocab_parallel_size
+    if world_size % tp:
+        return [f"world size {world_size} is not divisible by parallel.vocab_parallel_size={tp}"]
+    if not {"data.micro_batch_size", "engine.global_batch_size"} <= ok:
+        return []
+    d, e = cfg.data, cfg.engine
+    dp = world_size // tp
+    per_step = d.micro_batch_size * dp
+    if e.global_batch_size and e.global_batch_size % per_step:
+        return [f"engine.global_batch_size={e.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size={d.micro_batch_size} x data-parallel size {dp} = {per_step}"]
+    return []
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -1,7 +1,7 @@
 """Typed config: loading, overrides, validation messages, shipped configs, light imports.
 
-A failure here points at megamlm/config.py (field metadata, coercion, cross checks) or megamlm/cli.py
-(check-config), or at a file in configs/ that no longer validates.
+A failure here points at megamlm/config/ (sections.py: field metadata; load.py: coercion, cross checks) or
+megamlm/cli.py (check-config), or at a file in configs/ that no longer validates.
 """
 
 from __future__ import annotations
@@ -129,9 +129,54 @@ def test_world_size_arithmetic():
     assert grad_accumulation_steps(cfg, 4) == 3
 
 
-def test_vocab_parallel_must_divide_padding():
-    with pytest.raises(ConfigError, match="vocab_parallel_size=3 does not divide the padded vocabulary"):
-        config_from_dict({"parallel": {"vocab_parallel_size": 3}})
+def test_vocab_parallel_must_divide_a_set_vocab_size():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"parallel": {"vocab_parallel_size": 5}, "model": {"vocab_size": 8064}}, world_size=5)
+    text = str(e.value)
+    assert "parallel.vocab_parallel_size=5 does not divide the padded vocabulary of 8064 rows" in text, text
+    assert "set model.vocab_size to a multiple of 640" in text and "e.g. 8320" in text, text
+    assert "parallel.vocab_parallel_size to a divisor of 8064 (e.g. 4)" in text, text
+
+
+def test_without_model_vocab_size_the_padding_multiple_is_not_the_vocabulary():
+    """The padded vocabulary is ceil(pieces / pad) * pad: only the tokenizer knows it (config/files.py checks
+    it); 8000 pieces padded to a multiple of 1 split over 5 ranks fine."""
+    cfg = config_from_dict({"parallel": {"vocab_parallel_size": 5}, "tokenizer": {"pad_vocab_to_multiple": 1}},
+                           world_size=5)
+    assert cfg.parallel.vocab_parallel_size == 5
+    config_from_dict({"parallel": {"vocab_parallel_size": 3}}, world_size=3)  # 128 % 3 says nothing either
+
+
+def test_a_bad_typed_field_still_reports_every_other_problem():
+    """A field that failed its own check keeps its value; the cross checks that read it are skipped (no
+    exception, no swallowed problems), the others still run."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"hidden_size": "big", "num_heads": 0, "vocab_size": 1000},
+                          "parallel": {"vocab_parallel_size": "two"},
+                          "data": {"seq_len": 1024, "micro_batch_size": "many"},
+                          "optim": {"betas": "steep", "lr": 1e-4, "min_lr": 1e-3},
+                          "objective": {"mask_token_ratio": 0.9, "random_token_ratio": 0.2}}, world_size=4)
+    p = e.value.problems
+    assert p == [
+        "data.micro_batch_size: expected an integer, got 'many'",
+        "model.hidden_size: expected an integer, got 'big'",
+        "model.num_heads=0 is out of range; it must be >= 1",
+        "parallel.vocab_parallel_size: expected an integer, got 'two'",
+        "optim.betas: expected a list of float, got 'steep'",
+        "data.seq_len=1024 exceeds model.max_position_embeddings=512",
+        "objective.mask_token_ratio + objective.random_token_ratio = 1.1 exceeds 1",
+        "optim.min_lr=0.001 exceeds optim.lr=0.0001",
+        "model.vocab_size=1000 is not a multiple of tokenizer.pad_vocab_to_multiple=128",
+    ], p
+
+
+def test_cross_check_never_raises_on_fields_of_the_wrong_type():
+    from megamlm.config import ModelConfig, ParallelConfig, TrainConfig, cross_check
+
+    cfg = Config(model=ModelConfig(hidden_size="big", num_heads=0, vocab_size="x"),  # type: ignore[arg-type]
+                 parallel=ParallelConfig(vocab_parallel_size=0), train=TrainConfig(max_steps=None))  # type: ignore
+    assert cross_check(cfg, world_size=4) == []
+    assert cross_check(Config(), world_size="4") == ["world size '4' must be an integer"]  # type: ignore[arg-type]
 
 
 def test_override_syntax_errors():
@@ -184,7 +229,8 @@ def test_check_config_cli_fails_before_any_work_with_all_problems():
 
 
 def test_import_megamlm_is_light():
-    code = ("import sys, megamlm, megamlm.config, megamlm.cli, megamlm.tokenizer, megamlm.data.shards;"
+    code = ("import sys, megamlm, megamlm.config, megamlm.config.files, megamlm.cli, megamlm.tokenizer, "
+            "megamlm.data.shards;"
             "heavy = [m for m in ('deepspeed', 'webdataset', 'tensorboard', 'transformers') if m in sys.modules];"
             "print(','.join(heavy))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
