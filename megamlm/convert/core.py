@@ -119,17 +119,21 @@ def load_megamlm_checkpoint(path: str | Path, tag: str | None = None, lazy: bool
     other than the vocabulary rows stay lazy until written (:func:`save_export` gathers one at a time)."""
     import yaml
 
-    from megamlm.config import config_from_dict
+    from megamlm.config import ConfigError, config_from_dict
 
     folder = resolve_checkpoint(path, tag)
     cfg_file = folder / "config.yaml"
     if not cfg_file.is_file():
         raise ConvertError(f"{folder}: no config.yaml: not a megamlm checkpoint")
-    text = cfg_file.read_text(encoding="utf-8")
     try:
-        cfg = config_from_dict(yaml.safe_load(text) or {}, source=str(cfg_file))
-    except Exception as e:  # noqa: BLE001 - ConfigError lists every problem
-        raise ConvertError(f"{cfg_file}: {e}") from None
+        text = cfg_file.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConvertError(f"{cfg_file}: not a readable YAML config: {e}") from e
+    try:
+        cfg = config_from_dict(raw or {}, source=str(cfg_file))
+    except ConfigError as e:  # every problem, one per line
+        raise ConvertError(f"{cfg_file}: {e}") from e
     full, layout = consolidate(folder, cfg.engine.zero_stage, lazy)
     tok_dir = folder / "tokenizer"
     side = next(iter(sorted(tok_dir.glob("*.json"))), None) if tok_dir.is_dir() else None
@@ -172,16 +176,27 @@ def save_export(w: Weights, out: str | Path) -> Path:
 
 
 def is_export(path: Path) -> bool:
+    """``path`` (a folder with ``model.safetensors``, or the file) is a megamlm export: a safetensors file
+    with megamlm metadata. False for anything else; a ``.safetensors`` file whose header cannot be read,
+    or that is shorter than its header says, raises naming the file (a truncated copy is not "something
+    else")."""
     f = path / "model.safetensors" if path.is_dir() else path
     if not f.is_file() or f.suffix != ".safetensors":
         return False
-    from safetensors import safe_open
+    header = _header(f)
+    meta = header.get("__metadata__")
+    return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
+
+
+def _header(f: Path) -> dict:
+    from megamlm.convert.safetensors_io import HeaderError, read_header
 
     try:
-        with safe_open(str(f), "pt") as h:
-            return (h.metadata() or {}).get("format") == EXPORT_FORMAT
-    except Exception:  # noqa: BLE001 - not a safetensors file: the caller reports what it is
-        return False
+        return read_header(f)
+    except HeaderError as e:
+        raise ConvertError(f"{f}: not a readable safetensors file (truncated?): {e}") from e
+    except OSError as e:
+        raise ConvertError(f"{f}: cannot be read: {e}") from e
 
 
 def load_export(path: str | Path) -> Weights:
@@ -210,15 +225,18 @@ def load_export(path: str | Path) -> Weights:
 
 
 def read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+    """Every tensor and the metadata of a safetensors file; a missing, truncated or foreign file raises
+    naming it."""
+    from safetensors import SafetensorError, safe_open
 
+    if not f.is_file():
+        raise ConvertError(f"{f}: file is missing")
+    _header(f)  # sizes checked first: the library reports a short file and a foreign one alike
     try:
         with safe_open(str(f), "pt") as h:
             return {k: h.get_tensor(k) for k in h.keys()}, dict(h.metadata() or {})
-    except FileNotFoundError:
-        raise ConvertError(f"{f}: file is missing") from None
-    except Exception as e:  # noqa: BLE001 - SafetensorError on a truncated / foreign file
-        raise ConvertError(f"{f}: not a readable safetensors file (truncated?): {e}") from None
+    except SafetensorError as e:  # a header safetensors refuses (dtype, overlapping offsets, ...)
+        raise ConvertError(f"{f}: not a readable safetensors file: {e}") from e
 
 
 # ------------------------------------------------------------------------------ any source → weights

@@ -1,9 +1,13 @@
 """Conversion on small in-memory models: the key table per HF class, HF directories read back, and bad
-input refused by name (non-BERT, unknown key, shape mismatch, truncated file, pickled code).
+input refused by name (non-BERT, unknown key, shape mismatch, truncated file or export, pickled code), and
+the output written whole or not at all.
 
-A failure points at megamlm/model/hf_keys.py (the table) or megamlm/convert/hf.py / zero.py (checks)."""
+A failure points at megamlm/model/hf_keys.py (the table), megamlm/convert/hf.py / zero.py (checks), core.py /
+safetensors_io.py (exports, headers) or convert/__init__.py (the output folder)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +128,109 @@ def test_streaming_safetensors_writer_is_read_back_by_safetensors(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "x", "n": "3"}
+
+
+# ------------------------------------------------------------------ truncated exports, config errors
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def export(tmp_path):
+    from megamlm.convert.core import save_export
+
+    return save_export(weights(), tmp_path / "exp")
+
+
+@pytest.mark.parametrize("cut", ["few", "half", "header"])
+def test_a_truncated_export_is_named_not_taken_for_something_else(tmp_path, cut):
+    from megamlm.convert.core import load_any
+
+    d = export(tmp_path)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[: {"few": len(raw) - 3, "half": len(raw) // 2, "header": 40}[cut]])
+    with pytest.raises(ConvertError) as e:
+        load_any(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: not a readable safetensors file (truncated?): "), msg
+    if cut == "few":
+        assert msg.endswith("(3 missing)"), msg
+    assert "neither" not in msg
+    with pytest.raises(ConvertError, match="truncated"):
+        load_any(f)  # the file itself
+    with pytest.raises(ConvertError, match="truncated"):
+        convert(d, tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_cli_prints_one_line_for_a_truncated_export_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    d = export(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-5])
+    r = subprocess.run([sys.executable, "-m", "megamlm", "convert", str(d), str(tmp_path / "out"), "--to", "hf"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"megamlm convert: error: {f}: not a readable safetensors file (truncated?): "), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_safetensors_without_megamlm_metadata_or_at_all(tmp_path):
+    from megamlm.convert.core import is_export, load_any
+
+    hf = save_hf(weights(), tmp_path / "hf")
+    assert not is_export(hf / "model.safetensors")  # whole, readable, no megamlm metadata
+    with pytest.raises(ConvertError, match="neither a megamlm checkpoint"):
+        load_any(hf / "model.safetensors")
+    assert load_hf(hf).real_vocab_size == V  # the folder is an HF directory
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 4)
+    with pytest.raises(ConvertError, match=r"junk.safetensors: not a readable safetensors file.*header length"):
+        load_any(junk)
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    assert not is_export(other)
+
+
+def test_read_header_checks_the_sizes_its_header_lays_out(tmp_path):
+    from megamlm.convert.safetensors_io import HeaderError, read_header, write_safetensors
+
+    f = tmp_path / "t.safetensors"
+    write_safetensors({"a": torch.zeros(3), "b": torch.ones(2, 2)}, f, metadata={"format": "x"})
+    h = read_header(f)
+    assert h["__metadata__"] == {"format": "x"} and h["b"]["data_offsets"] == [12, 28]
+    raw = f.read_bytes()
+    for n, what in [(4, "shorter than the 8-byte header length"), (20, "header alone needs"),
+                    (len(raw) - 1, "(1 missing)")]:
+        f.write_bytes(raw[:n])
+        with pytest.raises(HeaderError, match=re.escape(what)):
+            read_header(f)
+
+
+def _checkpoint_folder(tmp_path, config_text: str):
+    tag = tmp_path / "ck" / "step00000001"
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE").write_text("")
+    (tag.parent / "latest").write_text(tag.name)
+    (tag / "config.yaml").write_text(config_text)
+    return tag.parent
+
+
+def test_a_checkpoint_config_error_keeps_its_cause(tmp_path):
+    from megamlm.config import ConfigError
+    from megamlm.convert.core import load_megamlm_checkpoint
+
+    ck = _checkpoint_folder(tmp_path, "engine: {zero_stage: 7}\nmodel: {hidden_size: big}\n")
+    with pytest.raises(ConvertError) as e:
+        load_megamlm_checkpoint(ck)
+    assert isinstance(e.value.__cause__, ConfigError) and len(e.value.__cause__.problems) == 2
+    assert "config.yaml" in str(e.value) and "engine.zero_stage=7" in str(e.value)
+    (ck / "step00000001" / "config.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConvertError, match="not a readable YAML config") as e:
+        load_megamlm_checkpoint(ck)
+    import yaml
+
+    assert isinstance(e.value.__cause__, yaml.YAMLError)
