@@ -234,3 +234,57 @@ def test_a_checkpoint_config_error_keeps_its_cause(tmp_path):
     import yaml
 
     assert isinstance(e.value.__cause__, yaml.YAMLError)
+
+
+# ------------------------------------------------------------------ the output folder
+def test_a_second_run_into_the_same_folder_is_refused_and_touches_nothing(tmp_path):
+    src = save_hf(weights(), tmp_path / "src")
+    convert(src, tmp_path / "out", "hf")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ConvertError, match=r"out: output folder exists and is not empty"):
+        convert(src, tmp_path / "out", "hf")
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConvertError, match="file: output exists and is not a folder"):
+        convert(src, tmp_path / "file", "hf")
+
+
+def test_an_empty_output_folder_is_replaced_keeping_its_mode(tmp_path):
+    src = save_hf(weights(), tmp_path / "src")
+    (tmp_path / "out").mkdir(mode=0o750)
+    (tmp_path / "out").chmod(0o750)
+    convert(src, tmp_path / "out", "megamlm")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_another_runs_partial_folder_is_never_deleted(tmp_path, caplog):
+    """A hidden sibling this call did not create (another conversion's, or one a kill left) stays; a
+    warning names it."""
+    import logging
+
+    src = save_hf(weights(), tmp_path / "src")
+    other = tmp_path / ".out.partial"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"someone else's work in progress")
+    with caplog.at_level(logging.WARNING, logger="megamlm.convert"):
+        convert(src, tmp_path / "out", "hf")
+    assert (other / "model.safetensors").read_bytes() == b"someone else's work in progress"
+    assert str(other) in caplog.text and "interrupted conversion" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "out", "src"]
+
+
+def test_a_failure_removes_the_parent_folders_it_made_and_only_those(tmp_path):
+    src = save_hf(weights(), tmp_path / "src")
+    bad_tok = tmp_path / "bad.model"
+    bad_tok.write_bytes(b"not a sentencepiece model")
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(Exception):
+        convert(src, tmp_path / "keep" / "a" / "b" / "out", "hf", tokenizer=bad_tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.model", "keep", "src"]
+    assert list((tmp_path / "keep").iterdir()) == []
+    convert(src, tmp_path / "keep" / "a" / "b" / "out", "hf")
+    assert (tmp_path / "keep" / "a" / "b" / "out" / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "keep" / "a" / "b").iterdir()] == ["out"]
