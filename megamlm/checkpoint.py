@@ -17,7 +17,15 @@ Layout of ``<checkpoint dir>``::
         COMPLETE           written last, after every rank finished
 
 ``latest`` moves only after ``COMPLETE`` exists, so a run killed mid-save resumes from the previous
-checkpoint; incomplete folders are removed with the old ones when the next save completes.
+checkpoint; incomplete folders are removed (with a log line) when the next save completes.
+
+What a run may do to a folder (:func:`resolve_resume`): a fresh run (no ``--resume``, or ``none``) into a
+folder that holds checkpoints is refused before any work (the ways out: ``--resume auto``, another
+``train.output_dir``, or ``--move-old-run``, which renames the old run aside: :func:`move_old_run`);
+``--resume TAG`` is refused while newer complete checkpoints exist (its saves would overwrite them).
+So every checkpoint in a folder belongs to one lineage, and retention (:func:`prune`) only ever deletes
+that lineage's older checkpoints and interrupted saves, never the one just written, and :func:`save`
+never replaces a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -55,20 +63,124 @@ class TrainState:
     loader: dict = field(default_factory=dict)
     counters: dict = field(default_factory=dict)
     elapsed_seconds: float = 0.0
+    # the layout it was saved with: world_size, data_parallel_size, vocab_parallel_size, num_workers
+    topology: dict = field(default_factory=dict)
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
+
+
+def is_complete(ckpt_dir: str | Path, tag: str) -> bool:
+    return (Path(ckpt_dir) / tag / COMPLETE).is_file()
+
+
+def step_folders(ckpt_dir: str | Path) -> list[str]:
+    """Every ``stepNNNNNNNN`` folder in ``ckpt_dir``, complete or not, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    return [t for t in step_folders(ckpt_dir) if is_complete(ckpt_dir, t)]
+
+
 def read_latest(ckpt_dir: str | Path) -> str | None:
+    """The tag ``latest`` names, or None without a ``latest`` file; a tag that is not a complete
+    checkpoint is refused, naming the newest complete one beside it."""
     p = Path(ckpt_dir) / LATEST
     if not p.is_file():
         return None
     tag = p.read_text().strip()
-    if not (Path(ckpt_dir) / tag / COMPLETE).is_file():
-        raise CheckpointError(f"{p} points at {tag!r}, which is not a complete checkpoint")
+    if not is_complete(ckpt_dir, tag):
+        done = complete_tags(ckpt_dir)
+        offer = (f"; the newest complete checkpoint there is {done[-1]}: resume from it with --resume {done[-1]}"
+                 if done else "; the folder holds no complete checkpoint")
+        what = "a folder that does not exist" if not (Path(ckpt_dir) / tag).exists() else "an incomplete checkpoint"
+        raise CheckpointError(f"{p} points at {tag!r}, {what}{offer}")
     return tag
+
+
+def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
+    """The checkpoint tag a run starts from (None: fresh), or CheckpointError before any work.
+
+    * ``None`` / ``"none"``: fresh; refused when the folder holds a complete checkpoint or ``latest``.
+    * ``"auto"``: the newest complete checkpoint — ``latest``, or a newer complete one when a save was
+      interrupted between ``COMPLETE`` and ``latest`` (logged) — or fresh when there is none.
+    * a tag or a tag folder: that complete checkpoint; refused while newer complete ones exist.
+    Incomplete step folders (interrupted saves) are named in the log: the next save removes them."""
+    ckpt_dir = Path(ckpt_dir)
+    done = complete_tags(ckpt_dir)
+    partial = [t for t in step_folders(ckpt_dir) if t not in done]
+    if partial:
+        log.warning("%s: incomplete checkpoint folder(s) %s (no %s marker: an interrupted save); they are "
+                    "never resumed from and are removed at this run's next save", ckpt_dir, ", ".join(partial),
+                    COMPLETE)
+    if not resume or resume == "none":
+        if done or (ckpt_dir / LATEST).exists():
+            raise CheckpointError(
+                f"{ckpt_dir} already holds checkpoints ({', '.join(done[-3:]) or 'a latest file'}"
+                f"{', ...' if len(done) > 3 else ''}) and this run starts fresh: it would mix with them and "
+                f"retention would delete them. Continue that run with --resume auto, choose another "
+                f"train.output_dir (or checkpoint.dir), or pass --move-old-run to rename the old run aside "
+                f"(nothing is deleted)")
+        return None
+    if resume == "auto":
+        tag = read_latest(ckpt_dir)
+        if tag is None and not done:
+            return None
+        newest = done[-1]
+        if tag is None:
+            log.warning("%s has no %s file; resuming from the newest complete checkpoint %s", ckpt_dir, LATEST,
+                        newest)
+        elif newest != tag:
+            log.warning("%s names %s but %s is complete and newer (a save interrupted before %s moved); "
+                        "resuming from %s", ckpt_dir / LATEST, tag, newest, LATEST, newest)
+        return newest
+    tag = Path(resume).name if Path(resume).is_dir() else resume
+    if not TAG_RE.match(tag) or not is_complete(ckpt_dir, tag):
+        raise CheckpointError(f"--resume {resume!r}: {ckpt_dir / tag} is not a complete checkpoint"
+                              + (f" (complete ones: {', '.join(done[-5:])})" if done else ""))
+    newer = [t for t in done if step_of(t) > step_of(tag)]
+    if newer:
+        raise CheckpointError(
+            f"--resume {resume!r}: {ckpt_dir} holds newer checkpoints ({', '.join(newer[:5])}); resuming from "
+            f"{tag} would overwrite or delete them as the run goes on. Resume from the newest with --resume "
+            f"auto, or move the newer ones out of {ckpt_dir} first")
+    return tag
+
+
+def move_old_run(output_dir: str | Path, ckpt_dir: str | Path, stamp: str | None = None) -> list[Path]:
+    """``--move-old-run``: rename ``output_dir`` (and ``ckpt_dir`` when it lies outside it) to a new sibling
+    ``<name>.old-<UTC time>``; one atomic rename each, nothing deleted. Returns the new paths. A crash
+    before a rename leaves the folder where it was; after it, under its new name."""
+    import time
+
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out, ck = Path(output_dir).absolute(), Path(ckpt_dir).absolute()
+    moves = [out] if out.exists() else []
+    if ck.exists() and out not in ck.parents and ck != out:
+        moves.append(ck)
+    done = []
+    for src in moves:
+        if src == Path(src.anchor) or src == Path.cwd() or src in Path.cwd().parents:
+            raise CheckpointError(f"--move-old-run: will not rename {src} (the current folder or one above it); "
+                                  f"set train.output_dir to a folder of its own")
+        dst = src.with_name(f"{src.name}.old-{stamp}")
+        k = 1
+        while dst.exists():
+            dst = src.with_name(f"{src.name}.old-{stamp}-{k}")
+            k += 1
+        os.rename(src, dst)
+        log.warning("--move-old-run: %s renamed to %s", src, dst)
+        done.append(dst)
+    return done
 
 
 def rng_state() -> dict:
@@ -101,7 +213,10 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, *, rank: int, config_y
     tag = tag_for(state.step)
     out = ckpt_dir / tag
     if rank == 0:
+        if is_complete(ckpt_dir, tag):  # resolve_resume keeps this from happening: refuse, never replace
+            raise CheckpointError(f"{out} is already a complete checkpoint; it is not overwritten")
         if out.exists():  # a leftover from a run killed mid-save at this very step
+            log.warning("removing %s: an interrupted save of this step (no %s marker)", out, COMPLETE)
             shutil.rmtree(out)
         out.mkdir(parents=True)
     barrier()
@@ -122,22 +237,32 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, *, rank: int, config_y
             side = src.with_suffix(".json")
             if side.exists():
                 shutil.copy2(side, tdir / side.name)
-        _write_text_atomic(out / COMPLETE, tag + "\n")
+        _write_text_atomic(out / COMPLETE, tag + "\n")  # first COMPLETE, then latest: see the docstring
         _write_text_atomic(ckpt_dir / LATEST, tag + "\n")
-        prune(ckpt_dir, keep_last)
+        prune(ckpt_dir, keep_last, tag)
     barrier()
     log.info("checkpoint %s saved", out)
     return tag
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; remove older ones and incomplete ones."""
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-    complete = [t for t in tags if (ckpt_dir / t / COMPLETE).is_file()]
-    keep = set(complete[-keep_last:])
+def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+    """Retention after ``current`` was saved: keep it and the newest ``keep_last`` complete checkpoints up to
+    it; remove older complete ones and incomplete folders, each with a log line. Never anything newer than
+    ``current`` (:func:`resolve_resume` refuses runs that would leave such checkpoints beside it).
+    The ``COMPLETE`` marker goes first: a crash in the middle of a removal leaves an incomplete folder,
+    never resumed from, which the next save removes."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = [t for t in step_folders(ckpt_dir) if step_of(t) <= step_of(current)]
+    complete = [t for t in tags if is_complete(ckpt_dir, t)]
+    keep = set(complete[-keep_last:]) | {current}
     for t in tags:
-        if t not in keep:
-            shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+        if t in keep:
+            continue
+        marker = ckpt_dir / t / COMPLETE
+        log.info("retention (checkpoint.keep_last=%d): removing %s%s", keep_last, ckpt_dir / t,
+                 "" if marker.exists() else " (an interrupted save)")
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
 def saved_vocab_parallel_size(ckpt: Path, saved_cfg: dict | None = None) -> int:
@@ -146,6 +271,22 @@ def saved_vocab_parallel_size(ckpt: Path, saved_cfg: dict | None = None) -> int:
     if f.is_file():
         return int(json.loads(f.read_text())["vocab_parallel_size"])
     return int(((saved_cfg or {}).get("parallel") or {}).get("vocab_parallel_size", 1))
+
+
+def saved_topology(ckpt: Path) -> dict:
+    """The layout a checkpoint was saved with (``data_parallel_size``, ``num_workers``, ...): its
+    train_state.json ``topology``; for checkpoints older than that field, what its loader state says."""
+    f = Path(ckpt) / "train_state.json"
+    if not f.is_file():
+        raise CheckpointError(f"{ckpt} has no train_state.json: not a megamlm checkpoint, or incomplete")
+    raw = json.loads(f.read_text())
+    topo = dict(raw.get("topology") or {})
+    loader = raw.get("loader") or {}
+    if "data_parallel_size" not in topo and "dp_size" in loader:
+        topo["data_parallel_size"] = int(loader["dp_size"])
+    if "num_workers" not in topo and "num_workers" in loader:
+        topo["num_workers"] = int(loader["num_workers"])
+    return topo
 
 
 def check_shape(ckpt: Path, model_cfg: dict, vocab_parallel_size: int | None = None) -> None:

@@ -110,7 +110,7 @@ def cmd_prepare(args) -> int:
 def cmd_pretrain(args) -> int:
     from megamlm.pretrain import main_from_cli
 
-    return main_from_cli(args.config, list(args.overrides), args.resume, args.init_from)
+    return main_from_cli(args.config, list(args.overrides), args.resume, args.init_from, args.move_old_run)
 
 
 def cmd_convert(args) -> int:
@@ -126,7 +126,7 @@ def cmd_finetune(args) -> int:
     from megamlm.finetune.train import main_from_cli
 
     return main_from_cli(args.config, list(args.overrides), args.resume, seeds=args.seeds, report=args.report,
-                         export=args.export)
+                         export=args.export, move_old_run=args.move_old_run)
 
 
 def cmd_bench(args) -> int:
@@ -142,6 +142,13 @@ def cmd_bench(args) -> int:
     from megamlm import bench
 
     return bench.main(args.bench_args)
+
+
+def _move_old_run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--move-old-run", action="store_true",
+                   help="start fresh in a train.output_dir that holds an earlier run: rename it (and an outside "
+                        "checkpoint.dir) to <name>.old-<UTC time> first; nothing is deleted. Without it such a "
+                        "start is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from these weights only (fresh optimizer, schedule and data position): a megamlm "
                         "checkpoint folder or tag folder, a `megamlm convert --to megamlm` export, or a Hugging "
                         "Face BERT directory; ignored when --resume finds a checkpoint")
+    _move_old_run_arg(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_pretrain)
 
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a fine-tuning config: configs/finetune/*.yaml)")
     _config_args(p)
     p.add_argument("--resume", default=None, help="auto, a checkpoint tag or folder, or none")
+    _move_old_run_arg(p)
     p.add_argument("--seeds", type=int, default=1, help="run N seeds (train.seed, +1, ...) under "
                    "<output_dir>/seed<k> and report the median and spread of the test metrics")
     p.add_argument("--report", action="store_true", help="write report.png / report.md / report.json")

@@ -108,7 +108,8 @@ def build_ds_config(cfg, world_size: int) -> dict:
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": e.grad_clip,
+        # fp32 at ZeRO 0: GuardedAdamW clips and reports the norm (DeepSpeed's clipping there discards it)
+        "gradient_clipping": 0.0 if own_clipping(cfg) else e.grad_clip,
         "zero_optimization": {"stage": e.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -171,28 +172,63 @@ def total_steps(cfg, plan: BatchPlan) -> int:
     return est
 
 
+def own_clipping(cfg) -> bool:
+    """fp32 at ZeRO 0: the client optimizer runs bare, so :class:`GuardedAdamW` clips and keeps the norm."""
+    return cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
+
+
+def global_grad_norm(params: list, mpu=None) -> torch.Tensor:
+    """The L2 norm of the full model's gradient, as DeepSpeed computes it for clipping: tensors sharded
+    over the model-parallel group (``tensor_model_parallel``) summed over it, replicated ones counted once
+    (on model-parallel rank 0). At ZeRO 0 the gradients are already averaged over data-parallel ranks."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    mp = mpu.get_model_parallel_world_size() if mpu is not None else 1
+    if mp > 1 and mpu.get_model_parallel_rank() != 0:
+        params = [p for p in params if is_model_parallel_parameter(p)]
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = (torch.stack([n.double() ** 2 for n in torch._foreach_norm(grads)]).sum() if grads
+          else torch.zeros((), dtype=torch.float64))
+    if mp > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=mpu.get_model_parallel_group())
+    return sq.sqrt()
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``.
 
     DeepSpeed's ZeRO 1–3 optimizers already skip such steps (they check the global norm); at ZeRO 0
-    in fp32 the client optimizer runs bare, so this one does the check (one device read per step, the
-    same DeepSpeed makes for its norm). The engine reads ``overflow`` and counts a skipped step.
+    the client optimizer runs bare, so this one does the check (one device read per step, the same
+    DeepSpeed makes for its norm). The engine reads ``overflow`` and counts a skipped step, and
+    ``_global_grad_norm`` (the norm before clipping) for ``engine.get_global_grad_norm()``. With
+    ``max_norm`` > 0 it clips to it (fp32 at ZeRO 0, where DeepSpeed's own clipping is turned off:
+    :func:`build_ds_config`); ``mpu`` makes the norm that of the full vocab-parallel model.
     """
 
     overflow = False
+    _global_grad_norm = None
+
+    def __init__(self, params, *, max_norm: float = 0.0, mpu=None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self.mpu = float(max_norm), mpu
 
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads)
-            self.overflow = not bool(torch.stack(norms).isfinite().all())
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            norm = global_grad_norm(params, self.mpu)
+            self._global_grad_norm = float(norm)
+            self.overflow = not math.isfinite(self._global_grad_norm)
+            if not self.overflow and self.max_norm > 0 and self._global_grad_norm > self.max_norm:
+                torch._foreach_mul_([p.grad for p in params], self.max_norm / (self._global_grad_norm + 1e-6))
         if self.overflow:
             self.zero_grad(set_to_none=True)
             return None
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg):
+def build_optimizer(model: torch.nn.Module, cfg, mpu=None):
     from megamlm.model.pretraining import weight_decay_groups
 
     o = cfg.optim
@@ -202,8 +238,10 @@ def build_optimizer(model: torch.nn.Module, cfg):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    cls = GuardedAdamW if cfg.engine.zero_stage == 0 else torch.optim.AdamW
-    return cls(groups, **kwargs)
+    if cfg.engine.zero_stage == 0:
+        return GuardedAdamW(groups, max_norm=cfg.engine.grad_clip if own_clipping(cfg) else 0.0, mpu=mpu,
+                            **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def init_distributed(dist_env, backend: str) -> None:
@@ -248,7 +286,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
             model=model, model_parameters=weight_decay_groups(model, o.weight_decay), config=ds_config, mpu=mpu)
         engine.lr_scheduler = LambdaLR(optimizer, schedule)
     else:
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg, mpu)
         scheduler = LambdaLR(optimizer, schedule)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, mpu=mpu)

@@ -20,45 +20,32 @@ log = logging.getLogger(__name__)
 
 
 def preflight(cfg: Config, world_size: int) -> list[str]:
-    """Problems found without any process group: config arithmetic, tokenizer, shards."""
+    """Problems found without any process group: config arithmetic, the engine on this machine, the
+    tokenizer and shards (megamlm.config.files, the checks `check-config` runs too)."""
     from megamlm.config import cross_check
-    from megamlm.data.shards import ShardError, load_manifest
-    from megamlm.tokenizer import Tokenizer, TokenizerError
-
+    from megamlm.config.files import file_checks
     from megamlm.engine import device_problems
 
-    problems = cross_check(cfg, world_size) + device_problems(cfg)
-    tok = None
-    try:
-        tok = Tokenizer(cfg.tokenizer.model)
-    except TokenizerError as e:
-        problems.append(str(e))
-    try:
-        man = load_manifest(cfg.data.shards_dir)
-        if tok is not None:
-            man.check_tokenizer(tok)
-        if not man.shards("train"):
-            problems.append(f"{cfg.data.shards_dir} has no training shards")
-        if cfg.train.eval_every and not man.shards("val"):
-            problems.append(f"{cfg.data.shards_dir} has no validation shards but train.eval_every="
-                            f"{cfg.train.eval_every}; set train.eval_every=0 or data.val_fraction > 0")
-    except ShardError as e:
-        problems.append(str(e))
-    if tok is not None and cfg.model.vocab_size and cfg.model.vocab_size < tok.padded_vocab_size:
-        problems.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's padded "
-                        f"vocabulary {tok.padded_vocab_size}")
-    return problems
+    return cross_check(cfg, world_size) + device_problems(cfg) + file_checks(cfg)
 
 
-def _resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
-    if not resume or resume == "none":
-        return None
-    if resume == "auto":
-        return ckpt.read_latest(ckpt_dir)
-    tag = Path(resume).name if Path(resume).is_dir() else resume
-    if not (ckpt_dir / tag / ckpt.COMPLETE).is_file():
-        raise ckpt.CheckpointError(f"--resume {resume!r}: {ckpt_dir / tag} is not a complete checkpoint")
-    return tag
+def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
+    """What a resume from ``ckpt_path`` cannot change, checked before the engine starts: the model shape
+    (check_shape raises), the vocab-parallel size, the data-parallel size and the loader's worker count
+    (ZeRO partitions and the loader's position are cut for them; elastic resume is not built yet)."""
+    ckpt.check_shape(ckpt_path, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
+    saved = ckpt.saved_topology(ckpt_path)
+    now = {"data_parallel_size": world_size // cfg.parallel.vocab_parallel_size,
+           "num_workers": cfg.data.num_workers}
+    diff = [f"{k} {saved[k]} in the checkpoint, {now[k]} now" for k in now if k in saved and saved[k] != now[k]]
+    if not diff:
+        return []
+    return [f"checkpoint {ckpt_path} cannot resume on this layout ({'; '.join(diff)}). Between runs you may "
+            f"change the budget (train.max_steps / max_tokens), the logging, evaluation and checkpoint cadence, "
+            f"and the launcher; not (until elastic resume) the data-parallel size = world size / "
+            f"parallel.vocab_parallel_size, parallel.vocab_parallel_size, data.num_workers, or the model shape. "
+            f"Resume with the saved layout, or start a new run from its weights with --init-from {ckpt_path} "
+            f"and another train.output_dir"]
 
 
 def _disable_ds_shm_op() -> None:
@@ -71,7 +58,8 @@ def _disable_ds_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None) -> dict:
+def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None,
+             move_old_run: bool = False) -> dict:
     """Run pretraining on this rank; returns the trainer's summary (losses, final state, evals).
 
     ``batch_source``: optional callable(topology, state_dict) → loader, replacing the shard loader
@@ -79,6 +67,8 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     ``init_from``: weights only (a megamlm checkpoint folder / tag folder, a megamlm export, or an HF BERT
     directory converted on the fly), loaded into the full model before DeepSpeed partitions it; the
     optimizer, schedule and data position start fresh. Ignored when ``resume`` finds a checkpoint.
+    ``move_old_run``: a fresh run (``resume`` none) first renames an earlier run in ``train.output_dir``
+    aside (:func:`megamlm.checkpoint.move_old_run`, rank 0); without it such a run is refused.
     """
     from megamlm.distributed.env import from_environ
     from megamlm.distributed.topology import build_topology
@@ -95,9 +85,16 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     if problems:
         raise ConfigError(problems, f"pretrain with world size {de.world_size}")
     ckpt_dir = Path(cfg.checkpoint_dir)
-    tag = _resolve_resume(resume, ckpt_dir)
+    fresh = not resume or resume == "none"
+    if move_old_run and not fresh:
+        raise ConfigError([f"--move-old-run starts a fresh run; it cannot go with --resume {resume}"])
+    if move_old_run and de.rank == 0:
+        ckpt.move_old_run(cfg.train.output_dir, ckpt_dir)
+    tag = None if move_old_run else ckpt.resolve_resume(resume, ckpt_dir)
     if tag:
-        ckpt.check_shape(ckpt_dir / tag, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
+        problems = resume_problems(ckpt_dir / tag, cfg, de.world_size)
+        if problems:
+            raise ckpt.CheckpointError(problems[0])
 
     init_weights = None
     if init_from and tag:
@@ -130,6 +127,8 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
                           vocab_parallel_size=topo.vp_size)
         log.info("resumed from %s at step %d (%d samples, %d tokens consumed)", ckpt_dir / tag, state.step,
                  state.consumed_samples, state.consumed_tokens)
+    state.topology = {"world_size": de.world_size, "data_parallel_size": topo.dp_size,
+                      "vocab_parallel_size": topo.vp_size, "num_workers": cfg.data.num_workers}
 
     if batch_source is not None:
         train_loader = batch_source(topo, state.loader)
@@ -221,7 +220,7 @@ def _shutdown(engine, world_size: int) -> None:
 
 
 def main_from_cli(config_path: str, overrides: list[str], resume: str | None,
-                  init_from: str | None = None) -> int:
+                  init_from: str | None = None, move_old_run: bool = False) -> int:
     from megamlm.config import load_config
     from megamlm.distributed.env import from_environ
     from megamlm.telemetry import setup_logging
@@ -229,7 +228,7 @@ def main_from_cli(config_path: str, overrides: list[str], resume: str | None,
     de = from_environ()
     cfg = load_config(config_path, overrides)  # the world-size checks run in preflight, with the paths
     setup_logging(cfg.telemetry.log_level if de.rank == 0 else "WARNING")
-    result = pretrain(cfg, resume, init_from=init_from)
+    result = pretrain(cfg, resume, init_from=init_from, move_old_run=move_old_run)
     if de.rank == 0:
         s, e = result.get("eval_start") or {}, result.get("eval_end") or {}
         if s and e:

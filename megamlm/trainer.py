@@ -97,6 +97,7 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self.ckpt_dir = Path(cfg.checkpoint_dir)
         self.vocab_parallel = vocab_parallel  # the vocabulary split, written beside each checkpoint
+        self._saved_step = state.step  # the step of the checkpoint this run started from (0: fresh)
 
     # ------------------------------------------------------------------ collectives
     def _all_reduce_host(self, values: list[float]) -> list[float]:
@@ -200,7 +201,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
+        """Checkpoint the current step; a run resumed at its budget (no step since) has nothing new to save."""
+        tag = ckpt.tag_for(self.state.step)
+        if self.state.step == self._saved_step:  # the same decision on every rank: no file system read
+            return tag
         self.state.loader = self.loader.state_dict()
+        self._saved_step = self.state.step
         return ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.env.rank, config_yaml=dump_config(self.cfg),
                          tokenizer_path=self.tok.path, keep_last=self.cfg.checkpoint.keep_last,
                          barrier=self._barrier, vocab_parallel=self.vocab_parallel)

@@ -167,6 +167,10 @@ def cross_check(cfg: FinetuneConfig) -> list[str]:
         p.append(f"optim.betas={cfg.optim.betas!r} must be two numbers in [0, 1)")
     if not cfg.train.freeze_encoder and cfg.optim.encoder_lr <= 0:
         p.append("optim.encoder_lr must be > 0 when train.freeze_encoder=false")
+    if cfg.engine.global_batch_size:
+        p.append(f"engine.global_batch_size={cfg.engine.global_batch_size} is a pretraining key: fine-tuning takes "
+                 f"one micro-batch per rank per step (no gradient accumulation); its step is train.batch_size "
+                 f"sequences over all ranks. Remove engine.global_batch_size and set train.batch_size")
     if cfg.engine.zero_stage == 3:
         p.append("engine.zero_stage=3 is not supported by finetune yet (the best-weights snapshot reads whole "
                  "parameters); use 0, 1 or 2")

@@ -57,7 +57,7 @@ def build_ft_engine(model: FinetuneModel, cfg: FinetuneConfig, world_size: int, 
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    from megamlm.engine import GuardedAdamW, WarmupDecay, build_ds_config
+    from megamlm.engine import GuardedAdamW, WarmupDecay, build_ds_config, own_clipping
 
     if cfg.train.batch_size % world_size:
         raise ConfigError([f"train.batch_size={cfg.train.batch_size} is not a multiple of the world size {world_size}"])
@@ -68,8 +68,11 @@ def build_ft_engine(model: FinetuneModel, cfg: FinetuneConfig, world_size: int, 
                                                                      eps=o.eps, weight_decay=o.weight_decay))
     ds = build_ds_config(shim, world_size)
     groups = param_groups(model, o.encoder_lr, o.head_lr, o.weight_decay)
-    cls = GuardedAdamW if cfg.engine.zero_stage == 0 else torch.optim.AdamW
-    opt = cls(groups, lr=o.head_lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    kwargs = dict(lr=o.head_lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+    if cfg.engine.zero_stage == 0:  # it checks finiteness, keeps the norm and (fp32) clips: build_ds_config
+        opt = GuardedAdamW(groups, max_norm=cfg.engine.grad_clip if own_clipping(shim) else 0.0, **kwargs)
+    else:
+        opt = torch.optim.AdamW(groups, **kwargs)
     sched = LambdaLR(opt, WarmupDecay(1.0, 0.0, int(o.warmup_ratio * total), total, o.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine
@@ -157,13 +160,14 @@ def prepare_data(cfg: FinetuneConfig, pre, tok):
     return splits, enc, labels
 
 
-def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = True) -> dict:
+def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = True, fresh_folder: bool = False) -> dict:
     """Run one fine-tuning on this rank; returns the summary (also written to output_dir/summary.json).
-    ``shutdown=False`` keeps the process group for a next run in this process (``--seeds``)."""
+    ``shutdown=False`` keeps the process group for a next run in this process (``--seeds``).
+    ``fresh_folder``: the caller moved an earlier run aside (``--move-old-run``); start fresh."""
     from megamlm.distributed.env import from_environ
     from megamlm.engine import init_distributed, resolve_backend
     from megamlm.finetune.weights import load_pretrained
-    from megamlm.pretrain import _disable_ds_shm_op, _resolve_resume, _shutdown
+    from megamlm.pretrain import _disable_ds_shm_op, _shutdown
     from megamlm.tokenizer import Tokenizer
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +180,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
     splits, enc, labels = prepare_data(cfg, pre, tok)
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = Path(cfg.checkpoint_dir)
-    tag = _resolve_resume(resume, ckpt_dir)
+    tag = None if fresh_folder else ckpt.resolve_resume(resume, ckpt_dir)
 
     _disable_ds_shm_op()
     init_distributed(de, resolve_backend(cfg.engine))
@@ -220,10 +224,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
         if _better(metric, m, st.get("best"), st.get("best_loss")):
             st.update(best=m[metric], best_loss=m["loss"], best_step=state.step, bad_evals=0)
             if de.rank == 0:
-                best_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"state_dict": {k: v.detach().cpu().float() for k, v in engine.module.state_dict().items()},
-                            **model_meta, "task": asdict(cfg.task), "head": asdict(cfg.head), "step": state.step,
-                            "tokenizer": str(tok.path)}, best_path)
+                _save_atomic({"state_dict": {k: v.detach().cpu().float() for k, v in engine.module.state_dict().items()},
+                              **model_meta, "task": asdict(cfg.task), "head": asdict(cfg.head), "step": state.step,
+                              "tokenizer": str(tok.path)}, best_path)
         else:
             st["bad_evals"] = st.get("bad_evals", 0) + 1
         history.append({"step": state.step, "epoch": state.loader["epoch"], **m})
@@ -308,6 +311,21 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
     return summary
 
 
+def _save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then one rename: a crash at any point leaves
+    the previous best weights whole (or none), never a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _single_process_port(de):
     """Without a launcher, DistEnv's port is the fixed 29500: two concurrent single-process runs (seeds in
     parallel, tests beside a run) would collide. Take MASTER_PORT if set, else a free port."""
@@ -325,7 +343,7 @@ def _single_process_port(de):
 
 
 def main_from_cli(config_path: str, overrides: list[str], resume: str | None, seeds: int = 1,
-                  report: bool = False, export: str | None = None) -> int:
+                  report: bool = False, export: str | None = None, move_old_run: bool = False) -> int:
     from megamlm.distributed.env import from_environ
     from megamlm.finetune.config import load_finetune_config
     from megamlm.finetune.metrics import seed_summary
@@ -337,13 +355,18 @@ def main_from_cli(config_path: str, overrides: list[str], resume: str | None, se
     if seeds > 1 and resume not in (None, "none", "auto"):
         raise ConfigError([f"--seeds {seeds} with --resume {resume!r}: use --resume auto"])
     base = Path(cfg.train.output_dir)
+    if move_old_run:
+        if resume not in (None, "none"):
+            raise ConfigError([f"--move-old-run starts a fresh run; it cannot go with --resume {resume}"])
+        if de.rank == 0:
+            ckpt.move_old_run(base, cfg.checkpoint_dir)
     summaries = []
     for k in range(seeds):
         c = cfg
         if seeds > 1:
             c = load_finetune_config(config_path, list(overrides) + [f"train.seed={cfg.train.seed + k}",
                                                                      f"train.output_dir={base / f'seed{k}'}"])
-        summaries.append(finetune(c, resume, shutdown=k == seeds - 1))
+        summaries.append(finetune(c, resume, shutdown=k == seeds - 1, fresh_folder=move_old_run))
     if de.rank != 0:
         return 0
     for s in summaries:
