@@ -1,4 +1,4 @@
-"""Pretokenized WebDataset shards: writing them (``make-shards``) and reading their manifest.
+"""Pretokenized WebDataset shards: writing them (``make-shards``); reading them is shard_format.py.
 
 A WebDataset sample is a *block* of whole documents (about ``block_tokens`` tokens), so that tar headers
 stay a negligible share of the bytes (one sample per short document would make shards ~4x the text)::
@@ -13,7 +13,9 @@ stay a negligible share of the bytes (one sample per short document would make s
 a document goes to validation when the hash of its text falls below ``data.val_fraction``, so the split
 does not depend on order or worker count. Each tar is written as ``<name>.partial`` and renamed when
 complete; ``manifest.json`` (counts and sha256 per shard, totals, the tokenizer's identity, what was
-read and what was skipped) is written last, atomically.
+read and what was skipped) is written last, atomically. All of it goes to a staging folder first and is
+swapped into the output folder at the end (outdir.py): a failed run leaves the folder as it found it,
+and a failed ``--overwrite`` keeps the old set whole.
 
 Work split: this process cuts the input files into raw byte chunks on document boundaries and writes the
 tars; worker processes (all cores by default) decode, parse, split sentences and tokenize, and return
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,36 +33,24 @@ import tarfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks
 from megamlm.data.encode import EncodedChunk, encode_chunk, init_worker
+from megamlm.data.outdir import ShardOutput
+from megamlm.data.shard_format import (MANIFEST, MANIFEST_FORMAT, SAMPLE_PARTS, SPLITS, STAGING, Manifest,
+                                       ShardError, existing_shards, iter_shard, load_manifest, npy_bytes,
+                                       npy_load, unpack_block, verify_shard)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "megamlm-shards/1"
-SPLITS = ("train", "val")
-
-
-class ShardError(ValueError):
-    """A shard folder, shard or manifest is missing, inconsistent or corrupt; the message names it."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
-
-
-def npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_load(b: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(b), allow_pickle=False)
+__all__ = ["make_shards", "ShardStats",  # the writer; the names below are shard_format.py's, re-exported
+           "MANIFEST", "MANIFEST_FORMAT", "SAMPLE_PARTS", "SPLITS", "STAGING", "Manifest", "ShardError",
+           "existing_shards", "iter_shard", "load_manifest", "npy_bytes", "npy_load", "unpack_block",
+           "verify_shard"]
 
 
 # --------------------------------------------------------------------------- writer
@@ -198,48 +187,43 @@ class _HashingFile:
         self._f.close()
 
 
-def existing_shards(out_dir: Path) -> list[Path]:
-    return sorted(p for p in out_dir.glob("*.tar*") if p.name.split("-")[0] in SPLITS)
-
-
-def _prepare_output(out_dir: Path, tok_identity: dict, overwrite: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    old = existing_shards(out_dir)
-    man = out_dir / MANIFEST
-    if not old and not man.exists():
-        return
-    if not overwrite:
-        detail = ""
-        if man.exists():
-            try:
-                prev = json.loads(man.read_text())
-                sha = prev.get("tokenizer", {}).get("sha256", "")
-                if sha and sha != tok_identity["sha256"]:
-                    detail = (f" made with another tokenizer (sha256 {sha[:12]}, this one is "
-                              f"{tok_identity['sha256'][:12]})")
-            except (OSError, json.JSONDecodeError):
-                detail = " with an unreadable manifest.json"
-        raise ShardError(f"{out_dir} already holds {len(old)} shard file(s){detail}; pass --overwrite "
-                         "to replace them, or choose another data.shards_dir")
-    man.unlink(missing_ok=True)  # first, so a crash below never leaves a manifest over missing shards
-    for p in old:
-        p.unlink()
-    log.info("--overwrite: removed %d old shard file(s) from %s", len(old), out_dir)
-
-
 def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False, workers: int = 0,
                 progress: bool = True, block_tokens: int = 1 << 15, chunk_bytes: int = 1 << 19) -> dict:
     """Read the corpus of ``data_cfg``, tokenize it in parallel and write shards + manifest; returns it.
 
     The output does not depend on ``workers`` nor on ``chunk_bytes`` (the size of the raw pieces of
-    input handed to the workers): blocks and shards are formed here, in input order."""
-    from tqdm import tqdm
-
+    input handed to the workers): blocks and shards are formed here, in input order. The shards are
+    written to a staging folder and swapped into ``data_cfg.shards_dir`` at the end (outdir.py); on any
+    exception what this run wrote is removed, and the error says what the folder was left as."""
     from megamlm.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
-    out_dir = Path(data_cfg.shards_dir)
-    _prepare_output(out_dir, tok.identity(), overwrite)
+    out = ShardOutput(data_cfg.shards_dir)
+    staging = out.open(tok.identity()["sha256"], overwrite)
+    try:
+        manifest = _write_shards(data_cfg, tok, staging, workers=workers, progress=progress,
+                                 block_tokens=block_tokens, chunk_bytes=chunk_bytes)
+        out.commit(manifest)
+    except BaseException as e:
+        _tell(e, out.abort())
+        raise
+    _log_summary(manifest, out.dir)
+    return manifest
+
+
+def _tell(e: BaseException, note: str) -> None:
+    """Add ``note`` to the error: into the message of a user-facing one (the CLI prints only that)."""
+    if getattr(e, "user_facing", False) and len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (f"{e.args[0]}; {note}",)
+    else:
+        e.add_note(note)
+
+
+def _write_shards(data_cfg, tok, out_dir: Path, *, workers: int, progress: bool, block_tokens: int,
+                  chunk_bytes: int) -> dict:
+    """Encode the corpus into shards in ``out_dir``; the manifest (not yet written)."""
+    from tqdm import tqdm
+
     dtype = np.uint16 if tok.padded_vocab_size <= 65536 else np.int32
     target = int(data_cfg.shard_size_mb * 1e6)
     writers = {s: _SplitWriter(out_dir, s, target, block_tokens) for s in SPLITS}
@@ -301,8 +285,6 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
         for w in writers.values():
             w.close()
     except BaseException:
-        for p in out_dir.glob("*.partial"):
-            p.unlink(missing_ok=True)
         if pool is not None:  # stop the workers now, not after the queued chunks
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.terminate()
@@ -340,117 +322,24 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
         "workers": n_workers,
     }
     assert written + counters["empty"] + counters["no_tokens"] == counters["read"]
-    tmp = out_dir / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST)
-    mb = counters["text_bytes"] / 1e6
-    log.info("wrote %d train + %d val shard(s) to %s: %d documents (%d empty, %d without tokens skipped), "
-             "%d tokens; %.1f MB of text in %.1fs = %.2f MB/s, %.2fM tokens/s with %d process(es)",
-             len(splits["train"]["shards"]), len(splits["val"]["shards"]), out_dir, written, counters["empty"],
-             counters["no_tokens"], n_tokens, mb, seconds, mb / seconds, n_tokens / seconds / 1e6, n_workers)
-    if n_workers > 1:
-        log.info("the reading/writing process used %.1f s of CPU: with unlimited worker cores it would cap "
-                 "the rate at %.0f MB/s of text", writer_cpu, mb / max(writer_cpu, 1e-9))
-    if stats.replacements:
-        log.warning("%d undecodable byte sequence(s) replaced with U+FFFD", stats.replacements)
     return manifest
 
 
-# --------------------------------------------------------------------------- reading
+def _log_summary(man: dict, out_dir: Path) -> None:
+    sp, skipped, seconds, n_workers = man["splits"], man["skipped"], man["seconds"], man["workers"]
+    written = sp["train"]["totals"]["documents"] + sp["val"]["totals"]["documents"]
+    n_tokens = sp["train"]["totals"]["tokens"] + sp["val"]["totals"]["tokens"]
+    mb = man["read"]["text_bytes"] / 1e6
+    seconds = max(seconds, 1e-9)
+    log.info("wrote %d train + %d val shard(s) to %s: %d documents (%d empty, %d without tokens skipped), "
+             "%d tokens; %.1f MB of text in %.1fs = %.2f MB/s, %.2fM tokens/s with %d process(es)",
+             len(sp["train"]["shards"]), len(sp["val"]["shards"]), out_dir, written, skipped["empty_documents"],
+             skipped["documents_without_tokens"], n_tokens, mb, seconds, mb / seconds, n_tokens / seconds / 1e6,
+             n_workers)
+    if n_workers > 1:
+        log.info("the reading/writing process used %.1f s of CPU: with unlimited worker cores it would cap "
+                 "the rate at %.0f MB/s of text", man["writer_cpu_seconds"],
+                 mb / max(man["writer_cpu_seconds"], 1e-9))
+    if man["read"]["decode_replacements"]:
+        log.warning("%d undecodable byte sequence(s) replaced with U+FFFD", man["read"]["decode_replacements"])
 
-@dataclass
-class Manifest:
-    path: Path
-    raw: dict = field(repr=False)
-
-    @property
-    def dir(self) -> Path:
-        return self.path.parent
-
-    def shards(self, split: str) -> list[dict]:
-        if split not in self.raw["splits"]:
-            raise ShardError(f"{self.path}: no split {split!r}; it has {', '.join(self.raw['splits'])}")
-        return self.raw["splits"][split]["shards"]
-
-    def shard_paths(self, split: str) -> list[Path]:
-        return [self.dir / s["name"] for s in self.shards(split)]
-
-    @property
-    def tokenizer_sha256(self) -> str:
-        return self.raw["tokenizer"]["sha256"]
-
-    def check_tokenizer(self, tok) -> None:
-        if tok.sha256 != self.tokenizer_sha256:
-            raise ShardError(f"{self.path} was made with tokenizer sha256 {self.tokenizer_sha256[:12]}, but "
-                             f"the configured tokenizer {tok.path} is {tok.sha256[:12]}: re-run make-shards or "
-                             "point tokenizer.model at the one the shards were made with")
-
-
-def load_manifest(shards_dir: str | Path) -> Manifest:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"no {MANIFEST} in {shards_dir}: run `megamlm make-shards` first")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path} is not valid JSON: {e}") from None
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return Manifest(path, raw)
-
-
-def verify_shard(path: Path, entry: dict) -> None:
-    """Raise ShardError when the shard is missing or its bytes differ from the manifest's sha256."""
-    if not path.is_file():
-        raise ShardError(f"shard {path} listed in the manifest is missing")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    if h.hexdigest() != entry["sha256"]:
-        raise ShardError(f"shard {path}: sha256 {h.hexdigest()[:12]} differs from the manifest's "
-                         f"{entry['sha256'][:12]} (corrupt or replaced)")
-
-
-SAMPLE_PARTS = ("ids.npy", "sents.npy", "docs.npy", "index.npy")
-
-
-def unpack_block(parts: dict[str, np.ndarray], where: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """One WebDataset sample (a block) → (document index, ids, sentence lengths) per document."""
-    ids, sents, docs, index = (parts[k] for k in SAMPLE_PARTS)
-    if docs.size != index.size or int(docs.sum()) != sents.size or int(sents.sum()) != ids.size:
-        raise ShardError(f"{where}: inconsistent block ({index.size} documents, {docs.size} sentence counts, "
-                         f"{sents.size} sentences adding to {int(sents.sum())} tokens, {ids.size} ids)")
-    s_end = np.cumsum(docs)
-    t_end = np.cumsum(sents)
-    s0 = 0
-    for d in range(index.size):
-        s1 = int(s_end[d])
-        t0 = int(t_end[s0 - 1]) if s0 else 0
-        t1 = int(t_end[s1 - 1]) if s1 else 0
-        yield int(index[d]), ids[t0:t1], sents[s0:s1]
-        s0 = s1
-
-
-def iter_shard(path: Path) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(document index, ids, sentence lengths) for each document of one shard; corrupt → ShardError."""
-    pending: dict[str, dict[str, np.ndarray]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext not in SAMPLE_PARTS:
-                    raise ShardError(f"shard {path}: unexpected member {member.name!r}")
-                slot = pending.setdefault(key, {})
-                slot[ext] = npy_load(tar.extractfile(member).read())
-                if len(slot) == len(SAMPLE_PARTS):
-                    del pending[key]
-                    yield from unpack_block(slot, f"shard {path}, sample {key}")
-    except ShardError:
-        raise
-    except (tarfile.TarError, EOFError, ValueError, OSError) as e:
-        raise ShardError(f"shard {path} is corrupt or truncated: {e}") from None
-    if pending:
-        raise ShardError(f"shard {path}: incomplete sample(s) {', '.join(sorted(pending)[:3])}")

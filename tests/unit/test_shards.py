@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 
 from megamlm.config import load_config
 from megamlm.data.corpus import CorpusError, ReadStats, iter_documents, split_document, split_sentences
-from megamlm.data.shards import ShardError, iter_shard, load_manifest, make_shards, verify_shard
+from megamlm.cli import main as cli_main
+from megamlm.data.outdir import OWNER
+from megamlm.data.shards import STAGING, ShardError, iter_shard, load_manifest, make_shards, verify_shard
 from megamlm.tokenizer import train_tokenizer
 
 from .test_tokenizer import fake_sentences
@@ -255,12 +258,9 @@ def test_failure_mid_way_leaves_no_partial_shard_and_no_manifest(tmp_path, tok):
     good = "\n".join(json.dumps({"text": s}) for s in fake_sentences(400))
     (tmp_path / "c.jsonl").write_text(good + "\n{broken\n", encoding="utf-8")
     cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/c.jsonl", "data.source=jsonl")
-    with pytest.raises(CorpusError, match=r"c.jsonl:401: not valid JSON"):
+    with pytest.raises(CorpusError, match=r"c.jsonl:401: not valid JSON.*removed .* the folder .*shards it had created"):
         make_shards(cfg, tok.path, workers=2, progress=False, block_tokens=100)
-    out = Path(cfg.shards_dir)
-    assert not list(out.glob("*.partial")) and not (out / "manifest.json").exists()
-    for p in out.glob("*.tar"):  # any shard under a final name is complete and readable
-        list(iter_shard(p))
+    assert not Path(cfg.shards_dir).exists()  # the run created it: gone with what it wrote
 
 
 def test_empty_input_is_an_error(tmp_path, tok):
@@ -298,3 +298,168 @@ def test_cli_make_shards_and_tools_wrapper(tmp_path, tok):
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
     digest = hashlib.sha256((tmp_path / "out" / "train-000000.tar").read_bytes()).hexdigest()
     assert digest == load_manifest(tmp_path / "out").shards("train")[0]["sha256"]
+
+
+# --------------------------------------------------------------------------- a failed run, --overwrite, recovery
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path → sha256)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def bad_second_file(folder: Path) -> Path:
+    """A folder of two inputs: a.txt makes several shards, b.txt (read second) holds a non-UTF-8 byte."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_corpus(folder / "a.txt", 300)
+    (folder / "b.txt").write_bytes(b"Fine text here.\n\nBad \xff byte.\n")
+    return folder
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("folder_existed", [False, True])
+def test_a_failed_run_leaves_the_folder_as_it_found_it(tmp_path, tok, workers, folder_existed):
+    """A bad byte in the second input, after shards of the first were finished: no shard, no staging
+    folder left (and the folder itself removed when this run made it); a later run needs no --overwrite."""
+    inputs = bad_second_file(tmp_path / "in")
+    cfg = data_cfg(tmp_path, f"data.inputs={inputs}", "data.source=text")
+    out = Path(cfg.shards_dir)
+    if folder_existed:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+    before = snapshot(out) if folder_existed else None
+    with pytest.raises(CorpusError, match=r"b.txt: not UTF-8 at byte offset 21") as e:
+        make_shards(cfg, tok.path, workers=workers, progress=False, block_tokens=300)
+    if folder_existed:
+        assert snapshot(out) == before and "left" in str(e.value) and "as it found it" in str(e.value)
+    else:
+        assert not out.exists() and "it had created" in str(e.value)
+    (inputs / "b.txt").unlink()
+    man = make_shards(cfg, tok.path, workers=workers, progress=False, block_tokens=300)
+    assert len(man["splits"]["train"]["shards"]) > 2  # the failed run had finished some before b.txt
+    assert not (out / STAGING).exists()
+
+
+def test_a_failed_overwrite_keeps_the_old_set(tmp_path, tok):
+    inputs = bad_second_file(tmp_path / "in")
+    good = data_cfg(tmp_path, f"data.inputs={inputs}/a.txt", "data.source=text")
+    make_shards(good, tok.path, workers=1, progress=False, block_tokens=300)
+    out = Path(good.shards_dir)
+    before = snapshot(out)
+    bad = data_cfg(tmp_path, f"data.inputs={inputs}", "data.source=text", "data.val_fraction=0.3")
+    with pytest.raises(CorpusError, match="not UTF-8.*as it found it"):
+        make_shards(bad, tok.path, workers=2, progress=False, block_tokens=300, overwrite=True)
+    assert snapshot(out) == before
+    read_all(out, "train")  # the old set still verifies and reads
+
+
+def test_overwrite_replaces_the_set_and_only_shard_files(tmp_path, tok):
+    write_text_corpus(tmp_path / "big.txt", 300)
+    write_text_corpus(tmp_path / "small.txt", 30, seed=3)
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/big.txt", "data.source=text")
+    big = make_shards(cfg, tok.path, workers=1, progress=False, block_tokens=300)
+    out = Path(cfg.shards_dir)
+    (out / "notes.txt").write_text("mine\n")
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/small.txt", "data.source=text")
+    small = make_shards(cfg, tok.path, workers=1, progress=False, block_tokens=300, overwrite=True)
+    names = {sh["name"] for sp in small["splits"].values() for sh in sp["shards"]}
+    assert len(names) < len(big["splits"]["train"]["shards"])
+    assert set(snapshot(out)) == names | {"manifest.json", "notes.txt"}
+    _, docs = read_all(out, "train")
+    assert len(docs) == small["splits"]["train"]["totals"]["documents"]
+
+
+def interrupted_swap(tmp_path, tok, stage: str):
+    """The folder as a run killed at ``stage`` of its swap leaves it (outdir.py's steps 1-5), built from real
+    sets: the old one in the folder, the new one made elsewhere and placed in the staging folder."""
+    write_text_corpus(tmp_path / "old.txt", 300)
+    write_text_corpus(tmp_path / "new.txt", 60, seed=7)
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/old.txt", "data.source=text")
+    make_shards(cfg, tok.path, workers=1, progress=False, block_tokens=300)
+    new = make_shards(data_cfg(tmp_path / "elsewhere", f"data.inputs={tmp_path}/new.txt", "data.source=text"),
+                      tok.path, workers=1, progress=False, block_tokens=300)
+    out, staging = Path(cfg.shards_dir), Path(cfg.shards_dir) / STAGING
+    shutil.copytree(tmp_path / "elsewhere" / "shards", staging)
+    (staging / OWNER).write_text(f"{__import__('socket').gethostname()} {dead_pid()}\n")
+    names = sorted(sh["name"] for sp in new["splits"].values() for sh in sp["shards"])
+    if stage == "before 1":
+        return cfg, new, names
+    (out / "manifest.json").unlink()  # 1
+    if stage == "after 1":
+        return cfg, new, names
+    for p in out.glob("*.tar"):  # 2
+        if p.name not in names:
+            p.unlink()
+    (staging / names[0]).replace(out / names[0])  # 3, the first shard
+    if stage == "during 3":
+        return cfg, new, names
+    for n in names[1:]:
+        (staging / n).replace(out / n)
+    (staging / "manifest.json").replace(out / "manifest.json")  # 4
+    return cfg, new, names
+
+
+@pytest.mark.parametrize("stage", ["before 1", "after 1", "during 3", "after 4"])
+def test_an_interrupted_swap_is_finished_by_the_next_run(tmp_path, tok, stage):
+    cfg, new, names = interrupted_swap(tmp_path, tok, stage)
+    out = Path(cfg.shards_dir)
+    if stage in ("after 1", "during 3"):
+        with pytest.raises(ShardError, match="interrupted while moving its shards"):
+            load_manifest(out)  # the loader says what to do
+    finished = "an interrupted make-shards run was finished: " if stage != "after 4" else ""
+    with pytest.raises(ShardError, match=f"^{finished}.* already holds {len(names)} shard file"):
+        make_shards(cfg, tok.path, workers=1, progress=False)  # recovery first, then the usual refusal
+    assert not (out / STAGING).exists()
+    assert set(snapshot(out)) == set(names) | {"manifest.json"}
+    assert load_manifest(out).raw == new
+    for split in ("train", "val"):
+        read_all(out, split)
+
+
+def test_a_killed_runs_staging_is_removed_but_a_live_ones_is_left_alone(tmp_path, tok):
+    import socket
+
+    write_text_corpus(tmp_path / "c.txt", 40)
+    cfg = data_cfg(tmp_path, f"data.inputs={tmp_path}/c.txt", "data.source=text")
+    staging = Path(cfg.shards_dir) / STAGING
+    staging.mkdir(parents=True)
+    (staging / "train-000000.tar.partial").write_bytes(b"half a shard")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (staging / OWNER).write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        with pytest.raises(ShardError, match=f"belongs to make-shards process {sleeper.pid}, which is still running"):
+            make_shards(cfg, tok.path, workers=1, progress=False)
+        assert (staging / "train-000000.tar.partial").exists()
+        (staging / OWNER).write_text(f"other-host.example {sleeper.pid}\n")
+        with pytest.raises(ShardError, match="on host other-host.example .* remove"):
+            make_shards(cfg, tok.path, workers=1, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (staging / OWNER).write_text(f"{socket.gethostname()} {dead_pid()}\n")
+    make_shards(cfg, tok.path, workers=1, progress=False)
+    assert not staging.exists() and load_manifest(cfg.shards_dir)
+
+
+def test_output_that_is_a_file_is_a_shard_error(tmp_path, tok, capsys):
+    write_text_corpus(tmp_path / "c.txt", 20)
+    f = tmp_path / "taken"
+    f.write_text("not a folder\n")
+    with pytest.raises(ShardError, match=f"{f} is a file, not a folder"):
+        make_shards(data_cfg(tmp_path, f"data.shards_dir={f}", f"data.inputs={tmp_path}/c.txt"), tok.path,
+                    workers=1, progress=False)
+    with pytest.raises(ShardError, match=f"cannot create the shard folder {f}/sub"):
+        make_shards(data_cfg(tmp_path, f"data.shards_dir={f}/sub", f"data.inputs={tmp_path}/c.txt"), tok.path,
+                    workers=1, progress=False)
+    assert f.read_text() == "not a folder\n"
+    rc = cli_main(["make-shards", str(ROOT / "configs/tiny-cpu.yaml"), f"tokenizer.model={tok.path}", "--input",
+                   str(tmp_path / "c.txt"), "--source", "text", "--output", str(f), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"megamlm make-shards: error: {f} is a file, not a folder: make-shards " \
+        "writes a folder of shards (--output / data.shards_dir)"
