@@ -29,14 +29,21 @@ micro-batches from that stream (a batch may straddle two windows). ``shuffle_buf
 
 **Epochs and equalisation.** Within a rank the workers' batches are interleaved round-robin (torch's
 DataLoader order; a worker that runs out drops out). Ranks make slightly different numbers of batches,
-so before yielding each batch every rank all-reduces (MIN) a one-element "I have a batch" flag on the
-host gloo group ``topology.host_dp_group``: one tiny host collective per micro-batch, never on a device
+so before yielding each batch every rank all-reduces (MIN) a tiny "I have a batch" flag on the
+host gloo group ``topology.host_dp_group``: one host collective per micro-batch, never on a device
 (a deterministic count from the manifest is impossible: how many examples a block makes depends on the
 epoch's random draws). A rank that fails reading sends −1, so the others raise instead of hanging.
 When any rank runs out, all end the epoch together; the batches left on other ranks are drained,
-counted (``stats["dropped_batches"]``, ``stats["dropped_examples"]``) and logged. A worker's last batch
-of an epoch may hold fewer than ``micro_batch_size`` sequences. Iteration then goes on with the next
-epoch (new shard order, new examples, new masks).
+counted (``stats["dropped_batches"]``, ``stats["dropped_examples"]``) and logged; one more agreement
+closes the epoch. A worker's last batch of an epoch may hold fewer than ``micro_batch_size`` sequences.
+Iteration then goes on with the next epoch (new shard order, new examples, new masks). An epoch that
+yielded no batch (every rank yields the same number) would repeat for ever: every rank raises
+:class:`ShardError` instead, saying why this rank made none (every shard skipped, no document, no
+example) or that another rank made none.
+
+**Stopping.** ``should_stop`` (a callable, e.g. the trainer's preemption flag) is asked between epochs,
+for each packet that is not a batch and while draining; when it returns True on any rank, every rank
+raises :class:`LoaderStopped` at the same agreement, with a state that resumes where it stopped.
 
 **Resume.** The state is, per data-parallel rank and per worker: done flag, the unit where the worker's
 current window starts, the number of that window's examples already consumed, and the batches consumed;
@@ -50,7 +57,8 @@ the next epoch, with a warning.
 **Bad input.** Manifest from another tokenizer: :class:`ShardError` at build time. A shard that is
 missing, differs from its manifest sha256 (``data.verify_checksums``), is truncated or corrupt, or holds
 ids outside the tokenizer's vocabulary: :class:`ShardError` naming the shard, or with ``data.on_error:
-skip`` a warning and ``stats["skipped_shards"]`` (per worker that met it).
+skip`` a warning and ``stats["skipped_shards"]`` (per worker that met it); when the skips leave an epoch
+without a batch (e.g. every shard of the split is bad), :class:`ShardError` listing the skipped shards.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,17 +74,23 @@ import torch
 from megamlm.data.batch import IGNORE_INDEX, Batch
 from megamlm.data.examples import COUNTERS, Examples, make_examples
 from megamlm.data.masking import MaskSpec, concat_ranges, mask_sequences
-from megamlm.data.shards import ShardError, load_manifest
+from megamlm.data.shard_format import ShardError, load_manifest
 from megamlm.data.units import READER_COUNTERS, ShardReader, epoch_units, split_range
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_loader", "Loader", "STATE_FORMAT", "STATS"]
+__all__ = ["build_loader", "Loader", "LoaderStopped", "STATE_FORMAT", "STATS"]
 
 STATE_FORMAT = "megamlm-loader/1"
 _EXAMPLES, _MASKS, _WINDOW = 0, 1, 2  # last element of each rng seed: which stream (3: shard order)
 WORKER_COUNTERS = COUNTERS + READER_COUNTERS
 STATS = WORKER_COUNTERS + ("batches", "tokens", "targets", "dropped_batches", "dropped_examples", "epochs")
+_FAILED, _STOPPED = -1, -2  # statuses a rank sends in an agreement instead of 1 / 0 (see Loader._agree)
+
+
+class LoaderStopped(RuntimeError):
+    """The loader's ``should_stop()`` returned True (on this or another data-parallel rank) while it was
+    between epochs or looping over packets that are not batches; the state is consistent: save it."""
 
 
 @dataclass
@@ -99,6 +113,7 @@ class _Packet:
     cursor: tuple[int, int]  # (unit, offset) of the next example of this worker
     counters: dict
     info: dict | None = None
+    skipped: tuple[str, ...] = ()  # why shards were skipped (data.on_error=skip) since the last packet
 
 
 def _identity(x):
@@ -119,7 +134,7 @@ class _PretrainDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, *, manifest, split, tokenizer, mask_spec, pair, data_cfg, seed, dp_rank, dp_size,
                  shuffle, with_info=False):
-        self.dir = manifest.dir
+        self.dir, self.split = manifest.dir, split
         self.shards = [dict(s) for s in manifest.shards(split)]
         self.samples = [int(s["samples"]) for s in self.shards]
         self.spec, self.pair, self.seed = mask_spec, pair, int(seed)
@@ -217,17 +232,20 @@ class _PretrainDataset(torch.utils.data.IterableDataset):
         """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
         done, u, skip, _ = self.cursors[worker]
         counters = dict.fromkeys(WORKER_COUNTERS, 0)
+        skipped: list[str] = []
         units = self.worker_units(self.epoch, worker)
         n_units = len(units)
 
-        def take_counters() -> dict:
-            out = dict(counters)
+        def packet(batch: Batch | None, cursor: tuple[int, int], info: dict | None = None) -> _Packet:
+            out = _Packet(worker, batch, cursor, dict(counters), info, tuple(skipped))
             counters.update(dict.fromkeys(counters, 0))
+            skipped.clear()
             return out
 
         if done:
             return
-        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters).read(units, u)
+        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters,
+                             skipped).read(units, u)
         pending: list[tuple[_Window, np.ndarray]] = []
         n_pending = 0
         while u < n_units:
@@ -257,11 +275,11 @@ class _PretrainDataset(torch.utils.data.IterableDataset):
                 if n_pending == self.micro_batch:
                     batch, info = self._collate(pending)
                     pending, n_pending = [], 0
-                    yield _Packet(worker, batch, (start, j) if j < n_ex else (u, 0), take_counters(), info)
+                    yield packet(batch, (start, j) if j < n_ex else (u, 0), info)
         if pending:
             batch, info = self._collate(pending)
-            yield _Packet(worker, batch, (n_units, 0), take_counters(), info)
-        yield _Packet(worker, None, (n_units, 0), take_counters())
+            yield packet(batch, (n_units, 0), info)
+        yield packet(None, (n_units, 0))
 
 
 class Loader:
@@ -271,16 +289,22 @@ class Loader:
     short_documents, skipped_tokens, split_segments, forced_isnext, blocks, skipped_shards,
     skipped_blocks, batches, tokens (real, unpadded), targets, dropped_batches, dropped_examples, epochs.
     ``epoch_stats``: the same counters for the last completed epoch (logged at its end).
+    ``should_stop``: an optional callable (e.g. the trainer's preemption flag) asked between epochs and
+    while the loader loops over packets that are not batches; True raises :class:`LoaderStopped` on every
+    data-parallel rank together. It may be set after construction.
     """
 
-    def __init__(self, dataset: _PretrainDataset, topology, prefetch_factor: int = 4):
+    def __init__(self, dataset: _PretrainDataset, topology, prefetch_factor: int = 4,
+                 should_stop: Callable[[], bool] | None = None):
         self.ds = dataset
         self.topology = topology
         self.num_workers = dataset.num_workers
         self.prefetch_factor = prefetch_factor
+        self.should_stop = should_stop
         self.stats = dict.fromkeys(STATS, 0)
         self.epoch_stats: dict = {}  # the counters of the last completed epoch (what was logged)
         self._epoch_start = dict(self.stats)
+        self._skipped: list[str] = []  # this epoch's reasons for skipped shards (this rank)
         self.batches_in_epoch = 0
         self._next_worker = 0
         self.group = getattr(topology, "host_dp_group", None) or getattr(topology, "dp_group", None)
@@ -326,35 +350,61 @@ class Loader:
                                          generator=gen)
         return iter(dl)
 
-    def _agree(self, value: int) -> int:
-        """MIN over the data-parallel ranks of 1 (I have a batch), 0 (I ran out) or -1 (I failed)."""
+    def _agree(self, status: int, *flags: int) -> tuple[int, int, int]:
+        """Elementwise MIN over the data-parallel ranks of (status, flag, flag). Status: 1 (I have a batch),
+        0 (I ran out, or: my epoch ended), -1 (I failed), -2 (I was asked to stop). Every agreement has
+        the same three elements, so a rank that fails anywhere can answer the one the others wait in."""
+        values = (status, *flags, 1, 1)[:3]
         if self.topology.dp_size == 1:
-            return value
+            return values
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int32)
+        t = torch.tensor(values, dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return int(t.item())
+        return tuple(int(x) for x in t.tolist())
+
+    @staticmethod
+    def _check_status(status: int) -> None:
+        if status == _STOPPED:
+            raise LoaderStopped("another data-parallel rank was asked to stop")
+        if status == _FAILED:
+            raise RuntimeError("another data-parallel rank failed while reading data (see its log)")
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise LoaderStopped(f"the loader was asked to stop (epoch {self.epoch} of the {self.ds.split!r} "
+                                f"split, after {self.batches_in_epoch} batch(es) of it)")
+
+    def _told(self, next_packet: Callable[[Iterator[_Packet]], _Packet | None],
+              it: Iterator[_Packet]) -> _Packet | None:
+        """``next_packet(it)`` on this rank; if it raises, the other ranks are told in the agreement they wait
+        in (the next per-batch one, or the epoch's last), so they raise too instead of hanging."""
+        try:
+            return next_packet(it)
+        except LoaderStopped:
+            self._agree(_STOPPED)
+            raise
+        except BaseException:
+            self._agree(_FAILED)
+            raise
 
     def _next_agreed(self, it: Iterator[_Packet]) -> _Packet | None:
-        """The next batch packet when every rank has one, else None (the epoch is over). A rank that fails
-        tells the others, so they raise too instead of waiting in the next collective."""
-        try:
-            pkt = self._next_batch(it)
-        except BaseException:
-            self._agree(-1)
-            raise
-        agreed = self._agree(int(pkt is not None))
-        if agreed < 0:
-            raise RuntimeError("another data-parallel rank failed while reading data (see its log)")
-        if agreed == 0:
+        """The next batch packet when every rank has one, else None (the epoch is over)."""
+        pkt = self._told(self._next_batch, it)
+        status = self._agree(int(pkt is not None))[0]
+        self._check_status(status)
+        if status == 0:
             self._pending = pkt
             return None
         return pkt
 
-    def _take(self, pkt: _Packet) -> None:
+    def _count(self, pkt: _Packet) -> None:
         for k, v in pkt.counters.items():
             self.stats[k] += v
+        self._skipped += pkt.skipped
+
+    def _take(self, pkt: _Packet) -> None:
+        self._count(pkt)
         c = self.ds.cursors[pkt.worker]
         c[1], c[2] = pkt.cursor
         if pkt.batch is None:
@@ -370,12 +420,17 @@ class Loader:
             if pkt.info and "error" in pkt.info:
                 raise ShardError(pkt.info["error"])
             self._take(pkt)
+            self._check_stop()
         return None
+
+    def _next_dropped(self, it: Iterator[_Packet]) -> _Packet | None:
+        self._check_stop()  # draining makes no batch for the caller: it may take a while
+        return self._next_batch(it)
 
     def _run(self, include_dropped: bool) -> Iterator[tuple[Batch, dict]]:
         while True:
             it = self._packets()
-            self._pending = None
+            self._pending, self._skipped = None, []
             while True:
                 pkt = self._next_agreed(it)
                 if pkt is None:
@@ -392,23 +447,66 @@ class Loader:
             while pkt is not None:  # another rank ran out first: drain, count, log
                 dropped += 1
                 dropped_ex += pkt.batch.input_ids.shape[0]
-                for k, v in pkt.counters.items():
-                    self.stats[k] += v
+                self._count(pkt)
                 if include_dropped:
                     yield pkt.batch, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": True}
-                pkt = self._next_batch(it)
-            self.stats["dropped_batches"] += dropped
-            self.stats["dropped_examples"] += dropped_ex
-            self.stats["epochs"] += 1
-            self.epoch_stats = {k: v - self._epoch_start[k] for k, v in self.stats.items()}
-            self._epoch_start = dict(self.stats)
-            log.info("epoch %d done: %d batches; %d batches (%d examples) dropped to equalise the %d "
-                     "data-parallel ranks; this epoch's counters: %s", self.epoch, self.batches_in_epoch, dropped,
-                     dropped_ex, self.topology.dp_size, {k: v for k, v in self.epoch_stats.items() if v})
-            if self.epoch_stats["skipped_shards"]:
-                log.warning("epoch %d: %d shard(s) skipped because of errors (data.on_error=skip)", self.epoch,
-                            self.epoch_stats["skipped_shards"])
-            self.reset(self.epoch + 1)
+                pkt = self._told(self._next_dropped, it)
+            self._end_epoch(dropped, dropped_ex)
+
+    def _end_epoch(self, dropped: int, dropped_ex: int) -> None:
+        """Count and log the epoch, then one agreement: did any rank fail or get asked to stop, did the
+        epoch yield no batch (every rank yields the same number, so this holds on all or none), did any
+        rank make a batch at all. An epoch that yielded nothing raises :class:`ShardError` (the next one
+        would do the same, for ever); a stop raises :class:`LoaderStopped` at the start of the next epoch."""
+        stop = self.should_stop is not None and self.should_stop()
+        status, none_yielded, none_made = self._agree(_STOPPED if stop else 0, int(self.batches_in_epoch == 0),
+                                                      int(self.batches_in_epoch + dropped == 0))
+        if status == _FAILED:
+            raise RuntimeError("another data-parallel rank failed while reading data (see its log)")
+        self.stats["dropped_batches"] += dropped
+        self.stats["dropped_examples"] += dropped_ex
+        self.stats["epochs"] += 1
+        self.epoch_stats = {k: v - self._epoch_start[k] for k, v in self.stats.items()}
+        self._epoch_start = dict(self.stats)
+        log.info("epoch %d done: %d batches; %d batches (%d examples) dropped to equalise the %d "
+                 "data-parallel ranks; this epoch's counters: %s", self.epoch, self.batches_in_epoch, dropped,
+                 dropped_ex, self.topology.dp_size, {k: v for k, v in self.epoch_stats.items() if v})
+        if self.epoch_stats["skipped_shards"]:
+            log.warning("epoch %d: %d shard(s) skipped because of errors (data.on_error=skip)", self.epoch,
+                        self.epoch_stats["skipped_shards"])
+        if none_yielded:
+            raise self._empty_epoch_error(dropped, bool(none_made))
+        self.reset(self.epoch + 1)
+        if status == _STOPPED:
+            raise LoaderStopped(f"the loader was asked to stop (before epoch {self.epoch} of the "
+                                f"{self.ds.split!r} split)" + ("" if stop else " on another data-parallel rank"))
+
+    def _empty_epoch_error(self, dropped: int, none_made: bool) -> ShardError:
+        head = f"epoch {self.epoch} of the {self.ds.split!r} split yielded no batch"
+        if self.topology.dp_size == 1:
+            return ShardError(f"{head}: {self._why_nothing()}")
+        me = f"data-parallel rank {self.topology.dp_rank} of {self.topology.dp_size}"
+        if dropped:
+            return ShardError(f"{head}: another data-parallel rank made none (see its log); the {dropped} "
+                              f"batch(es) of {me} were dropped to equalise the ranks")
+        others = "nor did any other" if none_made else "the others' batches were dropped to equalise the ranks"
+        return ShardError(f"{head}: {me} made none, {others}; on this rank {self._why_nothing()}")
+
+    def _why_nothing(self) -> str:
+        """Why this rank made no batch this epoch (from the epoch's counters and skipped shards)."""
+        e = self.epoch_stats
+        reasons = list(dict.fromkeys(self._skipped))  # a shard met by two workers: once
+        listed = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+        if e["skipped_shards"] and not e["blocks"]:
+            return f"every shard was skipped (data.on_error=skip): {listed}"
+        if e["skipped_shards"]:
+            return (f"{e['skipped_shards']} shard(s) were skipped (data.on_error=skip) and the {e['documents']} "
+                    f"document(s) read made no example: {listed}")
+        if not e["documents"]:
+            return ("there was no document to read (fewer documents than data-parallel ranks? each block is "
+                    "cut in parts, one per rank, when there are fewer blocks than ranks)")
+        return (f"its {e['documents']} document(s) made no example ({e['short_documents']} too short for "
+                f"pair={self.ds.pair})")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -448,12 +546,14 @@ class Loader:
 
 
 def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,
-                 state: dict | None = None, shuffle: bool | None = None) -> Loader:
+                 state: dict | None = None, shuffle: bool | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Loader:
     """The loader of one rank over ``data_cfg.shards_dir`` (see the module docstring).
 
     ``objective_cfg`` chooses the examples (``pair``) and the masking; ``topology`` the data-parallel rank,
     size and host group (``megamlm.distributed.topology``); ``seed`` with the epoch fixes every random
     choice. ``shuffle`` defaults to True for train and False for val. ``state`` from ``state_dict()``.
+    ``should_stop``: see :class:`Loader` (:class:`LoaderStopped`).
     """
     manifest = load_manifest(data_cfg.shards_dir)
     manifest.check_tokenizer(tokenizer)
@@ -472,7 +572,7 @@ def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split:
                           mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
                           data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
                           shuffle=(split == "train") if shuffle is None else shuffle)
-    loader = Loader(ds, topology)
+    loader = Loader(ds, topology, should_stop=should_stop)
     if state is not None:
         loader.load_state_dict(state)
     log.info("%s loader: %d shard(s), %d block(s), rank %d of %d data-parallel, %d worker(s), pair=%s, "

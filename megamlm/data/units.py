@@ -7,7 +7,7 @@ worker reads consecutive blocks of few shards. With fewer blocks than data-paral
 cut into ``P`` parts (document j in part j mod P). ``ShardReader`` reads a range of units, seeking over
 the tar members before it (nothing is decoded), checks the sha256 against the manifest, the block's
 consistency and the token ids' range, and raises :class:`ShardError` naming the shard or, with
-``on_error="skip"``, logs a warning and counts the shard and blocks it skips.
+``on_error="skip"``, logs a warning, counts the shard and blocks it skips and records why (``skipped``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from megamlm.data.masking import concat_ranges
-from megamlm.data.shards import SAMPLE_PARTS, ShardError, npy_load, unpack_block, verify_shard
+from megamlm.data.shard_format import SAMPLE_PARTS, ShardError, npy_load, unpack_block, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class ShardReader:
     """Yields (unit index, block key, part, documents) for consecutive units, seeking over other blocks."""
 
     def __init__(self, folder: Path, shards: list[dict], verify: bool, on_error: str, vocab_size: int,
-                 counters: dict):
+                 counters: dict, skipped: list[str] | None = None):
         self.dir, self.shards, self.verify, self.on_error = Path(folder), shards, verify, on_error
         self.vocab_size, self.c = vocab_size, counters
+        self.skipped = skipped if skipped is not None else []  # the message of each skip, in order
         for k in READER_COUNTERS:
             counters.setdefault(k, 0)
         self._verified: set[int] = set()
@@ -97,6 +98,7 @@ class ShardReader:
                 raise
             self.c["skipped_shards"] += 1
             self.c["skipped_blocks"] += len(np.unique(units[done:j, 1]))
+            self.skipped.append(str(e))
             log.warning("skipping the rest of shard %s (data.on_error=skip): %s", path, e)
 
     @staticmethod

@@ -1,13 +1,16 @@
 """The loader over spawned gloo ranks: exactly-once epochs and equal batch counts per data-parallel rank,
-identical batches within a vocab-parallel group, a resume state that is the same on every rank.
+identical batches within a vocab-parallel group, a resume state that is the same on every rank, errors,
+empty epochs and stops raised on every rank together.
 
 A failure points at megamlm/data/loader.py (unit split by data-parallel rank, the per-batch MIN
-all-reduce, draining and counting, state gathering) or at megamlm/distributed/topology.py (groups).
+all-reduce, draining and counting, the epoch's closing agreement, state gathering), at
+megamlm/data/units.py (blocks cut into parts) or at megamlm/distributed/topology.py (groups).
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 from megamlm.data.shards import iter_shard, load_manifest
 from tests import data_fixtures as F
@@ -109,3 +112,69 @@ def test_a_bad_shard_on_one_rank_stops_every_rank(tmp_path):
     r0, r1 = spawn(_rank_until_error, 2, args=(str(dst), str(F.tokenizer_path())), timeout=120)
     assert r1[0] == "ShardError" and name in r1[1]
     assert r0[0] == "RuntimeError" and "another data-parallel rank failed" in r0[1]
+
+
+def _ruin(path) -> None:
+    path.write_bytes(path.read_bytes()[:100])  # not one readable member
+
+
+def _rank_scenarios(rank, world, all_bad, one_rank_bad, good, tok_path):
+    """Three loaders one after the other on every rank; each must end with an exception on every rank at
+    the same agreement (else the next scenario's collectives would pair with the wrong ones and hang)."""
+    from megamlm.config import ObjectiveConfig
+    from megamlm.data.loader import build_loader
+    from megamlm.distributed.topology import build_topology
+    from megamlm.tokenizer import Tokenizer
+
+    topo, tok, obj = build_topology(1), Tokenizer(tok_path), ObjectiveConfig(pair="nsp")
+    out = {}
+    for name, folder, stop in (("all_bad", all_bad, None), ("one_rank_bad", one_rank_bad, None),
+                               ("stop", good, (lambda: True) if rank == 0 else None)):
+        loader = build_loader(F.loader_config(folder, on_error="skip"), tok, topo, 11, obj, should_stop=stop)
+        n = 0
+        try:
+            for _ in loader:
+                n += 1
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            out[name] = (type(e).__name__, str(e), n)
+        if name == "stop":
+            out["state"] = loader.state_dict()  # collective: every rank got here
+    return out
+
+
+def test_empty_epochs_and_stops_raise_on_every_rank(tmp_path):
+    """on_error=skip: every train shard bad → ShardError on both ranks (not endless empty epochs); every
+    shard rank 1 reads bad → ShardError on both, rank 1 saying why it made nothing, rank 0 that its batches
+    were dropped; should_stop on rank 0 only → LoaderStopped on both, and a state both can save."""
+    from megamlm.data.units import epoch_units, split_range
+
+    src = F.shards()
+    dirs = {k: tmp_path / k for k in ("all_bad", "one_rank_bad")}
+    for d in dirs.values():
+        shutil.copytree(src, d)
+    man = load_manifest(src)
+    names = [s["name"] for s in man.shards("train")]
+    for n in names:
+        _ruin(dirs["all_bad"] / n)
+    units = epoch_units([s["samples"] for s in man.shards("train")], 11, 0, 2, True)
+    lo, hi = split_range(len(units), 1, 2)
+    rank1 = sorted(set(units[lo:hi, 0].tolist()))
+    assert set(units[:lo, 0].tolist()) - set(rank1), "rank 0 must keep a good shard"
+    for s in rank1:
+        _ruin(dirs["one_rank_bad"] / names[s])
+    r0, r1 = spawn(_rank_scenarios, 2, args=(str(dirs["all_bad"]), str(dirs["one_rank_bad"]), str(src),
+                                              str(F.tokenizer_path())), timeout=180)
+    for r in (r0, r1):
+        kind, msg, n = r["all_bad"]
+        assert kind == "ShardError" and n == 0
+        assert "epoch 0 of the 'train' split yielded no batch" in msg and "nor did any other" in msg
+        assert "every shard was skipped (data.on_error=skip)" in msg and any(x in msg for x in names)
+    kind, msg, n = r1["one_rank_bad"]
+    assert kind == "ShardError" and n == 0
+    assert "data-parallel rank 1 of 2 made none, the others' batches were dropped" in msg
+    assert "every shard was skipped" in msg and names[rank1[0]] in msg
+    kind, msg, n = r0["one_rank_bad"]
+    assert kind == "ShardError" and n == 0 and "another data-parallel rank made none" in msg
+    assert r0["stop"][0] == r1["stop"][0] == "LoaderStopped"
+    assert "another data-parallel rank was asked to stop" in r1["stop"][1]
+    assert r0["state"] == r1["state"]

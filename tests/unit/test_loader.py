@@ -7,10 +7,12 @@ failure in the WebDataset cross-check points at the tar layout written by megaml
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from megamlm.data.batch import IGNORE_INDEX
-from megamlm.data.loader import build_loader
+from megamlm.data.loader import LoaderStopped, build_loader
 from megamlm.data.units import epoch_units
 from megamlm.data.shards import ShardError, iter_shard, load_manifest, npy_bytes, npy_load
 from megamlm.distributed.topology import single_process_topology
@@ -55,6 +57,21 @@ def one_epoch(loader, include_dropped=True):
 def same(b1, b2) -> bool:
     ok = all(torch.equal(getattr(b1, f), getattr(b2, f)) for f in FIELDS) and b1.n_tokens == b2.n_tokens
     return ok and ((b1.pair_labels is None and b2.pair_labels is None) or torch.equal(b1.pair_labels, b2.pair_labels))
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail instead of hanging when the block runs longer (a loader that loops over empty epochs)."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def train_docs(shards_dir):
@@ -263,3 +280,68 @@ def test_on_error_skip_warns_counts_and_goes_on(broken, tok, caplog):
     assert loader.epoch_stats["skipped_shards"] == 2 and loader.epoch_stats["skipped_blocks"] > 0
     assert "train-000001.tar" in caplog.text and "train-000003.tar" in caplog.text
     assert len(batches) > 50
+
+
+@pytest.mark.parametrize("split,workers,verify", [("train", 0, "true"), ("train", 2, "false"), ("val", 0, "true"),
+                                                  ("val", 1, "false")])
+def test_every_shard_skipped_is_a_shard_error_not_an_endless_loop(broken, tok, split, workers, verify):
+    """on_error=skip with every shard of the split bad: the first epoch yields nothing, and the next ones
+    would too; the loader says so, naming the skipped shards, instead of starting epoch after epoch."""
+    names = [s["name"] for s in load_manifest(broken).shards(split)]
+    for n in names:  # nothing readable in them, with or without the checksum
+        (broken / n).write_bytes((broken / n).read_bytes()[:100])
+    loader = make(broken, tok, split=split, on_error="skip", num_workers=workers, verify_checksums=verify)
+    with within(30), pytest.raises(ShardError, match=rf"epoch 0 of the '{split}' split yielded no batch: every "
+                                                     r"shard was skipped \(data.on_error=skip\): shard ") as e:
+        next(iter(loader))
+    named = [n for n in names if n in str(e.value)]
+    assert len(named) >= min(len(names), 5 if workers == 0 else 1)
+    if len(names) > 5 and workers == 0:
+        assert f"and {len(names) - 5} more" in str(e.value)
+    assert loader.epoch_stats["batches"] == 0 and loader.epoch_stats["skipped_shards"] >= len(names)
+
+
+def test_the_rest_of_a_bad_epoch_goes_on(broken, tok):
+    """Only some shards bad: batches from the others, no error (the skip case that must keep working)."""
+    for n in [s["name"] for s in load_manifest(broken).shards("train")][1:]:
+        truncate(broken / n)
+    loader = make(broken, tok, on_error="skip")
+    epochs = []
+    with within(30):
+        for _, info in loader.iter_with_info():
+            if info["epoch"] == 3:
+                break
+            epochs.append(info["epoch"])
+    assert loader.stats["epochs"] == 3 and all(epochs.count(e) > 0 for e in range(3))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_should_stop_raises_loader_stopped_and_the_state_resumes(shards, tok, workers):
+    """``should_stop`` is asked at packets that are not batches and between epochs: True raises
+    LoaderStopped (a RuntimeError); the state saved then continues the uninterrupted stream exactly."""
+    ref_it = iter(make(shards, tok, num_workers=workers))
+    epoch_len = len(one_epoch(make(shards, tok, num_workers=workers), include_dropped=False))
+    ref = [next(ref_it) for _ in range(epoch_len + 3)]
+    asked = []
+    loader = make(shards, tok, num_workers=workers)
+    loader.should_stop = lambda: asked.append(1) or True
+    got = []
+    with within(30), pytest.raises(LoaderStopped, match="asked to stop") as e:
+        for b in loader:
+            got.append(b)
+    assert isinstance(e.value, RuntimeError) and asked and 0 < len(got) <= epoch_len
+    if workers == 0:
+        assert len(got) == epoch_len  # its first non-batch packet is the end of the epoch
+    state = json.loads(json.dumps(loader.state_dict()))
+    it = iter(make(shards, tok, num_workers=workers, state=state))
+    got += [next(it) for _ in range(len(ref) - len(got))]
+    assert all(same(x, y) for x, y in zip(ref, got))
+
+
+def test_should_stop_wins_over_an_endless_wait(broken, tok):
+    for n in [s["name"] for s in load_manifest(broken).shards("train")]:
+        truncate(broken / n)
+    loader = build_loader(F.loader_config(broken, on_error="skip"), tok, single_process_topology(), 5,
+                          F.objective(pair="nsp"), should_stop=lambda: True)
+    with within(30), pytest.raises(LoaderStopped):
+        next(iter(loader))
