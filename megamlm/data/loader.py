@@ -143,8 +143,7 @@ class _PretrainDataset(torch.utils.data.IterableDataset):
         self.buffer, self.short_seq_prob = data_cfg.shuffle_buffer, data_cfg.short_seq_prob
         self.verify, self.on_error = data_cfg.verify_checksums, data_cfg.on_error
         self.num_workers = data_cfg.num_workers
-        self.shuffle = shuffle and data_cfg.shuffle_buffer > 1
-        self.shuffle_shards = shuffle
+        self.shuffle = shuffle and data_cfg.shuffle_buffer > 1  # shards, documents and examples alike
         self.vocab_size = tokenizer.vocab_size
         self.pad_id, self.cls_id, self.sep_id = tokenizer.special.pad, tokenizer.special.cls, tokenizer.special.sep
         self.dp_rank, self.dp_size, self.with_info = dp_rank, dp_size, with_info
@@ -152,7 +151,7 @@ class _PretrainDataset(torch.utils.data.IterableDataset):
         self.cursors = [[0, 0, 0, 0] for _ in range(max(1, self.num_workers))]  # done, unit, offset, batches
 
     def units(self, epoch: int) -> np.ndarray:
-        return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle_shards)
+        return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle)
 
     def worker_units(self, epoch: int, worker: int) -> np.ndarray:
         u = self.units(epoch)

@@ -188,6 +188,20 @@ def test_state_is_plain_and_a_different_layout_starts_the_next_epoch(shards, tok
     assert b.epoch == 1 and "cannot be restored exactly" in caplog.text
 
 
+@pytest.mark.parametrize("pair", ["none", "nsp"])
+def test_shuffle_buffer_1_keeps_the_manifest_order(shards, tok, pair):
+    """``data.shuffle_buffer: 1`` (1 = no shuffle): shards, documents and examples in manifest order,
+    every epoch (the shard order is not permuted either)."""
+    order = list(train_docs(shards))  # manifest shard order, then file order
+    seen: dict[int, list] = {0: [], 1: []}
+    for _, info in make(shards, tok, pair=pair, shuffle_buffer=1).iter_with_info():
+        if info["epoch"] == 2:
+            break
+        seen[info["epoch"]] += [d for ds in info["docs"] for d in (ds if pair == "none" else ds[:1])]
+    for epoch, docs in seen.items():
+        assert list(dict.fromkeys(docs)) == order, f"epoch {epoch}"
+
+
 def test_val_split_is_ordered_and_repeatable(shards, tok):
     v = make(shards, tok, split="val")
     first = [b for _, b in zip(range(3), v)]
