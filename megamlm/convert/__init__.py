@@ -18,10 +18,11 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from megamlm.convert.zero import ConvertError
 
-__all__ = ["ConvertError", "convert", "main"]
+__all__ = ["ConvertError", "convert", "main", "staged_output"]
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, tag: str | None = None
 
     if to not in ("megamlm", "hf"):
         raise ConvertError(f"--to {to!r}: choose 'megamlm' or 'hf'")
-    out = Path(out)
-    _check_output(out)
-    parents = _make_parents(out.parent)
-    tmp = None
-    try:
-        tmp = _new_sibling(out)  # before loading: an output that cannot be written fails in seconds
+    with staged_output(Path(out)) as tmp:  # before loading: an output that cannot be written fails in seconds
         w = load_any(src, tag, lazy=to == "megamlm")  # the export streams ZeRO-3 tensors one at a time
         if w.report.get("initialise"):
             log.warning("%s lacks %d tensor(s), initialised fresh: %s", src, len(w.report["initialise"]),
@@ -54,6 +50,21 @@ def convert(src: str | Path, out: str | Path, to: str, *, tag: str | None = None
             save_export(w, tmp)
         else:
             save_hf(w, tmp, hf_arch, Path(tokenizer) if tokenizer else None)
+    return w.report
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Write a new output folder ``out`` safely: yields a new hidden sibling to write into; when the block
+    ends, it is synced and renamed onto ``out`` in one rename(2). ``out`` must not exist or be an empty
+    folder (else ConvertError before anything is written); a failure removes the sibling and the parent
+    folders made here, and leaves ``out`` as it was."""
+    _check_output(out)
+    parents = _make_parents(out.parent)
+    tmp = None
+    try:
+        tmp = _new_sibling(out)
+        yield tmp
         _sync_tree(tmp)
         _rename_into_place(tmp, out)
     except BaseException:
@@ -63,7 +74,6 @@ def convert(src: str | Path, out: str | Path, to: str, *, tag: str | None = None
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
-    return w.report
 
 
 def _check_output(out: Path) -> None:

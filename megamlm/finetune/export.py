@@ -10,11 +10,15 @@ megamlm.convert.hf's ``hf_config`` when present.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+from megamlm.convert import staged_output
 from megamlm.model.hf_keys import EMBEDDING_KEYS, LAYER_KEYS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "export_hf", "hf_state"]
 
@@ -86,16 +90,16 @@ def export_hf(best: str | Path, out: str | Path) -> Path:
     if cfg["problem_type"] is None:
         cfg.pop("problem_type")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    tok = Path(ck.get("tokenizer") or "")
-    if tok.is_file():
-        try:
+    with staged_output(out) as tmp:  # a new folder, complete or absent: never a half-written export
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        tok = Path(ck.get("tokenizer") or "")
+        if tok.is_file():
             from megamlm.convert.hf_tokenizer import save_hf_tokenizer
 
-            save_hf_tokenizer(tok, out, model["max_position_embeddings"])
-        except ImportError:
-            pass
+            try:
+                save_hf_tokenizer(tok, tmp, model["max_position_embeddings"])
+            except ImportError as e:  # its optional dependency absent: the weights and config still export
+                log.warning("no HF tokenizer files written to %s: %s", out, e)
     return out

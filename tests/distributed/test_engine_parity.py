@@ -1,9 +1,14 @@
 """DeepSpeed engine arithmetic: 2 data-parallel ranks at ZeRO 0–3 against one process with the same
-global batch (2 micro-batches accumulated), fp32.
+global batch (2 micro-batches accumulated), fp32, and both against the truth.
 
 Both see exactly the same sequences per step (tests/e2e/replay_source.py), so any difference is in the
 engine: loss scaling over ranks and micro-batches (megamlm/trainer.py, objectives.combine), ZeRO's
 partitioning, or checkpoint consolidation. Tolerances: per-step loss 1e-5 absolute; final weights 2e-5.
+Two runs of the same code would share an error in the loss division, so the first step's gradient norm
+(TensorBoard's train/grad_norm, before clipping) is also compared with the truth computed here in plain
+torch: the gradient of ``combine(sum of the step's terms, the step's global counts)`` over the whole
+global batch at once (relative 1e-5). The replayed batches hold different numbers of targets, so a
+division by a micro-batch's own counts, or a dropped ``dp × accumulation`` multiply-back, fails it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import sys
 
 import pytest
 
-from tests.e2e._runs import ROOT, clean_env, final_weights, final_weights_at, launch, read_json, tiny_tokenizer, torchrun
+from tests.e2e._runs import (ROOT, clean_env, final_weights, final_weights_at, launch, read_json, tb_scalars,
+                             tiny_tokenizer, torchrun)
 
 CFG = """
 tokenizer: {model: %(tok)s}
@@ -42,12 +48,46 @@ def reference(cfg_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     launch([sys.executable, SCRIPT, str(out / "r.json"),
             str(cfg_file), f"train.output_dir={out}", "engine.global_batch_size=16", "engine.zero_stage=0"], threads=2)
-    return read_json(out / "r.json"), final_weights(out / "checkpoints")
+    return read_json(out / "r.json"), final_weights(out / "checkpoints"), first_grad_norm(out)
+
+
+def first_grad_norm(out) -> float:
+    return tb_scalars(out / "tb", "train/grad_norm")[1]
+
+
+@pytest.fixture(scope="module")
+def true_first_grad_norm(cfg_file):
+    """The norm of the gradient of the first step's mean loss, from the model pretrain builds, in one go."""
+    import torch
+
+    from megamlm.config import load_config
+    from megamlm.model.pretraining import build_model
+    from megamlm.objectives import combine
+    from megamlm.tokenizer import Tokenizer
+    from tests.e2e.replay_source import ReplaySource
+
+    cfg = load_config(cfg_file)
+    tok = Tokenizer(cfg.tokenizer.model)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
+    src = ReplaySource(type("Topo", (), {"dp_rank": 0, "dp_size": 1})(), None, 2)
+    batches = [src.batch(stream, 0) for stream in (0, 1)]  # step 1's global batch: streams 0 and 1
+    assert batches[0].n_targets != batches[1].n_targets  # else a per-micro-batch division would pass
+    terms = [model(b) for b in batches]
+    total = terms[0] + terms[1]
+    loss = combine(total, total.n_targets["mlm"], total.n_targets["pair"], cfg.objective.pair_loss_weight)
+    loss.backward()
+    return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+
+def test_the_first_step_gradient_is_that_of_the_global_mean_loss(reference, true_first_grad_norm):
+    """One process, two micro-batches accumulated at ZeRO 0 (its norm reported by GuardedAdamW)."""
+    assert reference[2] == pytest.approx(true_first_grad_norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_equal_one_process_with_accumulation(stage, cfg_file, reference, tmp_path):
-    ref, ref_w = reference
+def test_two_ranks_equal_one_process_with_accumulation(stage, cfg_file, reference, true_first_grad_norm, tmp_path):
+    ref, ref_w, _ = reference
     launch(torchrun(2, SCRIPT, str(tmp_path / "r.json"), str(cfg_file), f"train.output_dir={tmp_path}",
                     f"engine.zero_stage={stage}"))
     got = read_json(tmp_path / "r.json")
@@ -60,6 +100,7 @@ def test_two_ranks_equal_one_process_with_accumulation(stage, cfg_file, referenc
     assert worst < 2e-5, f"final weights differ by {worst}"
     # The model learned something (the token distribution), so equal weights mean equal updates.
     assert ref["losses"][-1] < ref["losses"][0] - 0.01
+    assert first_grad_norm(tmp_path) == pytest.approx(true_first_grad_norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -230,3 +230,38 @@ def test_resume_refuses_another_model_shape(cfg_file, reference, tmp_path):
                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "from another model shape: model.hidden_size: checkpoint 64, config 32" in r.stderr
+
+
+def _tree(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_and_move_old_run_keeps_it(cfg_file, reference, tmp_path):
+    """The demo's folder run again without --resume: refused before any work, every checkpoint kept
+    byte for byte; --move-old-run renames the old run aside and trains fresh."""
+    ref_out, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_out / "checkpoints", run / "checkpoints")
+    before = _tree(run)
+    for extra in ([], ["--resume", "none"]):
+        r = subprocess.run(pretrain_cmd("single", cfg_file, run, "train.max_steps=3", *extra), cwd=ROOT,
+                           env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "already holds checkpoints" in r.stderr and "--resume auto" in r.stderr and "Traceback" not in r.stderr
+        assert _tree(run) == before
+    launch(pretrain_cmd("single", cfg_file, run, "train.max_steps=1", "train.eval_every=0", "--move-old-run"),
+           threads=2)
+    (old,) = tmp_path.glob("run.old-*")
+    assert _tree(old) == before
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000001"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]
+
+
+def test_resume_on_another_data_parallel_size_is_refused_before_the_engine(cfg_file, reference, tmp_path):
+    ref_out, _ = reference  # saved by 2 data-parallel ranks
+    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "--resume", "auto"), cwd=ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot resume on this layout (data_parallel_size 2 in the checkpoint, 1 now)" in r.stderr
+    assert "Traceback" not in r.stderr and "ZeRORuntimeException" not in r.stderr

@@ -267,3 +267,11 @@ def test_export_logits_equal_transformers(tmp_path, task_type):
         keep = b.attention_mask
         ours, theirs = ours[keep], theirs[keep]
     assert (ours - theirs).abs().max().item() < 1e-5
+    # a second export into the same folder is refused and touches nothing; nothing half-written is left
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    from megamlm.convert import ConvertError
+
+    with pytest.raises(ConvertError, match="not empty"):
+        export_hf(tmp_path / "model.pt", out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.pt"]
