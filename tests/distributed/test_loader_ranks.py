@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+import pytest
+
 from megamlm.data.shards import iter_shard, load_manifest
 from tests import data_fixtures as F
 from tests._spawn import spawn
@@ -178,3 +180,61 @@ def test_empty_epochs_and_stops_raise_on_every_rank(tmp_path):
     assert r0["stop"][0] == r1["stop"][0] == "LoaderStopped"
     assert "another data-parallel rank was asked to stop" in r1["stop"][1]
     assert r0["state"] == r1["state"]
+
+
+def _rank_two_epochs(rank, world, shards_dir, tok_path, workers):
+    from megamlm.config import ObjectiveConfig
+    from megamlm.data.loader import build_loader
+    from megamlm.distributed.topology import build_topology
+    from megamlm.tokenizer import Tokenizer
+
+    topo, tok, obj = build_topology(1), Tokenizer(tok_path), ObjectiveConfig(pair="nsp")
+    loader = build_loader(F.loader_config(shards_dir, num_workers=workers), tok, topo, 11, obj)
+    rows = []
+    for _, info in loader.iter_with_info(include_dropped=True):
+        if info["epoch"] == 2:
+            break
+        rows.append((info["epoch"], info["dropped"], [d[0] for d in info["docs"]], info["ident"]))
+    val = build_loader(F.loader_config(shards_dir), tok, topo, 11, obj, split="val")
+    val_docs: list | tuple = []
+    try:
+        for _, info in val.iter_with_info(include_dropped=True):
+            if info["epoch"] == 1:
+                break
+            val_docs += [d[0] for d in info["docs"]]
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        val_docs = (type(e).__name__, str(e))
+    return rows, val_docs
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 0)])
+def test_one_block_read_by_more_ranks_every_document_once(world, workers):
+    """A split of exactly one block: the block is cut into one part per rank (units.py); every epoch each
+    train document is read (yielded or dropped) by exactly one rank and the ranks yield equally many
+    batches. A validation block holding fewer documents than ranks leaves a rank with nothing: a
+    ShardError on every rank that says so, not an endless run of empty epochs."""
+    shards_dir = F.shards("one-block", n_docs=60, block_tokens=10**9, shard_mb=100)
+    man = load_manifest(shards_dir)
+    assert [s["samples"] for s in man.shards("train")] == [1] and [s["samples"] for s in man.shards("val")] == [1]
+    docs = {i for p in man.shard_paths("train") for i, _, _ in iter_shard(p)}
+    n_val = man.raw["splits"]["val"]["totals"]["documents"]
+    results = spawn(_rank_two_epochs, world, args=(str(shards_dir), str(F.tokenizer_path()), workers), timeout=240)
+    for epoch in (0, 1):
+        owner, idents = {}, []
+        for rank, (rows, _) in enumerate(results):
+            for e, _, ds, ids in rows:
+                if e == epoch:
+                    idents += ids
+                    for d in ds:
+                        assert owner.setdefault(d, rank) == rank, f"epoch {epoch}: document {d} read by two ranks"
+        assert set(owner) == docs, f"epoch {epoch}"
+        assert len(idents) == len(set(idents))
+        yielded = [sum(1 for e, dropped, _, _ in rows if e == epoch and not dropped) for rows, _ in results]
+        assert len(set(yielded)) == 1 and yielded[0] > 0
+    if n_val >= world:
+        assert sorted(d for _, v in results for d in set(v)) == sorted({i for p in man.shard_paths("val")
+                                                                         for i, _, _ in iter_shard(p)})
+    else:
+        for _, (kind, msg) in results:
+            assert kind == "ShardError" and "epoch 0 of the 'val' split yielded no batch" in msg
+        assert any("there was no document to read" in msg for _, (_, msg) in results)
