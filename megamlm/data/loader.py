@@ -5,6 +5,9 @@
     state = loader.state_dict()               # collective over the data-parallel ranks; plain ints
     loader.load_state_dict(state)             # the next batch is the one the uninterrupted run saw next
 
+A rank's stream of batches is stream.py (:class:`~megamlm.data.stream.RankDataset`, run by the DataLoader
+workers); this module's :class:`Loader` agrees with the other ranks, ends epochs, counts and keeps the state.
+
 **Work units** (units.py). A WebDataset sample is a block of whole documents (shards.py). Each epoch the shard order
 is permuted by ``(seed, epoch)``; the blocks, in that order, are the epoch's *units*. Units are split in
 contiguous ranges by data-parallel rank (not global rank: the ranks of a vocab-parallel group read the
@@ -65,25 +68,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
-from megamlm.data.batch import IGNORE_INDEX, Batch
-from megamlm.data.examples import COUNTERS, Examples, make_examples
-from megamlm.data.masking import MaskSpec, concat_ranges, mask_sequences
+from megamlm.data.batch import Batch
+from megamlm.data.masking import MaskSpec
 from megamlm.data.shard_format import ShardError, load_manifest
-from megamlm.data.units import READER_COUNTERS, ShardReader, epoch_units, split_range
+from megamlm.data.stream import WORKER_COUNTERS, Packet, RankDataset
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_loader", "Loader", "LoaderStopped", "STATE_FORMAT", "STATS"]
 
 STATE_FORMAT = "megamlm-loader/1"
-_EXAMPLES, _MASKS, _WINDOW = 0, 1, 2  # last element of each rng seed: which stream (3: shard order)
-WORKER_COUNTERS = COUNTERS + READER_COUNTERS
 STATS = WORKER_COUNTERS + ("batches", "tokens", "targets", "dropped_batches", "dropped_examples", "epochs")
 _FAILED, _STOPPED = -1, -2  # statuses a rank sends in an agreement instead of 1 / 0 (see Loader._agree)
 
@@ -91,29 +89,6 @@ _FAILED, _STOPPED = -1, -2  # statuses a rank sends in an agreement instead of 1
 class LoaderStopped(RuntimeError):
     """The loader's ``should_stop()`` returned True (on this or another data-parallel rank) while it was
     between epochs or looping over packets that are not batches; the state is consistent: save it."""
-
-
-@dataclass
-class _Window:
-    input: np.ndarray
-    labels: np.ndarray
-    types: np.ndarray
-    offsets: np.ndarray
-    pair: np.ndarray | None
-    ident: np.ndarray  # [n, 3] block key, part, index in unit
-    docs: list
-    start: int  # consumer-local unit index of the first unit
-    end: int  # one past the last unit read
-
-
-@dataclass
-class _Packet:
-    worker: int  # logical worker
-    batch: Batch | None  # None: this worker's epoch is over
-    cursor: tuple[int, int]  # (unit, offset) of the next example of this worker
-    counters: dict
-    info: dict | None = None
-    skipped: tuple[str, ...] = ()  # why shards were skipped (data.on_error=skip) since the last packet
 
 
 def _identity(x):
@@ -129,158 +104,6 @@ def _worker_context():
     return mp.get_context("fork") if sys.platform.startswith("linux") else None
 
 
-class _PretrainDataset(torch.utils.data.IterableDataset):
-    """One rank's epoch; each DataLoader worker streams its own units (see the module docstring)."""
-
-    def __init__(self, *, manifest, split, tokenizer, mask_spec, pair, data_cfg, seed, dp_rank, dp_size,
-                 shuffle, with_info=False):
-        self.dir, self.split = manifest.dir, split
-        self.shards = [dict(s) for s in manifest.shards(split)]
-        self.samples = [int(s["samples"]) for s in self.shards]
-        self.spec, self.pair, self.seed = mask_spec, pair, int(seed)
-        self.max_len, self.micro_batch = data_cfg.seq_len, data_cfg.micro_batch_size
-        self.pad_to_max = data_cfg.pad_to == "max"
-        self.buffer, self.short_seq_prob = data_cfg.shuffle_buffer, data_cfg.short_seq_prob
-        self.verify, self.on_error = data_cfg.verify_checksums, data_cfg.on_error
-        self.num_workers = data_cfg.num_workers
-        self.shuffle = shuffle and data_cfg.shuffle_buffer > 1  # shards, documents and examples alike
-        self.vocab_size = tokenizer.vocab_size
-        self.pad_id, self.cls_id, self.sep_id = tokenizer.special.pad, tokenizer.special.cls, tokenizer.special.sep
-        self.dp_rank, self.dp_size, self.with_info = dp_rank, dp_size, with_info
-        self.epoch, self.rotation = 0, 0
-        self.cursors = [[0, 0, 0, 0] for _ in range(max(1, self.num_workers))]  # done, unit, offset, batches
-
-    def units(self, epoch: int) -> np.ndarray:
-        return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle)
-
-    def worker_units(self, epoch: int, worker: int) -> np.ndarray:
-        u = self.units(epoch)
-        lo, hi = split_range(len(u), self.dp_rank, self.dp_size)
-        wlo, whi = split_range(hi - lo, worker, max(1, self.num_workers))
-        return u[lo + wlo:lo + whi]
-
-    def __iter__(self) -> Iterator[_Packet]:
-        info = torch.utils.data.get_worker_info()
-        phys, n_phys = (info.id, info.num_workers) if info is not None else (0, 1)
-        if n_phys != max(1, self.num_workers):
-            raise RuntimeError(f"loader built for {self.num_workers} workers runs under {n_phys}")
-        worker = (self.rotation + phys) % n_phys
-        try:
-            yield from self.stream(worker)
-        except ShardError as e:  # handed over as data: the main process raises it (and shuts down cleanly)
-            yield _Packet(worker, None, (0, 0), {}, {"error": str(e)})
-
-    # ------------------------------------------------------------------ one worker's stream
-    def _unit(self, key: int, part: int, docs: list, counters: dict) -> _Window:
-        e = self.epoch
-        ex: Examples = make_examples(docs, self.pair, self.max_len, cls_id=self.cls_id, sep_id=self.sep_id,
-                                     rng=np.random.default_rng([self.seed, e, key, part, _EXAMPLES]),
-                                     short_seq_prob=self.short_seq_prob, shuffle=self.shuffle, counters=counters)
-        m = mask_sequences(ex.tokens, ex.offsets, self.spec, np.random.default_rng([self.seed, e, key, part, _MASKS]))
-        n = len(ex)
-        ident = np.stack([np.full(n, key), np.full(n, part), np.arange(n)], 1)
-        return _Window(m.input_ids, m.labels, ex.types, ex.offsets, ex.pair_labels, ident, ex.docs, 0, 0)
-
-    @staticmethod
-    def _concat(ws: list[_Window], start: int, end: int) -> _Window:
-        if len(ws) == 1:
-            w = ws[0]
-            w.start, w.end = start, end
-            return w
-        offs = [ws[0].offsets]
-        for w in ws[1:]:
-            offs.append(w.offsets[1:] + offs[-1][-1])
-        pair = None if ws[0].pair is None else np.concatenate([w.pair for w in ws])
-        return _Window(np.concatenate([w.input for w in ws]), np.concatenate([w.labels for w in ws]),
-                       np.concatenate([w.types for w in ws]), np.concatenate(offs), pair,
-                       np.concatenate([w.ident for w in ws]), [d for w in ws for d in w.docs], start, end)
-
-    def _collate(self, segs: list[tuple[_Window, np.ndarray]]) -> tuple[Batch, dict | None]:
-        lens = np.concatenate([w.offsets[i + 1] - w.offsets[i] for w, i in segs])
-        B = lens.size
-        T = self.max_len if self.pad_to_max else int(lens.max())
-        ids = np.full((B, T), self.pad_id, dtype=np.int64)
-        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        types = np.zeros((B, T), dtype=np.int64)
-        row0 = 0
-        for w, i in segs:
-            ln = w.offsets[i + 1] - w.offsets[i]
-            rows = np.repeat(np.arange(row0, row0 + i.size), ln)
-            cols = concat_ranges(np.zeros(i.size, dtype=np.int64), ln)
-            src = concat_ranges(w.offsets[i], w.offsets[i + 1])
-            ids[rows, cols] = w.input[src]
-            labels[rows, cols] = w.labels[src]
-            types[rows, cols] = w.types[src]
-            row0 += i.size
-        pos = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
-        pair = None
-        if segs[0][0].pair is not None:
-            pair = torch.from_numpy(np.concatenate([w.pair[i] for w, i in segs]).astype(np.int64))
-        batch = Batch(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types),
-                      attention_mask=torch.from_numpy(np.arange(T)[None, :] < lens[:, None]),
-                      mlm_labels=torch.from_numpy(labels), mlm_positions=torch.from_numpy(pos),
-                      mlm_targets=torch.from_numpy(labels.reshape(-1)[pos]), pair_labels=pair,
-                      n_tokens=int(lens.sum()))
-        info = None
-        if self.with_info:
-            info = {"ident": [tuple(int(x) for x in w.ident[j]) for w, i in segs for j in i],
-                    "docs": [w.docs[j] for w, i in segs for j in i]}
-        return batch, info
-
-    def stream(self, worker: int) -> Iterator[_Packet]:
-        """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
-        done, u, skip, _ = self.cursors[worker]
-        counters = dict.fromkeys(WORKER_COUNTERS, 0)
-        skipped: list[str] = []
-        units = self.worker_units(self.epoch, worker)
-        n_units = len(units)
-
-        def packet(batch: Batch | None, cursor: tuple[int, int], info: dict | None = None) -> _Packet:
-            out = _Packet(worker, batch, cursor, dict(counters), info, tuple(skipped))
-            counters.update(dict.fromkeys(counters, 0))
-            skipped.clear()
-            return out
-
-        if done:
-            return
-        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters,
-                             skipped).read(units, u)
-        pending: list[tuple[_Window, np.ndarray]] = []
-        n_pending = 0
-        while u < n_units:
-            start, parts, n_docs = u, [], 0
-            for li, key, part, docs in reader:
-                parts.append(self._unit(key, part, docs, counters))
-                n_docs += len(docs)
-                u = li + 1
-                if not self.shuffle or n_docs >= self.buffer:
-                    break
-            else:
-                u = n_units  # the reader is exhausted (the rest may have been skipped as bad)
-            if not parts:
-                break
-            win = self._concat(parts, start, u)
-            n_ex = win.offsets.size - 1
-            order = np.arange(n_ex)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
-                                               int(units[start, 2]), _WINDOW]).permutation(n_ex)
-            j, skip = skip, 0
-            while j < n_ex:
-                take = min(self.micro_batch - n_pending, n_ex - j)
-                pending.append((win, order[j:j + take]))
-                n_pending += take
-                j += take
-                if n_pending == self.micro_batch:
-                    batch, info = self._collate(pending)
-                    pending, n_pending = [], 0
-                    yield packet(batch, (start, j) if j < n_ex else (u, 0), info)
-        if pending:
-            batch, info = self._collate(pending)
-            yield packet(batch, (n_units, 0), info)
-        yield packet(None, (n_units, 0))
-
-
 class Loader:
     """Endless iterator of :class:`Batch` for one rank; see the module docstring.
 
@@ -293,7 +116,7 @@ class Loader:
     data-parallel rank together. It may be set after construction.
     """
 
-    def __init__(self, dataset: _PretrainDataset, topology, prefetch_factor: int = 4,
+    def __init__(self, dataset: RankDataset, topology, prefetch_factor: int = 4,
                  should_stop: Callable[[], bool] | None = None):
         self.ds = dataset
         self.topology = topology
@@ -336,7 +159,7 @@ class Loader:
             self.ds.with_info = False
 
     # ------------------------------------------------------------------ iteration
-    def _packets(self) -> Iterator[_Packet]:
+    def _packets(self) -> Iterator[Packet]:
         self.ds.rotation = self._next_worker
         if self.num_workers == 0:
             return self.ds.stream(0)
@@ -374,8 +197,8 @@ class Loader:
             raise LoaderStopped(f"the loader was asked to stop (epoch {self.epoch} of the {self.ds.split!r} "
                                 f"split, after {self.batches_in_epoch} batch(es) of it)")
 
-    def _told(self, next_packet: Callable[[Iterator[_Packet]], _Packet | None],
-              it: Iterator[_Packet]) -> _Packet | None:
+    def _told(self, next_packet: Callable[[Iterator[Packet]], Packet | None],
+              it: Iterator[Packet]) -> Packet | None:
         """``next_packet(it)`` on this rank; if it raises, the other ranks are told in the agreement they wait
         in (the next per-batch one, or the epoch's last), so they raise too instead of hanging."""
         try:
@@ -387,7 +210,7 @@ class Loader:
             self._agree(_FAILED)
             raise
 
-    def _next_agreed(self, it: Iterator[_Packet]) -> _Packet | None:
+    def _next_agreed(self, it: Iterator[Packet]) -> Packet | None:
         """The next batch packet when every rank has one, else None (the epoch is over)."""
         pkt = self._told(self._next_batch, it)
         status = self._agree(int(pkt is not None))[0]
@@ -397,12 +220,12 @@ class Loader:
             return None
         return pkt
 
-    def _count(self, pkt: _Packet) -> None:
+    def _count(self, pkt: Packet) -> None:
         for k, v in pkt.counters.items():
             self.stats[k] += v
         self._skipped += pkt.skipped
 
-    def _take(self, pkt: _Packet) -> None:
+    def _take(self, pkt: Packet) -> None:
         self._count(pkt)
         c = self.ds.cursors[pkt.worker]
         c[1], c[2] = pkt.cursor
@@ -412,7 +235,7 @@ class Loader:
             c[3] += 1
         self._next_worker = (pkt.worker + 1) % max(1, self.num_workers)
 
-    def _next_batch(self, it: Iterator[_Packet]) -> _Packet | None:
+    def _next_batch(self, it: Iterator[Packet]) -> Packet | None:
         for pkt in it:
             if pkt.batch is not None:
                 return pkt
@@ -422,7 +245,7 @@ class Loader:
             self._check_stop()
         return None
 
-    def _next_dropped(self, it: Iterator[_Packet]) -> _Packet | None:
+    def _next_dropped(self, it: Iterator[Packet]) -> Packet | None:
         self._check_stop()  # draining makes no batch for the caller: it may take a while
         return self._next_batch(it)
 
@@ -567,10 +390,10 @@ def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split:
         log.warning("%s (data.on_error=skip: they will be skipped)", msg)
     if data_cfg.seq_len < 5:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} leaves no room for an example")
-    ds = _PretrainDataset(manifest=manifest, split=split, tokenizer=tokenizer,
-                          mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
-                          data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
-                          shuffle=(split == "train") if shuffle is None else shuffle)
+    ds = RankDataset(manifest=manifest, split=split, tokenizer=tokenizer,
+                     mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
+                     data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
+                     shuffle=(split == "train") if shuffle is None else shuffle)
     loader = Loader(ds, topology, should_stop=should_stop)
     if state is not None:
         loader.load_state_dict(state)

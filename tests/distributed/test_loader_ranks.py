@@ -2,9 +2,9 @@
 identical batches within a vocab-parallel group, a resume state that is the same on every rank, errors,
 empty epochs and stops raised on every rank together.
 
-A failure points at megamlm/data/loader.py (unit split by data-parallel rank, the per-batch MIN
-all-reduce, draining and counting, the epoch's closing agreement, state gathering), at
-megamlm/data/units.py (blocks cut into parts) or at megamlm/distributed/topology.py (groups).
+A failure points at megamlm/data/loader.py (the per-batch MIN all-reduce, draining and counting, the
+epoch's closing agreement, state gathering), at megamlm/data/units.py and stream.py (unit split by
+data-parallel rank, blocks cut into parts) or at megamlm/distributed/topology.py (groups).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The loader in one process: Batch fields, exactly-once epochs, exact resume, worker-count independence,
 bad shards. Real WebDataset tars (made by make_shards) and a real SentencePiece model.
 
-A failure points at megamlm/data/loader.py (unit split, windows, cursors, collation, errors); a
-failure in the WebDataset cross-check points at the tar layout written by megamlm/data/shards.py.
+A failure points at megamlm/data/stream.py (unit split, windows, cursors, collation) or loader.py
+(epochs, errors, stops, state); a failure in the WebDataset cross-check points at the tar layout
+written by megamlm/data/shards.py.
 """
 
 from __future__ import annotations
