@@ -74,7 +74,8 @@ class DataConfig:
     pad_to: str = opt("longest", help="pad each batch to its longest sequence or always to seq_len",
                       choices=("longest", "max"))
     num_workers: int = opt(1, help="DataLoader worker processes per rank", min=0)
-    shuffle_buffer: int = opt(2000, help="documents in the sample shuffle buffer (1 = no shuffle)", min=1)
+    shuffle_buffer: int = opt(2000, help="documents gathered into a window before its examples are shuffled "
+                              "(1 = no shuffle: shards, documents and examples keep the manifest order)", min=1)
     short_seq_prob: float = opt(0.1, help="probability of a shorter target length (NSP/SOP)", min=0.0, max=1.0)
     on_error: str = opt("raise", help="a corrupt shard or checksum mismatch: stop, or warn, count and skip",
                         choices=("raise", "skip"))
