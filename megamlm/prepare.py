@@ -43,6 +43,10 @@ def prepare_corpus(cfg: Config, progress: bool = True) -> dict:
         log.info("reusing tokenizer %s", tok)
     else:
         tok = train_tokenizer_from_config(cfg)
+    if Path(cfg.data.shards_dir).is_dir():
+        from megamlm.data.outdir import recover
+
+        recover(cfg.data.shards_dir)  # an interrupted make-shards: finish its swap (or clear it) first
     if (Path(cfg.data.shards_dir) / MANIFEST).is_file():
         man = load_manifest(cfg.data.shards_dir)
         man.check_tokenizer(tok)

@@ -107,7 +107,8 @@ def _worker_context():
 class Loader:
     """Endless iterator of :class:`Batch` for one rank; see the module docstring.
 
-    ``stats``: counters since this object was made (this process's work): documents, examples,
+    ``stats``: this rank's counters since the run began (kept in the state, so they continue across a
+    resume; a window re-read to resume in its middle is not counted twice): documents, examples,
     short_documents, skipped_tokens, split_segments, forced_isnext, blocks, skipped_shards,
     skipped_blocks, batches, tokens (real, unpadded), targets, dropped_batches, dropped_examples, epochs.
     ``epoch_stats``: the same counters for the last completed epoch (logged at its end).
@@ -334,7 +335,9 @@ class Loader:
     def state_dict(self) -> dict:
         """Plain ints and lists, identical on every rank. Collective over the data-parallel ranks: call it
         on all of them together (the trainer does, at each checkpoint)."""
-        mine = [self.batches_in_epoch, self._next_worker] + [int(x) for c in self.ds.cursors for x in c]
+        cur = [int(x) for c in self.ds.cursors for x in c]
+        mine = ([self.batches_in_epoch, self._next_worker] + cur + [int(self.stats[k]) for k in STATS]
+                + [int(self._epoch_start[k]) for k in STATS])
         ranks = [mine]
         if self.topology.dp_size > 1:
             import torch.distributed as dist
@@ -346,7 +349,9 @@ class Loader:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
                 "num_workers": self.num_workers, "ranks": [
                     {"batches": r[0], "next_worker": r[1],
-                     "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))]} for r in ranks]}
+                     "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))],
+                     "stats": dict(zip(STATS, r[2 + len(cur):2 + len(cur) + len(STATS)])),
+                     "epoch_start": dict(zip(STATS, r[2 + len(cur) + len(STATS):]))} for r in ranks]}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -365,6 +370,11 @@ class Loader:
         self.ds.epoch = epoch
         self.ds.cursors = [[int(x) for x in c] for c in mine["workers"]]
         self.batches_in_epoch, self._next_worker = int(mine["batches"]), int(mine["next_worker"])
+        if "stats" in mine:  # the counters continue (telemetry's data_*); a state from before they were saved
+            self.stats.update({k: int(v) for k, v in mine["stats"].items() if k in self.stats})
+            self._epoch_start.update({k: int(v) for k, v in mine["epoch_start"].items() if k in self._epoch_start})
+        else:  # has none: they count from here
+            log.info("loader state without counters (an older checkpoint): the data_* counters restart at 0")
 
 
 def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,

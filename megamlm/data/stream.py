@@ -189,6 +189,9 @@ class RankDataset(torch.utils.data.IterableDataset):
                 order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
                                                int(units[start, 2]), _WINDOW]).permutation(n_ex)
             j, skip = skip, 0
+            if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
+                counters.update(dict.fromkeys(counters, 0))
+                skipped.clear()
             while j < n_ex:
                 take = min(self.micro_batch - n_pending, n_ex - j)
                 pending.append((win, order[j:j + take]))

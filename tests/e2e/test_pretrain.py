@@ -128,25 +128,59 @@ def _children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (ranks, their DataLoader workers), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int, sig: int) -> list[int]:
+    """``sig`` to the launcher and every process below it; their pids. Not a killpg: torchrun starts each
+    rank in its own session, so a signal to the launcher's process group alone leaves the ranks running."""
+    procs = [pid, *_descendants(pid)]
+    for p in procs:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return procs
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _run_until(cmd: list[str], trigger, sig: int, whole_group: bool, timeout: float = 240):
-    """Start cmd, poll ``trigger()`` every 5 ms, then send ``sig`` to the whole process group, or else to
-    the launcher's first child alone (one rank); return (returncode, output, sent)."""
+    """Start cmd, poll ``trigger()`` every 5 ms, then send ``sig`` to the launcher and every process below
+    it, or else to the launcher's first child alone (one rank); return (returncode, output, sent). Every
+    process of the run is gone when it returns."""
     log = tempfile.TemporaryFile("w+")
     p = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     deadline = time.monotonic() + timeout
-    sent = False
+    sent, procs = False, []
     while p.poll() is None and time.monotonic() < deadline:
         if not sent and trigger():
             if whole_group:
-                os.killpg(p.pid, sig)
+                procs = _kill_tree(p.pid, sig)
             else:
                 os.kill(_children(p.pid)[0], sig)
             sent = True
         time.sleep(0.005)
     if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
+        procs += _kill_tree(p.pid, signal.SIGKILL)
     rc = p.wait(timeout=120)
+    end = time.monotonic() + 60
+    while not all(_gone(q) for q in procs):  # a killed launcher's ranks are orphans now: wait for them by pid
+        assert time.monotonic() < end, f"processes {[q for q in procs if not _gone(q)]} outlived the kill"
+        time.sleep(0.01)
     log.seek(0)
     return rc, log.read(), sent
 
@@ -179,6 +213,9 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, cfg_file, tmp_
     sb = read_json(ck / "step00000012" / "train_state.json")
     assert sa["loader"] == sb["loader"] and sa["consumed_samples"] == sb["consumed_samples"] == 12 * 64
     assert sa["consumed_tokens"] == sb["consumed_tokens"]
+    for name in ("batches", "tokens", "targets", "documents", "examples", "blocks"):  # continue across the resume
+        da, db = tb_scalars(full / "tb", f"train/data_{name}"), tb_scalars(tmp_path / "tb", f"train/data_{name}")
+        assert da[12] > 0 and [db[k] for k in range(1, 13)] == [da[k] for k in range(1, 13)], name
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(cfg_file, tmp_path, tmp_path_factory):

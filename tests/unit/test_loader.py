@@ -141,7 +141,9 @@ def test_epochs_differ_and_shards_are_reordered(shards, tok):
                                                    (2, -4, "sop", "span")])
 def test_resume_is_exact(shards, tok, workers, stop, pair, masking):
     """Stop after ``stop`` batches (negative: that many before the end of epoch 0), rebuild from the JSON
-    state: the concatenation equals the uninterrupted stream batch for batch, into epoch 1."""
+    state: the concatenation equals the uninterrupted stream batch for batch, into epoch 1, and every
+    counter (telemetry's data_*) continues: the resumed loader's equal the uninterrupted one's, the
+    window re-read to resume in its middle not counted twice."""
     kw = dict(pair=pair, masking=masking, num_workers=workers)
     ref_loader = make(shards, tok, **kw)
     ref, epoch_len, it = [], 0, iter(ref_loader)
@@ -160,6 +162,8 @@ def test_resume_is_exact(shards, tok, workers, stop, pair, masking):
     got += [next(it) for _ in range(n - stop)]
     for i, (x, y) in enumerate(zip(ref, got)):
         assert same(x, y), f"batch {i} differs after resuming at {stop}"
+    assert b.stats == ref_loader.stats and b.stats["documents"] > 0 and b.stats["epochs"] == 1
+    assert b.epoch_stats == ref_loader.epoch_stats
 
 
 def test_masks_do_not_depend_on_the_worker_count(shards, tok):

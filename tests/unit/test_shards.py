@@ -422,6 +422,20 @@ def test_an_interrupted_swap_is_finished_by_the_next_run(tmp_path, tok, stage):
         read_all(out, split)
 
 
+@pytest.mark.parametrize("stage", ["before 1", "during 3"])
+def test_prepare_finishes_an_interrupted_swap_then_reuses_the_new_set(tmp_path, tok, stage):
+    """``megamlm prepare`` after a make-shards run was killed in its swap: with the old manifest still in
+    place ("before 1") it must not reuse the old set while the complete new one waits in staging; with no
+    manifest ("during 3") it must not refuse the folder. Either way it finishes the swap and reuses it."""
+    from megamlm.prepare import prepare_corpus
+
+    cfg, new, names = interrupted_swap(tmp_path, tok, stage)
+    full = load_config(None, [f"data.shards_dir={cfg.shards_dir}", f"tokenizer.model={tok.path}"])
+    assert prepare_corpus(full, progress=False) == new
+    out = Path(cfg.shards_dir)
+    assert not (out / STAGING).exists() and set(snapshot(out)) == set(names) | {"manifest.json"}
+
+
 def test_a_killed_runs_staging_is_removed_but_a_live_ones_is_left_alone(tmp_path, tok):
     import socket
 
