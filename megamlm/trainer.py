@@ -93,6 +93,10 @@ class Trainer:
         self.losses: list[float] = []  # per-step total loss when log_every == 1 (tests, resume checks)
         self.meta_group = meta_group  # gloo group over all ranks (None: the default group, when it is gloo)
         self.dp_group = topology.dp_group
+        if cfg.checkpoint.save_on_signal and hasattr(train_loader, "should_stop"):
+            # A loader that waits (skipping bad shards, between epochs) is told of a signal, and stops
+            # on every rank together (LoaderStopped): the step then ends in a checkpoint (see run()).
+            train_loader.should_stop = lambda: self.stop.signum != 0
         self._batches = iter(train_loader)
         self._nonfinite_in_a_row = 0
         self.ckpt_dir = Path(cfg.checkpoint_dir)
@@ -116,18 +120,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _next_micro_batches(self):
-        return [next(self._batches) for _ in range(self.plan.accumulation)]
+        """The step's micro-batches, or None when the loader was stopped by a signal while it waited
+        (then on every rank of this data-parallel group; train_step tells the others)."""
+        from megamlm.data.loader import LoaderStopped
 
-    def train_step(self, micro) -> tuple[LossTerms, dict]:
-        n_mlm = sum(b.n_targets for b in micro)
-        n_pair = sum(int(b.pair_labels.numel()) for b in micro if b.pair_labels is not None)
-        n_tok = sum(b.n_tokens for b in micro)
-        n_seq = sum(int(b.input_ids.shape[0]) for b in micro)
-        # Global counts of this step + the stop flag, agreed by every rank in one tiny CPU all-reduce.
+        if hasattr(self.loader, "mark"):
+            self.loader.mark()  # the position a stop among these micro-batches saves
+        try:
+            return [next(self._batches) for _ in range(self.plan.accumulation)]
+        except LoaderStopped as e:
+            log.warning("%s: no step; the checkpoint keeps the data position before this step", e)
+            return None
+
+    def train_step(self, micro) -> tuple[LossTerms | None, dict]:
+        """One optimizer step; ``micro`` None (this rank's loader stopped): no step on any rank, and
+        ``info["loader_stopped"]`` says to save the state from before the step (the loader's mark)."""
+        micro_ = micro or []
+        n_mlm = sum(b.n_targets for b in micro_)
+        n_pair = sum(int(b.pair_labels.numel()) for b in micro_ if b.pair_labels is not None)
+        n_tok = sum(b.n_tokens for b in micro_)
+        n_seq = sum(int(b.input_ids.shape[0]) for b in micro_)
+        # Global counts of this step + the stop flags, agreed by every rank in one tiny CPU all-reduce.
         # Ranks of one vocab-parallel group hold the same batch: divide their share out.
         vp = self.topo.vp_size
-        g_mlm, g_pair, g_tok, g_seq, stop = self._all_reduce_host(
-            [n_mlm / vp, n_pair / vp, n_tok / vp, n_seq / vp, float(self.stop.signum != 0)])
+        g_mlm, g_pair, g_tok, g_seq, stop, stopped = self._all_reduce_host(
+            [n_mlm / vp, n_pair / vp, n_tok / vp, n_seq / vp, float(self.stop.signum != 0), float(micro is None)])
+        if stopped:  # some rank has no micro-batches: nobody steps (their batches are read again on resume)
+            return None, {"stop": True, "loader_stopped": True}
         scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
         acc = None
         w = self.cfg.objective.pair_loss_weight
@@ -200,12 +219,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> str:
-        """Checkpoint the current step; a run resumed at its budget (no step since) has nothing new to save."""
+    def save(self, at_mark: bool = False) -> str:
+        """Checkpoint the current step; a run resumed at its budget (no step since) has nothing new to save.
+        ``at_mark``: with the loader's position before the micro-batches taken since the step (a stop)."""
         tag = ckpt.tag_for(self.state.step)
         if self.state.step == self._saved_step:  # the same decision on every rank: no file system read
             return tag
-        self.state.loader = self.loader.state_dict()
+        self.state.loader = self.loader.state_dict(at_mark=True) if at_mark else self.loader.state_dict()
         self._saved_step = self.state.step
         return ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.env.rank, config_yaml=dump_config(self.cfg),
                          tokenizer_path=self.tok.path, keep_last=self.cfg.checkpoint.keep_last,
@@ -250,6 +270,13 @@ class Trainer:
         while self._budget_left():
             micro = self._next_micro_batches()
             terms, info = self.train_step(micro)
+            if info.get("loader_stopped"):
+                st.elapsed_seconds = time.perf_counter() - run_start
+                tag = self.save(at_mark=True)
+                result["preempted"] = True
+                log.warning("preempted while reading data: checkpoint %s of step %d; resume with --resume auto",
+                            tag, st.step)
+                break
             st.step += 1
             st.consumed_tokens += int(info["tokens"])
             st.consumed_samples += int(info["samples"])

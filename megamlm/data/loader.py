@@ -130,6 +130,7 @@ class Loader:
         self._skipped: list[str] = []  # this epoch's reasons for skipped shards (this rank)
         self.batches_in_epoch = 0
         self._next_worker = 0
+        self._mark: tuple[int, list[int]] | None = None  # see mark()
         self.group = getattr(topology, "host_dp_group", None) or getattr(topology, "dp_group", None)
         if topology.dp_size > 1 and self.group is None:
             raise ValueError("a loader over several data-parallel ranks needs topology.host_dp_group "
@@ -332,12 +333,26 @@ class Loader:
                 f"pair={self.ds.pair})")
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Plain ints and lists, identical on every rank. Collective over the data-parallel ranks: call it
-        on all of them together (the trainer does, at each checkpoint)."""
+    def _position(self) -> tuple[int, list[int]]:
+        """This rank's position: the epoch and the ints of its share of the state (local, cheap)."""
         cur = [int(x) for c in self.ds.cursors for x in c]
-        mine = ([self.batches_in_epoch, self._next_worker] + cur + [int(self.stats[k]) for k in STATS]
-                + [int(self._epoch_start[k]) for k in STATS])
+        return self.epoch, ([self.batches_in_epoch, self._next_worker] + cur + [int(self.stats[k]) for k in STATS]
+                            + [int(self._epoch_start[k]) for k in STATS])
+
+    def mark(self) -> None:
+        """Remember this position (no collective): ``state_dict(at_mark=True)`` returns it later. The trainer
+        marks before taking a step's micro-batches, so a stop in the middle of them can save the state
+        from before them (they were not trained on; the resumed run reads them again)."""
+        self._mark = self._position()
+
+    def state_dict(self, at_mark: bool = False) -> dict:
+        """Plain ints and lists, identical on every rank. Collective over the data-parallel ranks: call it
+        on all of them together (the trainer does, at each checkpoint). ``at_mark``: the position of the
+        last :meth:`mark` instead of the current one."""
+        if at_mark and self._mark is None:
+            raise RuntimeError("Loader.state_dict(at_mark=True) without a mark() before it")
+        epoch, mine = self._mark if at_mark else self._position()
+        n = 2 + 4 * len(self.ds.cursors)  # batches, next_worker, the cursors; then stats, epoch_start
         ranks = [mine]
         if self.topology.dp_size > 1:
             import torch.distributed as dist
@@ -346,12 +361,12 @@ class Loader:
             out = [torch.zeros_like(t) for _ in range(self.topology.dp_size)]
             dist.all_gather(out, t, group=self.group)
             ranks = [o.tolist() for o in out]
-        return {"format": STATE_FORMAT, "epoch": self.epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
+        return {"format": STATE_FORMAT, "epoch": epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
                 "num_workers": self.num_workers, "ranks": [
                     {"batches": r[0], "next_worker": r[1],
                      "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))],
-                     "stats": dict(zip(STATS, r[2 + len(cur):2 + len(cur) + len(STATS)])),
-                     "epoch_start": dict(zip(STATS, r[2 + len(cur) + len(STATS):]))} for r in ranks]}
+                     "stats": dict(zip(STATS, r[n:n + len(STATS)])),
+                     "epoch_start": dict(zip(STATS, r[n + len(STATS):]))} for r in ranks]}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

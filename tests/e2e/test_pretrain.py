@@ -237,6 +237,46 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_continues(cfg_file,
     assert [b[k] for k in range(1, 13)] == pytest.approx([a[k] for k in range(1, 13)], abs=1e-6)
 
 
+def test_a_signal_while_the_loader_waits_saves_the_position_before_the_step(cfg_file, tmp_path, tmp_path_factory):
+    """SIGTERM to data-parallel rank 0 inside its loader, at the end of an epoch that falls between a step's
+    two micro-batches (the loader, not the step, sees the stop): both ranks stop together without a step,
+    the checkpoint is of the last step with the data position before the step's first micro-batch, and
+    the resumed run equals an uninterrupted one: losses, data counters, final data position."""
+    import re
+
+    from tests.unit.test_shards import write_text_corpus
+
+    small = tmp_path_factory.mktemp("small")
+    write_text_corpus(small / "c.txt", 240)  # an epoch of a few steps
+    launch([sys.executable, "-m", "megamlm", "make-shards", str(cfg_file), "--input", str(small / "c.txt"),
+            "--source", "text", "--output", str(small / "shards"), "--workers", "1", "--no-progress"])
+    over = (f"data.shards_dir={small / 'shards'}", "train.max_steps=14", "data.micro_batch_size=16",
+            "engine.global_batch_size=64", "train.eval_every=0", "checkpoint.every_steps=0")  # 2 micro-batches a step
+    full = tmp_path_factory.mktemp("full-loader-stop")
+    r = launch(pretrain_cmd("torchrun", cfg_file, full, *over))
+    per_epoch = [int(n) for n in re.findall(r"rank0\]megamlm\.data\.loader: epoch \d+ done: (\d+) batches", r.stderr)]
+    ends = [sum(per_epoch[:e + 1]) for e in range(len(per_epoch))]
+    epoch = next(e for e, c in enumerate(ends) if c % 2 == 1 and c < 2 * 13)  # ends mid-step, before the last
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "e2e" / "run_signal.py"), str(epoch), "--", "pretrain", str(cfg_file),
+           f"train.output_dir={tmp_path}", *over]
+    r = launch(cmd)
+    assert "preempted while reading data: checkpoint" in r.stderr, r.stderr[-3000:]
+    ck = tmp_path / "checkpoints"
+    stopped_at = ends[epoch] // 2  # the steps done before the one whose second micro-batch met the stop
+    assert (ck / "latest").read_text().strip() == f"step{stopped_at:08d}"
+    assert sorted(losses(tmp_path)) == list(range(1, stopped_at + 1))
+    launch(pretrain_cmd("torchrun", cfg_file, tmp_path, *over) + ["--resume", "auto"])
+    a, b = losses(full), losses(tmp_path)
+    assert [b[k] for k in range(1, 15)] == pytest.approx([a[k] for k in range(1, 15)], abs=1e-6)
+    for name in ("batches", "tokens", "documents", "epochs"):
+        da, db = tb_scalars(full / "tb", f"train/data_{name}"), tb_scalars(tmp_path / "tb", f"train/data_{name}")
+        assert [db[k] for k in range(1, 15)] == [da[k] for k in range(1, 15)], name
+    sa = read_json(full / "checkpoints" / "step00000014" / "train_state.json")
+    sb = read_json(ck / "step00000014" / "train_state.json")
+    assert sa["loader"] == sb["loader"] and sa["consumed_samples"] == sb["consumed_samples"] > 0
+
+
 def test_token_budget_in_a_single_process(cfg_file, tmp_path):
     """train.max_tokens alone: one process (no launcher) stops at the first step past the budget."""
     launch(pretrain_cmd("single", cfg_file, tmp_path, "train.max_steps=0", "train.max_tokens=3000",

@@ -364,3 +364,19 @@ def test_should_stop_wins_over_an_endless_wait(broken, tok):
                           F.objective(pair="nsp"), should_stop=lambda: True)
     with within(30), pytest.raises(LoaderStopped):
         next(iter(loader))
+
+
+def test_state_at_the_mark_is_the_state_when_it_was_marked(shards, tok):
+    """``mark()`` is local and cheap (the trainer marks every step); ``state_dict(at_mark=True)`` later
+    returns the position of the mark, counters included, across an epoch's end."""
+    a = make(shards, tok, num_workers=2)
+    it = iter(a)
+    with pytest.raises(RuntimeError, match="without a mark"):
+        a.state_dict(at_mark=True)
+    next(it)
+    a.mark()
+    before = json.loads(json.dumps(a.state_dict()))
+    start = a.epoch
+    while a.epoch == start:  # into the next epoch
+        next(it)
+    assert a.state_dict(at_mark=True) == before != a.state_dict()
