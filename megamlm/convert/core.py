@@ -3,7 +3,9 @@
 Runs on one CPU with no process group and takes the model shape from the source (config.yaml of a
 megamlm checkpoint, config.json of an HF directory), never from flags. Every tensor goes through the key
 table (megamlm/model/hf_keys.py, shared with the parity tests) and is checked against the shape the
-source's config implies; unknown keys are listed in the error, never dropped.
+source's config implies; unknown keys are listed in the error, never dropped. What this module and hf.py
+share (:class:`Weights`, the shape check, reading safetensors) lives below both, in weights.py; the names
+stay importable from here.
 
 Formats:
 
@@ -20,64 +22,24 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from megamlm.convert.hf import is_hf_dir, load_hf
+from megamlm.convert.weights import (TIED, WORD, Weights, check_state, expected_shapes, read_safetensors,
+                                     safetensors_header)
 from megamlm.convert.zero import ConvertError, consolidate, materialize, resolve_checkpoint, safe_load
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "megamlm-export/1"
-WORD = "encoder.embeddings.word_embeddings.weight"
 VOCAB_ROWS = (WORD, "mlm_head.decoder.bias")  # tensors with one row per vocabulary id
-TIED = {"mlm_head.decoder.weight": WORD}
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_position_embeddings", "type_vocab_size",
               "norm_position", "activation", "layer_norm_eps")
 
 
-@dataclass
-class Weights:
-    """A full fp32 megamlm state dict with real vocabulary rows (tied key included) and what describes it."""
-
-    state: dict[str, torch.Tensor]
-    model: dict  # the ``model:`` config section (vocab_size as in the source config)
-    pair: str  # objective.pair the heads support: nsp / sop / none
-    real_vocab_size: int
-    config_yaml: str | None = None
-    tokenizer_dir: Path | None = None
-    source: str = ""
-    report: dict = field(default_factory=dict)
-
-
 # ------------------------------------------------------------------------------------------- helpers
-def expected_shapes(model: dict, pair: str, rows: int, real: int | None = None) -> dict[str, tuple]:
-    """Names and shapes of the megamlm model that ``model`` (a config section) describes, built on meta."""
-    from megamlm.config import ModelConfig, ObjectiveConfig
-    from megamlm.model import build_model
-
-    mc = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
-    with torch.device("meta"):
-        m = build_model(mc, ObjectiveConfig(pair=pair), rows, real)
-    return {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=False).items()}
-
-
-def check_state(state: dict, expected: dict, where: str) -> None:
-    """Same keys and shapes, or one error naming every missing / unknown key and mismatching shape."""
-    problems = []
-    for k in sorted(set(expected) - set(state)):
-        problems.append(f"missing {k} (expected {list(expected[k])})")
-    for k in sorted(set(state) - set(expected)):
-        problems.append(f"unknown key {k} {list(state[k].shape)}")
-    for k in sorted(set(state) & set(expected)):
-        if tuple(state[k].shape) != expected[k]:
-            problems.append(f"{k}: shape {list(state[k].shape)} in the file, {list(expected[k])} from the config")
-    if problems:
-        raise ConvertError(f"{where}: does not match its model config: " + "; ".join(problems[:12])
-                           + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""))
-
-
 def strip_vocab(state: dict, real: int) -> dict:
     out = dict(state)
     for k in VOCAB_ROWS:
@@ -183,20 +145,9 @@ def is_export(path: Path) -> bool:
     f = path / "model.safetensors" if path.is_dir() else path
     if not f.is_file() or f.suffix != ".safetensors":
         return False
-    header = _header(f)
+    header = safetensors_header(f)
     meta = header.get("__metadata__")
     return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
-
-
-def _header(f: Path) -> dict:
-    from megamlm.convert.safetensors_io import HeaderError, read_header
-
-    try:
-        return read_header(f)
-    except HeaderError as e:
-        raise ConvertError(f"{f}: not a readable safetensors file (truncated?): {e}") from e
-    except OSError as e:
-        raise ConvertError(f"{f}: cannot be read: {e}") from e
 
 
 def load_export(path: str | Path) -> Weights:
@@ -224,27 +175,10 @@ def load_export(path: str | Path) -> Weights:
                    {"source": str(f)})
 
 
-def read_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor and the metadata of a safetensors file; a missing, truncated or foreign file raises
-    naming it."""
-    from safetensors import SafetensorError, safe_open
-
-    if not f.is_file():
-        raise ConvertError(f"{f}: file is missing")
-    _header(f)  # sizes checked first: the library reports a short file and a foreign one alike
-    try:
-        with safe_open(str(f), "pt") as h:
-            return {k: h.get_tensor(k) for k in h.keys()}, dict(h.metadata() or {})
-    except SafetensorError as e:  # a header safetensors refuses (dtype, overlapping offsets, ...)
-        raise ConvertError(f"{f}: not a readable safetensors file: {e}") from e
-
-
 # ------------------------------------------------------------------------------ any source → weights
 def load_any(path: str | Path, tag: str | None = None, lazy: bool = False) -> Weights:
     """A megamlm checkpoint folder / tag folder, a megamlm export, or an HF BERT directory. ``lazy``: see
     :func:`load_megamlm_checkpoint` (only for :func:`save_export`)."""
-    from megamlm.convert.hf import is_hf_dir, load_hf
-
     p = Path(path)
     if not p.exists():
         raise ConvertError(f"{p}: no such file or folder")

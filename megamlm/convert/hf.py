@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megamlm.convert.core import (TIED, ConvertError, Weights, check_state, expected_shapes,
-                                  read_safetensors)
-from megamlm.convert.zero import safe_load
+from megamlm.convert.weights import TIED, Weights, check_state, expected_shapes, read_safetensors
+from megamlm.convert.zero import ConvertError, safe_load
 from megamlm.model.hf_keys import HF_ARCHS, HF_BUFFERS, from_hf_partial, to_hf_arch
 
 __all__ = ["is_hf_dir", "load_hf", "save_hf", "hf_config"]
