@@ -21,7 +21,7 @@ checkpoint; incomplete folders are removed (with a log line) when the next save 
 
 What a run may do to a folder (:func:`resolve_resume`): a fresh run (no ``--resume``, or ``none``) into a
 folder that holds checkpoints is refused before any work (the ways out: ``--resume auto``, another
-``train.output_dir``, or ``--move-old-run``, which renames the old run aside: :func:`move_old_run`);
+``train.output_dir``, or ``--move-old-run``, which moves the old run's files aside: :func:`move_old_run`);
 ``--resume TAG`` is refused while newer complete checkpoints exist (its saves would overwrite them).
 So every checkpoint in a folder belongs to one lineage, and retention (:func:`prune`) only ever deletes
 that lineage's older checkpoints and interrupted saves, never the one just written, and :func:`save`
@@ -128,7 +128,7 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
                 f"{ckpt_dir} already holds checkpoints ({', '.join(done[-3:]) or 'a latest file'}"
                 f"{', ...' if len(done) > 3 else ''}) and this run starts fresh: it would mix with them and "
                 f"retention would delete them. Continue that run with --resume auto, choose another "
-                f"train.output_dir (or checkpoint.dir), or pass --move-old-run to rename the old run aside "
+                f"train.output_dir (or checkpoint.dir), or pass --move-old-run to move the old run's files aside "
                 f"(nothing is deleted)")
         return None
     if resume == "auto":
@@ -144,6 +144,9 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
                         "resuming from %s", ckpt_dir / LATEST, tag, newest, LATEST, newest)
         return newest
     tag = Path(resume).name if Path(resume).is_dir() else resume
+    if Path(resume).is_dir() and Path(resume).absolute().parent != ckpt_dir.absolute():
+        raise CheckpointError(f"--resume {resume!r} is not in this run's checkpoint folder {ckpt_dir}: a run resumes "
+                              f"its own checkpoints (to start from another run's weights, use --init-from)")
     if not TAG_RE.match(tag) or not is_complete(ckpt_dir, tag):
         raise CheckpointError(f"--resume {resume!r}: {ckpt_dir / tag} is not a complete checkpoint"
                               + (f" (complete ones: {', '.join(done[-5:])})" if done else ""))
@@ -156,29 +159,57 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
     return tag
 
 
-def move_old_run(output_dir: str | Path, ckpt_dir: str | Path, stamp: str | None = None) -> list[Path]:
-    """``--move-old-run``: rename ``output_dir`` (and ``ckpt_dir`` when it lies outside it) to a new sibling
-    ``<name>.old-<UTC time>``; one atomic rename each, nothing deleted. Returns the new paths. A crash
-    before a rename leaves the folder where it was; after it, under its new name."""
+def move_old_run(output_dir: str | Path, ckpt_dir: str | Path, inputs=(), stamp: str | None = None) -> list[Path]:
+    """``--move-old-run``: move an earlier run's files aside, deleting nothing, keeping what this run reads.
+
+    Every entry of ``output_dir`` goes into a new sibling folder ``<name>.old-<UTC time>`` (same names),
+    except an entry that is or holds one of ``inputs`` (the tokenizer, the shards, an ``--init-from``
+    checkpoint: the configs keep them in the run folder), which stays, with a log line; ``ckpt_dir``
+    outside ``output_dir`` is renamed to ``<name>.old-<UTC time>`` beside it. Refused, before anything
+    moves, when the checkpoint folder itself holds an input, or a folder to move is the current folder or
+    above it. One rename per entry: a crash leaves each entry either where it was or moved whole.
+    Returns the paths moved to."""
     import time
 
     stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out, ck = Path(output_dir).absolute(), Path(ckpt_dir).absolute()
-    moves = [out] if out.exists() else []
-    if ck.exists() and out not in ck.parents and ck != out:
-        moves.append(ck)
-    done = []
-    for src in moves:
-        if src == Path(src.anchor) or src == Path.cwd() or src in Path.cwd().parents:
-            raise CheckpointError(f"--move-old-run: will not rename {src} (the current folder or one above it); "
-                                  f"set train.output_dir to a folder of its own")
-        dst = src.with_name(f"{src.name}.old-{stamp}")
-        k = 1
+    reads = [Path(p).absolute() for p in inputs if p]
+
+    def holds_input(p: Path) -> Path | None:
+        return next((i for i in reads if i == p or p in i.parents), None)
+
+    def unique(p: Path) -> Path:
+        dst, k = p.with_name(f"{p.name}.old-{stamp}"), 1
         while dst.exists():
-            dst = src.with_name(f"{src.name}.old-{stamp}-{k}")
-            k += 1
+            dst, k = p.with_name(f"{p.name}.old-{stamp}-{k}"), k + 1
+        return dst
+
+    for src in (out, ck):
+        if src.exists() and (src == Path(src.anchor) or src == Path.cwd() or src in Path.cwd().parents):
+            raise CheckpointError(f"--move-old-run: will not move {src} (the current folder or one above it) "
+                                  "aside; set train.output_dir to a folder of its own")
+    if ck.exists() and holds_input(ck):
+        raise CheckpointError(f"--move-old-run: {holds_input(ck)}, which this run reads, lies in the checkpoint "
+                              f"folder {ck} the move would rename; copy it elsewhere first")
+    plan: list[tuple[Path, Path]] = []
+    if out.is_dir():
+        root = unique(out)
+        for entry in sorted(out.iterdir()):
+            kept = holds_input(entry)
+            if kept is None:
+                plan.append((entry, root / entry.name))
+            elif ck == entry or entry in ck.parents:
+                raise CheckpointError(f"--move-old-run: {entry} holds both the checkpoints and {kept}, which "
+                                      "this run reads; move one of them elsewhere first")
+            else:
+                log.info("--move-old-run: %s stays (this run reads %s)", entry, kept)
+    if ck.exists() and out not in ck.parents and ck != out:
+        plan.append((ck, unique(ck)))
+    done = []
+    for src, dst in plan:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)
-        log.warning("--move-old-run: %s renamed to %s", src, dst)
+        log.warning("--move-old-run: %s moved to %s", src, dst)
         done.append(dst)
     return done
 
@@ -206,20 +237,35 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save(engine, ckpt_dir: str | Path, state: TrainState, *, rank: int, config_yaml: str,
-         tokenizer_path: str | Path | None, keep_last: int, barrier, vocab_parallel: dict | None = None) -> str:
+         tokenizer_path: str | Path | None, keep_last: int, barrier, vocab_parallel: dict | None = None,
+         agree=None) -> str:
     """Save a checkpoint on every rank (collective); returns its tag. ``vocab_parallel``: the layout
-    written to ``vocab_parallel.json`` (see :func:`megamlm.parallel.vocab.vocab_parallel_layout`)."""
+    written to ``vocab_parallel.json`` (see :func:`megamlm.parallel.vocab.vocab_parallel_layout`).
+    ``agree(x)``: the sum of ``x`` over all ranks (a host all-reduce), so that rank 0 failing to make the
+    folder fails every rank (without it, a plain barrier: the other ranks would wait for rank 0)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(state.step)
     out = ckpt_dir / tag
+    failed: BaseException | None = None
     if rank == 0:
-        if is_complete(ckpt_dir, tag):  # resolve_resume keeps this from happening: refuse, never replace
-            raise CheckpointError(f"{out} is already a complete checkpoint; it is not overwritten")
-        if out.exists():  # a leftover from a run killed mid-save at this very step
-            log.warning("removing %s: an interrupted save of this step (no %s marker)", out, COMPLETE)
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-    barrier()
+        try:
+            if is_complete(ckpt_dir, tag):  # resolve_resume keeps this from happening: refuse, never replace
+                raise CheckpointError(f"{out} is already a complete checkpoint; it is not overwritten")
+            if out.exists():  # a leftover from a run killed mid-save at this very step
+                log.warning("removing %s: an interrupted save of this step (no %s marker)", out, COMPLETE)
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+        except (OSError, CheckpointError) as e:
+            failed = e
+            if agree is None:
+                raise
+    if agree is not None:
+        if agree(1.0 if failed is not None else 0.0):
+            if failed is not None:
+                raise failed
+            raise CheckpointError(f"rank 0 could not create the checkpoint folder {out} (see its log)")
+    else:
+        barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     (out / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), out / "rng" / f"rank{rank:05d}.pt")

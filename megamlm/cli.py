@@ -146,9 +146,10 @@ def cmd_bench(args) -> int:
 
 def _move_old_run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--move-old-run", action="store_true",
-                   help="start fresh in a train.output_dir that holds an earlier run: rename it (and an outside "
-                        "checkpoint.dir) to <name>.old-<UTC time> first; nothing is deleted. Without it such a "
-                        "start is refused")
+                   help="start fresh in a train.output_dir that holds an earlier run: first move its files into "
+                        "<name>.old-<UTC time> beside it (an outside checkpoint.dir too); what this run reads "
+                        "(tokenizer, shards, --init-from) stays; nothing is deleted. Without it such a start is "
+                        "refused")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,7 +89,8 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     if move_old_run and not fresh:
         raise ConfigError([f"--move-old-run starts a fresh run; it cannot go with --resume {resume}"])
     if move_old_run and de.rank == 0:
-        ckpt.move_old_run(cfg.train.output_dir, ckpt_dir)
+        ckpt.move_old_run(cfg.train.output_dir, ckpt_dir,
+                          inputs=[cfg.tokenizer.model, cfg.data.shards_dir, init_from, *cfg.data.inputs])
     tag = None if move_old_run else ckpt.resolve_resume(resume, ckpt_dir)
     if tag:
         problems = resume_problems(ckpt_dir / tag, cfg, de.world_size)

@@ -229,7 +229,8 @@ class Trainer:
         self._saved_step = self.state.step
         return ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.env.rank, config_yaml=dump_config(self.cfg),
                          tokenizer_path=self.tok.path, keep_last=self.cfg.checkpoint.keep_last,
-                         barrier=self._barrier, vocab_parallel=self.vocab_parallel)
+                         barrier=self._barrier, vocab_parallel=self.vocab_parallel,
+                         agree=lambda x: self._all_reduce_host([x])[0])
 
     # ------------------------------------------------------------------ the loop
     def _budget_left(self) -> bool:
@@ -272,8 +273,11 @@ class Trainer:
             terms, info = self.train_step(micro)
             if info.get("loader_stopped"):
                 st.elapsed_seconds = time.perf_counter() - run_start
-                tag = self.save(at_mark=True)
                 result["preempted"] = True
+                if st.step == 0:
+                    log.warning("preempted while reading data, before the first step: nothing to save")
+                    break
+                tag = self.save(at_mark=True)
                 log.warning("preempted while reading data: checkpoint %s of step %d; resume with --resume auto",
                             tag, st.step)
                 break

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from megamlm.convert.zero import ConvertError
 
-__all__ = ["ConvertError", "convert", "main", "staged_output"]
+__all__ = ["ConvertError", "convert", "main", "staged_output", "check_output"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     ends, it is synced and renamed onto ``out`` in one rename(2). ``out`` must not exist or be an empty
     folder (else ConvertError before anything is written); a failure removes the sibling and the parent
     folders made here, and leaves ``out`` as it was."""
-    _check_output(out)
+    check_output(out)
     parents = _make_parents(out.parent)
     tmp = None
     try:
@@ -76,7 +76,8 @@ def staged_output(out: Path) -> Iterator[Path]:
         raise
 
 
-def _check_output(out: Path) -> None:
+def check_output(out: Path) -> None:
+    """Raise ConvertError unless ``out`` can be a new output folder (absent or empty; see :func:`staged_output`)."""
     if out.name in ("", ".", ".."):
         raise ConvertError(f"{out}: name the output folder itself (e.g. ../{Path.cwd().name}-hf)")
     if out.is_symlink():
@@ -127,9 +128,16 @@ def _sync_tree(folder: Path) -> None:
 
 
 def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+    """Make a folder's entries durable where the file system can (some network and FUSE mounts cannot open
+    or fsync a folder: that is not a failed conversion)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -36,7 +36,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from megamlm.data.shard_format import MANIFEST, STAGING, ShardError, existing_shards
+from megamlm.data.shard_format import MANIFEST, STAGING, ShardError, existing_shards, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ShardOutput:
 
     def commit(self, manifest: dict) -> None:
         """Write the manifest into the staging folder, then swap the new set into the folder."""
+        _fsync_dir(self.staging)  # the shards' names are durable before the manifest that lists them
         tmp = self.staging / (MANIFEST + ".partial")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=1) + "\n")
@@ -185,7 +186,8 @@ def _refuse_existing(folder: Path, tokenizer_sha256: str, overwrite: bool, finis
                 detail = f" made with another tokenizer (sha256 {sha[:12]}, this one is {tokenizer_sha256[:12]})"
         except (OSError, ValueError, AttributeError):
             detail = " with an unreadable manifest.json"
-    first = "an interrupted make-shards run was finished: " if finished else ""
+    first = ("an interrupted make-shards run was finished (its complete set is in place, ready to use as is): "
+             if finished else "")
     raise ShardError(f"{first}{folder} already holds {len(old)} shard file(s){detail}; pass --overwrite "
                      "to replace them, or choose another data.shards_dir")
 
@@ -194,9 +196,21 @@ def _swap(folder: Path, staging: Path) -> int:
     """Steps 1-5 of the module docstring; each can be redone after a crash. The old files removed."""
     try:
         new = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
-        names = {s["name"] for split in new["splits"].values() for s in split["shards"]}
+        entries = {s["name"]: s for split in new["splits"].values() for s in split["shards"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ShardError(f"{staging / MANIFEST} is unreadable ({e}); remove {staging} and run again") from None
+    names = set(entries)
+    for name, entry in sorted(entries.items()):  # the whole new set exists, before anything old is removed
+        try:
+            if (staging / name).is_file():
+                if "bytes" in entry and (staging / name).stat().st_size != int(entry["bytes"]):
+                    raise ShardError(f"shard {staging / name} has {(staging / name).stat().st_size} bytes, its "
+                                     f"manifest says {entry['bytes']}")
+            else:  # moved by an interrupted swap, or missing: the one in the folder must be the new one
+                verify_shard(folder / name, entry)
+        except (ShardError, KeyError, TypeError, ValueError) as e:
+            raise ShardError(f"{staging} does not hold a whole shard set ({e}); {folder} was not changed: remove "
+                             f"{staging} and run make-shards again") from None
     old = existing_shards(folder)
     (folder / MANIFEST).unlink(missing_ok=True)  # 1
     for p in old:  # 2
@@ -205,9 +219,6 @@ def _swap(folder: Path, staging: Path) -> int:
     for name in sorted(names):  # 3
         if (staging / name).is_file():
             os.replace(staging / name, folder / name)
-        elif not (folder / name).is_file():
-            raise ShardError(f"{staging}: shard {name} of its manifest is neither there nor in {folder}; "
-                             f"remove {staging} and run make-shards again")
     _fsync_dir(folder)
     os.replace(staging / MANIFEST, folder / MANIFEST)  # 4
     _fsync_dir(folder)

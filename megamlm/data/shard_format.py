@@ -84,7 +84,7 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
     if not path.is_file():
         if (Path(shards_dir) / STAGING / MANIFEST).is_file():
             raise ShardError(f"no {MANIFEST} in {shards_dir}: a make-shards run was interrupted while moving its "
-                             f"shards in from {STAGING}; run make-shards again on this folder to finish it")
+                             f"shards in from {STAGING}; `megamlm prepare`, or make-shards on this folder, finishes the move")
         raise ShardError(f"no {MANIFEST} in {shards_dir}: run `megamlm make-shards` first")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

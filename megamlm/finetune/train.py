@@ -241,13 +241,21 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
         st["evals"] = st.get("evals", 0) + 1
         every = cfg.checkpoint.every_evals
         if every and st["evals"] % every == 0:
+            save()
+        return bool(cfg.train.patience) and st["bad_evals"] >= cfg.train.patience
+
+    saved = {"step": state.step}  # the step of the newest checkpoint (the resumed one, or 0)
+
+    def save():
+        if state.step != saved["step"]:
             ckpt.save(engine, ckpt_dir, state, rank=de.rank, config_yaml=dump_finetune_config(cfg, model_meta),
                       tokenizer_path=tok.path, keep_last=cfg.checkpoint.keep_last, barrier=barrier)
-        return bool(cfg.train.patience) and st["bad_evals"] >= cfg.train.patience
+            saved["step"] = state.step
 
     micro = cfg.train.batch_size // world
     t0 = time.perf_counter()
-    stopped = False
+    # a resumed run that had stopped early stays stopped (it would train on and replace the best weights)
+    stopped = bool(cfg.train.patience) and state.counters.get("bad_evals", 0) >= cfg.train.patience
     win_loss, win_n = 0.0, 0
     while state.loader["epoch"] < cfg.train.epochs and not stopped:
         ep = state.loader["epoch"]
@@ -281,6 +289,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
             if not cfg.train.eval_every:
                 stopped = evaluate_and_track()
     state.elapsed_seconds += time.perf_counter() - t0
+    save()  # the end of the run is always checkpointed (checkpoint.every_evals=0: only here)
     if stopped and de.rank == 0:
         log.info("early stop at step %d: %d evaluations without a better %s", state.step,
                  state.counters["bad_evals"], metric)
@@ -355,11 +364,15 @@ def main_from_cli(config_path: str, overrides: list[str], resume: str | None, se
     if seeds > 1 and resume not in (None, "none", "auto"):
         raise ConfigError([f"--seeds {seeds} with --resume {resume!r}: use --resume auto"])
     base = Path(cfg.train.output_dir)
+    if export:  # before any training: an output that cannot be written fails in seconds, not at the end
+        from megamlm.convert import check_output
+
+        check_output(Path(export))
     if move_old_run:
         if resume not in (None, "none"):
             raise ConfigError([f"--move-old-run starts a fresh run; it cannot go with --resume {resume}"])
         if de.rank == 0:
-            ckpt.move_old_run(base, cfg.checkpoint_dir)
+            ckpt.move_old_run(base, cfg.checkpoint_dir, inputs=[cfg.init.checkpoint, cfg.init.tokenizer, cfg.task.path])
     summaries = []
     for k in range(seeds):
         c = cfg

@@ -10,12 +10,13 @@ A failure points at megamlm/finetune/train.py (loop, evaluation, best weights, r
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e._runs import free_port, launch, tb_scalars, torchrun
+from tests.e2e._runs import ROOT, clean_env, free_port, launch, tb_scalars, torchrun
 
 MARGIN = 0.05
 FAST = ["task.max_examples=400", "task.max_len=64", "train.epochs=2", "train.batch_size=16", "train.eval_every=10",
@@ -57,6 +58,26 @@ def test_finetune_wnut16_round_trips(pretrained, tmp_path):
     # resume of a finished run: no further steps, the same best weights, the same test metrics
     again = _finetune("configs/finetune/wnut16.yaml", pretrained, tmp_path / "pre", *FAST, flags=["--resume", "auto"])
     assert again["steps"] == pre["steps"] and again["test"] == pre["test"]
+
+
+def test_finetune_checkpoints_its_end_and_checks_the_export_folder_first(pretrained, tmp_path):
+    """checkpoint.every_evals=0 ("only at the end") leaves the end's checkpoint, so a second fresh run into
+    the folder is refused (it would overwrite best/, history.json, summary.json); an --export folder that
+    is not empty is refused before any training."""
+    cmd = ["env", f"MASTER_PORT={free_port()}", sys.executable, "-m", "megamlm", "finetune",
+           "configs/finetune/wnut16.yaml", f"init.checkpoint={pretrained}", *FAST]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep")
+    r = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'a'}", "--export", str(taken)], capture_output=True,
+                       text=True, timeout=300, env=clean_env(2), cwd=ROOT)
+    assert r.returncode == 2 and "output folder exists and is not empty" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "a" / "checkpoints").exists() and (taken / "x").read_text() == "keep"
+    end = _finetune("configs/finetune/wnut16.yaml", pretrained, tmp_path / "end", *FAST, "checkpoint.every_evals=0")
+    assert (tmp_path / "end" / "checkpoints" / "latest").read_text().strip() == f"step{end['steps']:08d}"
+    r = subprocess.run(cmd + [f"train.output_dir={tmp_path / 'end'}", "checkpoint.every_evals=0"], capture_output=True,
+                       text=True, timeout=300, env=clean_env(2), cwd=ROOT)
+    assert r.returncode == 2 and "already holds checkpoints" in r.stderr, r.stderr[-2000:]
 
 
 def test_pretrained_encoder_beats_random_on_wiki_topic(pretrained, tmp_path):

@@ -315,21 +315,34 @@ def _tree(d: Path) -> dict[str, int]:
 
 def test_a_fresh_run_into_a_used_folder_is_refused_and_move_old_run_keeps_it(cfg_file, reference, tmp_path):
     """The demo's folder run again without --resume: refused before any work, every checkpoint kept
-    byte for byte; --move-old-run renames the old run aside and trains fresh."""
+    byte for byte; --move-old-run moves the old run's files aside, keeps the tokenizer and shards that live
+    in the run folder (as configs/bert-base.yaml has them) and trains fresh."""
+    from megamlm.config import load_config
+
     ref_out, _ = reference
     run = tmp_path / "run"
     shutil.copytree(ref_out / "checkpoints", run / "checkpoints")
+    (run / "tb").mkdir()
+    (run / "tb" / "events.out.tfevents.old").write_bytes(b"old events")
     before = _tree(run)
+    cfg = load_config(cfg_file)
+    shutil.copytree(cfg.data.shards_dir, run / "shards")
+    (run / "tokenizer").mkdir()
+    for f in Path(cfg.tokenizer.model).parent.glob(Path(cfg.tokenizer.model).stem + ".*"):
+        shutil.copy2(f, run / "tokenizer" / f.name)
+    inputs = (f"data.shards_dir={run / 'shards'}", f"tokenizer.model={run / 'tokenizer' / Path(cfg.tokenizer.model).name}")
+    kept = {k: v for k, v in _tree(run).items() if k.startswith(("shards/", "tokenizer/"))}
     for extra in ([], ["--resume", "none"]):
-        r = subprocess.run(pretrain_cmd("single", cfg_file, run, "train.max_steps=3", *extra), cwd=ROOT,
+        r = subprocess.run(pretrain_cmd("single", cfg_file, run, "train.max_steps=3", *inputs, *extra), cwd=ROOT,
                            env=clean_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert "already holds checkpoints" in r.stderr and "--resume auto" in r.stderr and "Traceback" not in r.stderr
-        assert _tree(run) == before
-    launch(pretrain_cmd("single", cfg_file, run, "train.max_steps=1", "train.eval_every=0", "--move-old-run"),
-           threads=2)
+        assert _tree(run) == {**before, **kept}
+    launch(pretrain_cmd("single", cfg_file, run, "train.max_steps=1", "train.eval_every=0", *inputs,
+                        "--move-old-run"), threads=2)
     (old,) = tmp_path.glob("run.old-*")
     assert _tree(old) == before
+    assert {k: v for k, v in _tree(run).items() if k.startswith(("shards/", "tokenizer/"))} == kept
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000001"
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]
 

@@ -95,21 +95,47 @@ def test_retention_keeps_the_current_and_never_touches_newer_folders(tmp_path):
     assert ckpt.step_folders(d) == ["step00000006", "step00000020"]
 
 
-def test_move_old_run_renames_and_deletes_nothing(tmp_path, monkeypatch):
+def test_move_old_run_moves_the_runs_files_deletes_nothing_and_keeps_what_the_run_reads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "r"
     make(out / "checkpoints", 3, latest=3)
     (out / "tb").mkdir()
+    (out / "run_status").write_text("complete step00000003\n")
+    (out / "shards").mkdir()
+    (out / "shards" / "manifest.json").write_text("{}")
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "spm.model").write_text("model")
     outside = make(tmp_path / "elsewhere" / "ck", 5, latest=5)
-    moved = ckpt.move_old_run(out, outside, stamp="T0")
-    assert moved == [out.with_name("r.old-T0"), outside.with_name("ck.old-T0")]
-    assert (out.with_name("r.old-T0") / "checkpoints" / "step00000003" / ckpt.COMPLETE).is_file()
+    moved = ckpt.move_old_run(out, outside, inputs=[out / "shards", out / "tokenizer" / "spm.model", ""],
+                              stamp="T0")
+    old = out.with_name("r.old-T0")
+    assert moved == [old / "checkpoints", old / "run_status", old / "tb", outside.with_name("ck.old-T0")]
+    assert (old / "checkpoints" / "step00000003" / ckpt.COMPLETE).is_file()
     assert (outside.with_name("ck.old-T0") / "step00000005" / ckpt.COMPLETE).is_file()
-    assert not out.exists() and not outside.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["shards", "tokenizer"] and not outside.exists()
+    assert (out / "tokenizer" / "spm.model").read_text() == "model"
     make(out / "checkpoints", 4)  # a second move in the same second does not collide
-    assert ckpt.move_old_run(out, out / "checkpoints", stamp="T0") == [out.with_name("r.old-T0-1")]
+    assert ckpt.move_old_run(out, out / "checkpoints", stamp="T0") == [
+        out.with_name("r.old-T0-1") / n for n in ("checkpoints", "shards", "tokenizer")]
     with pytest.raises(CheckpointError, match="current folder"):
         ckpt.move_old_run(".", "./checkpoints")
+
+
+def test_move_old_run_refuses_before_moving_when_the_checkpoints_hold_an_input(tmp_path):
+    out = tmp_path / "r"
+    make(out / "checkpoints", 3, latest=3)
+    (out / "tb").mkdir()
+    before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(CheckpointError, match="step00000003, which this run reads, lies in the checkpoint folder"):
+        ckpt.move_old_run(out, out / "checkpoints", inputs=[out / "checkpoints" / "step00000003"], stamp="T0")
+    assert sorted(str(p) for p in out.rglob("*")) == before and not out.with_name("r.old-T0").exists()
+
+
+def test_resume_from_another_runs_checkpoint_folder_is_refused(tmp_path):
+    mine, other = make(tmp_path / "a" / "checkpoints", 2, latest=2), make(tmp_path / "b" / "checkpoints", 2, latest=2)
+    with pytest.raises(CheckpointError, match="not in this run's checkpoint folder .* --init-from"):
+        ckpt.resolve_resume(str(other / "step00000002"), mine)
+    assert ckpt.resolve_resume(str(mine / "step00000002"), mine) == "step00000002"
 
 
 # --------------------------------------------------------------------------- save, with a real engine

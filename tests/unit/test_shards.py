@@ -412,7 +412,7 @@ def test_an_interrupted_swap_is_finished_by_the_next_run(tmp_path, tok, stage):
     if stage in ("after 1", "during 3"):
         with pytest.raises(ShardError, match="interrupted while moving its shards"):
             load_manifest(out)  # the loader says what to do
-    finished = "an interrupted make-shards run was finished: " if stage != "after 4" else ""
+    finished = r"an interrupted make-shards run was finished \(its complete set is in place, ready to use as is\): " if stage != "after 4" else ""
     with pytest.raises(ShardError, match=f"^{finished}.* already holds {len(names)} shard file"):
         make_shards(cfg, tok.path, workers=1, progress=False)  # recovery first, then the usual refusal
     assert not (out / STAGING).exists()
@@ -420,6 +420,25 @@ def test_an_interrupted_swap_is_finished_by_the_next_run(tmp_path, tok, stage):
     assert load_manifest(out).raw == new
     for split in ("train", "val"):
         read_all(out, split)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "same name, old bytes"])
+def test_a_staging_set_that_is_not_whole_changes_nothing(tmp_path, tok, damage):
+    """Recovery finds the staging manifest but not every shard it lists whole (a power loss before the
+    names reached the disk, a hand deletion): the old set stays untouched, and the error says so."""
+    cfg, new, names = interrupted_swap(tmp_path, tok, "before 1")
+    out, staging = Path(cfg.shards_dir), Path(cfg.shards_dir) / STAGING
+    victim = next(n for n in names if (out / n).is_file()) if damage == "same name, old bytes" else names[0]
+    if damage == "truncated":
+        (staging / victim).write_bytes((staging / victim).read_bytes()[:100])
+    else:
+        (staging / victim).unlink()
+    if damage == "missing":
+        (out / victim).unlink(missing_ok=True)
+    before = snapshot(out)
+    with pytest.raises(ShardError, match=f"does not hold a whole shard set .*{victim}.* was not changed: remove"):
+        make_shards(cfg, tok.path, workers=1, progress=False)
+    assert snapshot(out) == before and (out / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("stage", ["before 1", "during 3"])
