@@ -6,11 +6,11 @@ forward, backward, AdamW step (the same optimizer implementation for both) — a
 *real* (unpadded) tokens. We report median, min–max over rounds and the median ratio.
 
 MFU = needed FLOPs per step / step time / measured peak, where the peak is the best of several large
-square matmuls timed in the same process and dtype (``matmul_peak``) before every round and after the
+square matmuls timed in the same process and dtype (:func:`megamlm.flops.matmul_peak`) before every round and after the
 last. Each round's step time is set against the better of the two peaks next to it (the machine's
 speed drifts over seconds on shared hosts; pairing cancels that, as the per-round ratio does), and
 we report the median over rounds with min–max; ``mfu_vs_best_peak`` (median step against the best
-peak of the whole run) is the more conservative number, also reported. Needed FLOPs (``train_flops``),
+peak of the whole run) is the more conservative number, also reported. Needed FLOPs (:func:`megamlm.flops.train_flops`),
 3 × the forward matmul FLOPs (backward = 2 × forward):
 
     per layer, per real token:  2·(3H·H + H·H + 2·H·F)   (qkv, out, up, down)
@@ -45,6 +45,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from megamlm.flops import matmul_peak, sync as _sync, train_flops
 
 log = logging.getLogger(__name__)
 
@@ -110,40 +112,6 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability
     return batch.to(device) if device != "cpu" else batch
 
 
-def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool) -> float:
-    """Needed training FLOPs of one step on ``batch`` (formula in the module docstring)."""
-    H, F = hidden, ffn
-    lengths = batch.attention_mask.sum(dim=1).double()  # [B]
-    n_tok = float(lengths.sum())
-    n_masked = float(batch.mlm_positions.numel())
-    fwd = num_layers * (n_tok * 2 * (4 * H * H + 2 * H * F) + float((4 * lengths ** 2 * H).sum()))
-    fwd += n_masked * (2 * H * H + 2 * H * real_vocab)
-    if pair:
-        fwd += batch.input_ids.shape[0] * (2 * H * H + 4 * H)
-    return 3.0 * fwd
-
-
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 6, device: str = "cpu") -> float:
-    """Best FLOP/s of an n×n×n matmul in ``dtype`` (the denominator of MFU)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(repeats + 2):
-        _sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        _sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _model_cfgs(o: BenchOptions):
     from megamlm.config import ModelConfig, ObjectiveConfig
 
@@ -180,12 +148,16 @@ def _build_step(spec: str, o: BenchOptions, batch):
     torch.manual_seed(o.seed)
     autocast = (torch.autocast(device_type=torch.device(o.device).type, dtype=torch.bfloat16)
                 if precision == "bf16" else None)
-    if name == "megamlm":
+    if name in ("megamlm", "megamlm-torch", "megamlm-cpu"):  # megamlm-X: on the ops backend X (engine.kernels)
+        from megamlm import ops
         from megamlm.model import build_model
         from megamlm.objectives import combine
 
         mc, oc = _model_cfgs(o)
         model = build_model(mc, oc, o.vocab_size).to(o.device).train()
+        kernels = name.partition("-")[2] or "auto"
+        ops.use(model, ops.select(kernels, torch.device(o.device).type,
+                                  torch.bfloat16 if precision == "bf16" else torch.float32)[0])
         fwd = torch.compile(model) if o.compile else model
         n_mlm = batch.mlm_positions.numel()
         n_pair = batch.input_ids.shape[0]
@@ -214,7 +186,7 @@ def _build_step(spec: str, o: BenchOptions, batch):
             return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1).float(),
                                                      batch.mlm_labels.view(-1))
     else:
-        raise ValueError(f"unknown model {name!r}; choose megamlm or hf")
+        raise ValueError(f"unknown model {name!r}; choose megamlm, megamlm-torch, megamlm-cpu or hf")
     opt = _optimizer(model.parameters(), o.device)
 
     def step():
@@ -388,8 +360,9 @@ _HELP = {
     "rounds": "interleaved rounds (median, min, max over them)",
     "steps": "timed training steps per round and model",
     "warmup": "untimed steps per model before the rounds",
-    "models": "comma list of megamlm | hf, each optionally :fp32 or :bf16 (e.g. megamlm,hf:fp32); "
-              "ratios are the first model's speed over each other's",
+    "models": "comma list of megamlm | megamlm-torch | megamlm-cpu | hf, each optionally :fp32 or :bf16 (e.g. "
+              "megamlm,megamlm-torch,hf:fp32; megamlm-X runs on the ops backend X, plain megamlm on "
+              "engine.kernels=auto); ratios are the first model's speed over each other's",
     "memory": "peak memory of each model, in a fresh subprocess on CPU",
     "malloc_tuned": "glibc mallopt as `megamlm pretrain` does on CPU (engine.cpu_malloc=tuned), for both "
                     "models: blocks up to 32 MiB from the heap, never trimmed; removes the page faults that "

@@ -33,7 +33,7 @@ def cmd_check_config(args) -> int:
         return 0
     if not args.config:
         raise ConfigError(["check-config needs a CONFIG file (or --describe)"])
-    from megamlm.config.files import check_files
+    from megamlm.preflight import check_files
     from megamlm.config.load import read_with_overrides, validate_dict
 
     cfg, problems = validate_dict(read_with_overrides(args.config, args.overrides), args.world_size)

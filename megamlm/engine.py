@@ -97,7 +97,22 @@ def device_problems(cfg) -> list[str]:
             p.append("engine.precision='fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
         if cfg.engine.backend == "nccl":
             p.append("engine.backend='nccl' needs CUDA; use auto or gloo")
+    try:
+        select_ops(cfg)
+    except ValueError as e:
+        p.append(str(e))
     return p
+
+
+def select_ops(cfg):
+    """(ops backend, description) for this run: ``engine.kernels`` on this machine's device, in the training
+    precision, at the ZeRO stage (:func:`megamlm.ops.select`); ValueError for a setting it cannot serve."""
+    import torch
+
+    from megamlm import ops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
+    return ops.select(cfg.engine.kernels, device_type(), dtype, cfg.engine.zero_stage)
 
 
 def build_ds_config(cfg, world_size: int) -> dict:

@@ -17,71 +17,12 @@ per row); with a vocab-parallel group the MLM logits are the rank's vocabulary s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 
+from megamlm.model.terms import LossTerms, pair_terms, row_terms
 from megamlm.parallel.vocab import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 __all__ = ["LossTerms", "mlm_terms", "pair_terms", "combine"]
-
-
-@dataclass
-class LossTerms:
-    """Sums for one or more micro-batches, keyed by objective (``"mlm"``, ``"pair"``).
-
-    loss_sum: fp32 scalars carrying the graph; n_targets and n_correct: int64 scalars, no graph.
-    ``a + b`` sums term by term (micro-batch accumulation); :meth:`detach` drops the graph.
-    """
-
-    loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    n_targets: dict[str, torch.Tensor] = field(default_factory=dict)
-    n_correct: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def add(self, name: str, loss_sum: torch.Tensor, n_targets: torch.Tensor, n_correct: torch.Tensor) -> None:
-        self.loss_sum[name] = loss_sum
-        self.n_targets[name] = n_targets
-        self.n_correct[name] = n_correct
-
-    def __add__(self, other: "LossTerms") -> "LossTerms":
-        if not isinstance(other, LossTerms):
-            return NotImplemented
-        if set(self.loss_sum) != set(other.loss_sum):
-            raise ValueError(f"cannot add LossTerms with objectives {sorted(self.loss_sum)} and "
-                             f"{sorted(other.loss_sum)}")
-        out = LossTerms()
-        for k in self.loss_sum:
-            out.add(k, self.loss_sum[k] + other.loss_sum[k], self.n_targets[k] + other.n_targets[k],
-                    self.n_correct[k] + other.n_correct[k])
-        return out
-
-    def __radd__(self, other):  # sum([...]) starts from 0
-        if isinstance(other, int) and other == 0:
-            return self
-        return NotImplemented
-
-    def detach(self) -> "LossTerms":
-        out = LossTerms()
-        for k in self.loss_sum:
-            out.add(k, self.loss_sum[k].detach(), self.n_targets[k], self.n_correct[k])
-        return out
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """Mean loss and accuracy per objective as 0-d tensors (``mlm_loss``, ``mlm_accuracy``, ...);
-        for a step, first sum the terms (and all-reduce them over data-parallel ranks)."""
-        out = {}
-        for k in self.loss_sum:
-            n = self.n_targets[k].clamp(min=1).to(torch.float32)
-            out[f"{k}_loss"] = self.loss_sum[k].detach().float() / n
-            out[f"{k}_accuracy"] = self.n_correct[k].to(torch.float32) / n
-        return out
-
-    def to_floats(self) -> dict[str, float]:
-        """:meth:`metrics` plus the counts as Python numbers (one host sync; for logging)."""
-        out = {k: float(v) for k, v in self.metrics().items()}
-        out.update({f"{k}_targets": float(v) for k, v in self.n_targets.items()})
-        return out
 
 
 def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX,
@@ -96,20 +37,7 @@ def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_in
     per_row, pred = vocab_parallel_cross_entropy(logits, targets, group, ignore_index,
                                                  inplace_backward=logits_are_scratch,
                                                  with_argmax=True, bias=bias)  # [N] fp32, [N]
-    valid = targets != ignore_index  # [N]
-    with torch.no_grad():
-        correct = ((pred == targets) & valid).sum()
-    return per_row.sum(), valid.sum(), correct
-
-
-def pair_terms(logits: torch.Tensor, labels: torch.Tensor,
-               ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NSP / SOP: logits [B, 2], labels [B] → (loss sum fp32, number of labelled pairs, number correct)."""
-    per_row = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")  # [B]
-    valid = labels != ignore_index  # [B]
-    with torch.no_grad():
-        correct = ((logits.detach().argmax(dim=-1) == labels) & valid).sum()
-    return per_row.sum(), valid.sum(), correct
+    return row_terms(per_row, pred, targets, ignore_index)
 
 
 def combine(terms: LossTerms, mlm_denominator, pair_denominator=None,

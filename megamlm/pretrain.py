@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: Config, world_size: int) -> list[str]:
     """Problems found without any process group: config arithmetic, the engine on this machine, the
-    tokenizer and shards (megamlm.config.files, the checks `check-config` runs too)."""
+    tokenizer and shards (megamlm.preflight, the checks `check-config` runs too)."""
     from megamlm.config import cross_check
-    from megamlm.config.files import file_checks
+    from megamlm.preflight import file_checks
     from megamlm.engine import device_problems
 
     return cross_check(cfg, world_size) + device_problems(cfg) + file_checks(cfg)
@@ -72,9 +72,10 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     """
     from megamlm.distributed.env import from_environ
     from megamlm.distributed.topology import build_topology
-    from megamlm.engine import apply_cpu_malloc, build_engine, init_distributed, resolve_backend
+    from megamlm import ops
+    from megamlm.engine import apply_cpu_malloc, build_engine, init_distributed, resolve_backend, select_ops
     from megamlm.model.pretraining import build_model
-    from megamlm.parallel.vocab import parallelize_vocab, vocab_parallel_layout
+    from megamlm.parallel.layers import parallelize_vocab, vocab_parallel_layout
     from megamlm.telemetry import TensorBoardWriter
     from megamlm.tokenizer import Tokenizer
     from megamlm.trainer import Trainer
@@ -112,6 +113,10 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     tok = Tokenizer(cfg.tokenizer.model)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
+    kernels, kernels_said = select_ops(cfg)  # checked in preflight: it cannot fail here
+    ops.use(model, kernels)
+    if de.rank == 0:
+        log.info("kernels: %s", kernels_said)
     if init_weights is not None:
         _load_init_weights(model, init_weights, tok.vocab_size, de.rank)
     # Vocabulary parallelism: each rank keeps its rows of the full, identically seeded embedding and decoder.
@@ -146,7 +151,8 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     writer = None
     if de.rank == 0 and cfg.telemetry.tensorboard:
         writer = TensorBoardWriter(str(Path(cfg.train.output_dir) / "tb"), dump_config(cfg))
-    from megamlm.bench import matmul_peak
+        writer.add_text("kernels", kernels_said)
+    from megamlm.flops import matmul_peak
 
     # The MFU denominator: this device's best matmul rate in the training precision, measured now.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)

@@ -44,6 +44,9 @@ class TensorBoardWriter:
         """The resolved config as hparams, with the run's final metrics (``hparam/<name>``)."""
         self._w.add_hparams(flat_hparams(cfg_dict), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        self._w.add_text(tag, text, step)
+
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self._w.add_scalar(tag, value, step)
 

@@ -164,7 +164,7 @@ class Trainer:
     def _flops(self, micro) -> float:
         if not self.peak_flops:
             return 0.0
-        from megamlm.bench import train_flops
+        from megamlm.flops import train_flops
 
         m = self.cfg.model
         return sum(train_flops(b, m.hidden_size, m.num_layers, m.ffn_size, self.tok.vocab_size,

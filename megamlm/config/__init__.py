@@ -5,7 +5,7 @@ the single source for validation, for ``megamlm check-config`` and for the docs.
 collected and raised together as one :class:`ConfigError` (a ``ValueError``), each naming the key, the
 value and what is allowed. Builders take their own section, never the whole :class:`Config`.
 
-The checks against the files a config names (tokenizer, shards) live in :mod:`megamlm.config.files`, imported
+The checks against the files a config names (tokenizer, shards) live in :mod:`megamlm.preflight`, imported
 by those who need them (check-config, pretrain's preflight), not here: it reads the tokenizer and the manifest.
 """
 

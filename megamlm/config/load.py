@@ -187,7 +187,7 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
 
     A check runs only when its fields passed their own checks (those already reported the problem), so a
     field of the wrong type or out of range never raises here. The padded vocabulary of a config without
-    model.vocab_size is the tokenizer's: :func:`megamlm.config.files.check_files` checks it against the file."""
+    model.vocab_size is the tokenizer's: :func:`megamlm.preflight.check_files` checks it against the file."""
     ok = valid_fields(cfg)
 
     def need(*keys: str) -> bool:

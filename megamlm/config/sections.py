@@ -160,6 +160,10 @@ class EngineConfig:
     cpu_malloc: str = opt("tuned", help="CPU training: 'tuned' keeps blocks up to 32 MiB in glibc's heap and never "
                           "trims it (no page faults on the tensors each step re-allocates, as with jemalloc); "
                           "'default' leaves the allocator alone", choices=("tuned", "default"))
+    kernels: str = opt("auto", help="the model's ops backend (megamlm.ops): 'cpu' = the compiled CPU kernels "
+                       "(fused dropout, attention, GELU, residual LayerNorm, vocabulary), 'torch' = plain PyTorch "
+                       "(SDPA; what runs on GPUs), 'auto' = cpu on a CPU, torch elsewhere; logged at start",
+                       choices=("auto", "torch", "cpu"))
 
 
 @dataclass

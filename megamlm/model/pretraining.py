@@ -1,9 +1,10 @@
 """The pretraining model (like HF ``BertForPreTraining``): encoder + MLM head + optional pair head.
 
-``forward(batch)`` returns :class:`megamlm.objectives.LossTerms` (sums and counts, never a mean: the
-trainer divides once by the step's global counts with :func:`megamlm.objectives.combine`).
-``logits(batch)`` returns the MLM logits at the masked rows and the pair logits, for parity tests and
-evaluation.
+``forward(batch)`` returns :class:`megamlm.model.terms.LossTerms` (sums and counts, never a mean: the
+trainer divides once by the step's global counts with :func:`megamlm.objectives.combine`); the MLM term
+is the decoder's own training loss (the backend's ``decoder_cross_entropy``, or the vocab-parallel
+decoder's). ``logits(batch)`` returns the MLM logits at the masked rows and the pair logits, for parity
+tests and evaluation.
 
 No host sync on the way: masked positions come from the loader; whether the batch is padded is read
 from ``batch.n_tokens`` (a host int) or, for CPU tensors, from the mask itself.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamlm.model.encoder import Encoder, TiedGrad, WordEmbedding
-from megamlm.model.fused import zero3_partitioned
-from megamlm.model.heads import MLMHead, PairHead, TiedDecoder
-from megamlm.objectives import LossTerms, mlm_terms, pair_terms
+from megamlm import ops as ops_layer
+from megamlm.model.encoder import Encoder
+from megamlm.model.heads import MLMHead, PairHead
+from megamlm.model.terms import LossTerms, pair_terms, row_terms
 
 __all__ = ["PretrainingModel", "build_model", "attention_mask_or_none", "weight_decay_groups"]
 
@@ -33,7 +34,7 @@ def attention_mask_or_none(batch) -> torch.Tensor | None:
         return None
     if getattr(batch, "n_tokens", 0) and batch.n_tokens == batch.input_ids.numel():
         return None
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+    if ops_layer.host_readable(mask) and bool(mask.all()):
         return None
     return mask
 
@@ -75,8 +76,8 @@ class PretrainingModel(nn.Module):
             if batch.pair_labels.shape != ids.shape[:1]:
                 raise ValueError(f"pair_labels has shape {tuple(batch.pair_labels.shape)}; expected "
                                  f"[{ids.shape[0]}] (one per sequence)")
-        check_values = self.encoder.check_inputs or pos.device.type == "cpu"
-        if check_values and pos.numel() and not torch.compiler.is_compiling():
+        check_values = ops_layer.host_readable(pos) or (self.encoder.check_inputs and not torch.compiler.is_compiling())
+        if check_values and pos.numel():
             lo, hi = int(pos.min()), int(pos.max())
             if lo < 0 or hi >= ids.numel():
                 raise ValueError(f"mlm_positions holds {hi if hi >= ids.numel() else lo}, outside the "
@@ -89,49 +90,26 @@ class PretrainingModel(nn.Module):
                     raise ValueError(f"MLM target id {hi if hi >= n else lo} is outside the real vocabulary "
                                      f"[0, {n}) (padded rows are never targets)")
 
-    def hidden(self, batch, tied: TiedGrad | None = None) -> torch.Tensor:
+    def hidden(self, batch) -> torch.Tensor:
         """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch`."""
-        return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch), tied)
+        return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch))
 
-    def _tied_grad(self) -> TiedGrad | None:
-        """A :class:`TiedGrad` for a training forward whose decoder and lookup can hand the tied
-        weight's gradient over (the plain tied modules, the decoder on its CPU workspace path; not
-        under ZeRO-3, which gathers and releases the weight per module call)."""
-        emb, dec = self.encoder.embeddings.word_embeddings, self.mlm_head.decoder
-        if (torch.is_grad_enabled() and isinstance(emb, WordEmbedding) and isinstance(dec, TiedDecoder)
-                and dec.weight is emb.weight and emb.weight.requires_grad and dec.scratch_path()
-                and not zero3_partitioned(emb.weight)):
-            return TiedGrad()
-        return None
-
-    def _bias_in_loss(self) -> bool:
-        """Whether the training loss adds the decoder's bias itself (single rank, the decoder's CPU fp32
-        workspace path, its bias not a ZeRO-3 parameter: the loss reads it outside the decoder's call):
-        saves a broadcast copy into, and a column-sum pass over, the N × V logits."""
-        dec = self.mlm_head.decoder
-        return (self.vocab_group is None and isinstance(dec, TiedDecoder) and dec.scratch_path()
-                and dec.bias.numel() == dec.weight.shape[0] and not zero3_partitioned(dec.bias))
-
-    def logits(self, batch, scratch: bool = False, _add_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None).
-        ``scratch``: the MLM logits are for the loss alone (may live in a workspace the next call reuses)."""
+    def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None)."""
         self._check_batch(batch)
-        tied = self._tied_grad() if scratch else None
-        h = self.hidden(batch, tied)  # [B, T, H]
-        mlm = self.mlm_head(h, batch.mlm_positions, scratch=scratch, tied=tied, add_bias=_add_bias)  # [N, V_real]
+        h = self.hidden(batch)  # [B, T, H]
+        mlm = self.mlm_head(h, batch.mlm_positions)  # [N, V_real]
         pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
         return mlm, pair
 
     def forward(self, batch) -> LossTerms:
-        bias_in_loss = self._bias_in_loss()
-        mlm_logits, pair_logits = self.logits(batch, scratch=True, _add_bias=not bias_in_loss)
+        self._check_batch(batch)
+        h = self.hidden(batch)  # [B, T, H]
+        per_row, pred = self.mlm_head(h, batch.mlm_positions, labels=batch.mlm_targets)  # [N] fp32, [N]
         terms = LossTerms()
-        # the logits exist for the loss alone: its backward may write the gradient into them
-        bias = self.mlm_head.decoder.loss_bias() if bias_in_loss else None
-        terms.add("mlm", *mlm_terms(mlm_logits, batch.mlm_targets, self.vocab_group, logits_are_scratch=True,
-                                    bias=bias))
-        if pair_logits is not None:
-            terms.add("pair", *pair_terms(pair_logits, batch.pair_labels))
+        terms.add("mlm", *row_terms(per_row, pred, batch.mlm_targets))
+        if self.pair_head is not None:
+            terms.add("pair", *pair_terms(self.pair_head(h), batch.pair_labels))  # logits [B, 2]
         return terms
 
 

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamlm.parallel.vocab import group_size_rank
+from megamlm.parallel.groups import group_size_rank
+from megamlm.parallel.vocab import vocab_parallel_cross_entropy
 
 __all__ = ["copy_to_vocab_parallel_region", "reduce_from_vocab_parallel_region", "mark_vocab_parallel",
-           "vocab_range", "mask_padded_columns_", "VocabParallelEmbedding", "VocabParallelDecoder"]
+           "vocab_range", "mask_padded_columns_", "VocabParallelEmbedding", "VocabParallelDecoder",
+           "VOCAB_SHARDED_PARAMS", "VOCAB_TIED_PARAMS", "parallelize_vocab", "vocab_parallel_layout"]
 
 
 def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -178,12 +180,72 @@ class VocabParallelDecoder(nn.Module):
         dec.bias.requires_grad_(full_bias.requires_grad)
         return dec
 
-    def forward(self, h: torch.Tensor, scratch: bool = False) -> torch.Tensor:
-        """``scratch``: accepted as by TiedDecoder; the local logits are allocated per call here."""
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
+        """h [N, H] → local logits [N, V/t]; with ``labels`` [N] (global ids) → their vocab-parallel training
+        loss, as by :class:`~megamlm.model.heads.TiedDecoder`: (per-row loss fp32 [N], global argmax [N])."""
         h = copy_to_vocab_parallel_region(h, self.group)  # [N, H]; backward: sum over the vocabulary slices
         logits = F.linear(h, self.weight, self.bias)  # [N, V/t]
-        return mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/t]
+        logits = mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/t]
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.group, inplace_backward=True, with_argmax=True)
 
     def extra_repr(self) -> str:
         return (f"local rows {tuple(self.weight.shape)} from id {self.vocab_start}, real vocabulary "
                 f"{self.n_predicted}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying vocabulary parallelism to a finished model
+
+#: Tensors of the pretraining model split along the vocabulary: name → dim; concatenated in vp-rank order
+#: they give the padded [V, H] / [V]. Every other tensor is replicated over the vocab-parallel group.
+VOCAB_SHARDED_PARAMS: dict[str, int] = {"encoder.embeddings.word_embeddings.weight": 0,
+                                        "mlm_head.decoder.bias": 0}
+#: Tied aliases (not tensors of their own): rebuild them from their source after merging, as for t=1.
+#: In a checkpoint ``mlm_head.decoder.weight`` appears as each rank's [V/t, H] embedding rows in the stage
+#: 0–2 ``module`` dict, and DeepSpeed records the tie in ``shared_params`` on global rank 0's file only.
+VOCAB_TIED_PARAMS: dict[str, str] = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"}
+
+
+def parallelize_vocab(model, topology):
+    """Split a finished :class:`megamlm.model.pretraining.PretrainingModel` along the vocabulary, in place.
+
+    The word embedding becomes a :class:`~megamlm.parallel.layers.VocabParallelEmbedding` holding this
+    rank's rows of the full, identically seeded table (so every vocab-parallel size starts from the same
+    weights); the MLM decoder becomes a :class:`~megamlm.parallel.layers.VocabParallelDecoder` tied to it
+    with this rank's slice of the bias (its training loss is the vocab-parallel cross-entropy over the
+    group); both are tagged ``tensor_model_parallel``; ``model.vocab_group`` is set. With ``topology.vp_size == 1`` the model
+    is returned unchanged. Call it before the engine wraps the model. Returns the model.
+    """
+    if topology.vp_size == 1:
+        return model
+    group = topology.vp_group
+    size, rank = group_size_rank(group)
+    if (size, rank) != (topology.vp_size, topology.vp_rank):
+        raise ValueError(f"topology says vocab-parallel rank {topology.vp_rank} of {topology.vp_size}, its "
+                         f"vp_group says {rank} of {size}")
+    emb = model.encoder.embeddings.word_embeddings
+    dec = model.mlm_head.decoder
+    if isinstance(emb, VocabParallelEmbedding):
+        raise ValueError("the model is already vocab-parallel")
+    if dec.weight is not emb.weight:
+        raise ValueError("the MLM decoder is not tied to the word embedding; parallelize_vocab expects the tie")
+    new_emb = VocabParallelEmbedding.from_full(emb.weight, group)
+    model.encoder.embeddings.word_embeddings = new_emb
+    model.mlm_head.decoder = VocabParallelDecoder.tied_to(new_emb, dec.bias, dec.n_predicted)
+    model.vocab_group = group
+    return model
+
+
+def vocab_parallel_layout(model, vp_size: int) -> dict:
+    """What a checkpoint's ``vocab_parallel.json`` says: the split of the vocabulary-sharded tensors.
+
+    Concatenating each ``sharded`` tensor of the ``mp_rank_XX_model_states.pt`` files along its dim in
+    vp-rank order gives the padded [V, H] / [V]; every other tensor is replicated (tied aliases, see
+    :data:`VOCAB_TIED_PARAMS`, follow their source)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {"vocab_parallel_size": int(vp_size),
+            "padded_vocab_size": int(model.encoder.vocab_size),
+            "real_vocab_size": int(model.real_vocab_size),
+            "sharded": {n: d for n, d in VOCAB_SHARDED_PARAMS.items() if n in names}}

@@ -56,7 +56,7 @@ def _worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     from megamlm.distributed.topology import build_topology
-    from megamlm.parallel.vocab import (VOCAB_SHARDED_PARAMS, VOCAB_TIED_PARAMS, parallelize_vocab,
+    from megamlm.parallel.layers import (VOCAB_SHARDED_PARAMS, VOCAB_TIED_PARAMS, parallelize_vocab,
                                         vocab_parallel_layout)
 
     topo = build_topology(vp_size=2)
@@ -124,7 +124,7 @@ def test_parallelize_vocab_matches_the_unsplit_model():
 
 def test_parallelize_vocab_is_a_no_op_without_vocab_parallelism():
     from megamlm.distributed.topology import single_process_topology
-    from megamlm.parallel.vocab import parallelize_vocab, vocab_parallel_layout
+    from megamlm.parallel.layers import parallelize_vocab, vocab_parallel_layout
 
     model = _model()
     emb = model.encoder.embeddings.word_embeddings

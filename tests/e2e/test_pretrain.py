@@ -72,6 +72,7 @@ def losses(out: Path) -> dict[int, float]:
 def test_demo_run_trains_logs_and_checkpoints(reference):
     out, r = reference
     assert "held-out MLM accuracy:" in r.stdout and "done: step 8" in r.stdout
+    assert "kernels: cpu (" in r.stderr  # the ops backend, said once at start
     tb = out / "tb"
     l = losses(out)
     assert sorted(l) == list(range(1, STEPS + 1))
@@ -298,6 +299,11 @@ def test_bad_setups_fail_before_any_process_group(cfg_file, tmp_path):
     r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "--resume", "step00000099"), cwd=ROOT,
                        env=clean_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a complete checkpoint" in r.stderr
+    env = {**clean_env(), "MEGAMLM_CPU_KERNELS": "0"}  # as on a machine without a C compiler
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "engine.kernels=cpu"), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "engine.kernels=cpu: the CPU kernels cannot be built here" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "checkpoints").exists()
 
 
 def test_resume_refuses_another_model_shape(cfg_file, reference, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megamlm.model import cpu_kernels
+from megamlm.ops import cpu_kernels
 
 
 @pytest.fixture(params=[True, False], ids=["kernels", "torch-ops"])

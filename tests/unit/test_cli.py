@@ -1,7 +1,7 @@
 """`megamlm check-config` against the files a config names, and the file checks pretrain's preflight shares
-(megamlm/config/files.py): real SentencePiece models and real shard folders made by make_shards.
+(megamlm/preflight.py): real SentencePiece models and real shard folders made by make_shards.
 
-A failure points at megamlm/config/files.py (check_files / file_checks) or megamlm/cli.py (cmd_check_config).
+A failure points at megamlm/preflight.py (check_files / file_checks) or megamlm/cli.py (cmd_check_config).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from megamlm.cli import main
 from megamlm.config import load_config
-from megamlm.config.files import check_files, file_checks
+from megamlm.preflight import check_files, file_checks
 from tests import data_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -139,7 +139,7 @@ def test_vocab_parallel_must_divide_a_set_vocab_size():
 
 
 def test_without_model_vocab_size_the_padding_multiple_is_not_the_vocabulary():
-    """The padded vocabulary is ceil(pieces / pad) * pad: only the tokenizer knows it (config/files.py checks
+    """The padded vocabulary is ceil(pieces / pad) * pad: only the tokenizer knows it (preflight.py checks
     it); 8000 pieces padded to a multiple of 1 split over 5 ranks fine."""
     cfg = config_from_dict({"parallel": {"vocab_parallel_size": 5}, "tokenizer": {"pad_vocab_to_multiple": 1}},
                            world_size=5)
@@ -229,7 +229,7 @@ def test_check_config_cli_fails_before_any_work_with_all_problems():
 
 
 def test_import_megamlm_is_light():
-    code = ("import sys, megamlm, megamlm.config, megamlm.config.files, megamlm.cli, megamlm.tokenizer, "
+    code = ("import sys, megamlm, megamlm.config, megamlm.preflight, megamlm.cli, megamlm.tokenizer, "
             "megamlm.data.shards;"
             "heavy = [m for m in ('deepspeed', 'webdataset', 'tensorboard', 'transformers') if m in sys.modules];"
             "print(','.join(heavy))")

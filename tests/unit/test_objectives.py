@@ -215,7 +215,7 @@ def test_argmax_from_cross_entropy_equals_torch_argmax_with_ties(vocab, kernels)
     """with_argmax returns x.argmax(-1) exactly, ties to the smallest id: random rows, constant rows,
     ties inside one column block, across blocks, on block boundaries and in the short last block;
     the loss is unchanged by the flag."""
-    from megamlm.parallel.vocab import _BLOCK
+    from megamlm.ops.cross_entropy import BLOCK as _BLOCK
 
     torch.manual_seed(0)
     x = torch.randn(12, vocab)

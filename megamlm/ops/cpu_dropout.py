@@ -1,11 +1,11 @@
-"""Dropout for the encoder and heads, fast on CPU.
+"""The CPU backend's dropout (:class:`megamlm.ops.cpu.CpuOps` ``dropout`` / ``dropout_add``).
 
-* CPU fp32/fp64 with the compiled kernels (:mod:`megamlm.model.cpu_kernels`): the mask is generated
+* CPU fp32/fp64 with the compiled kernels (:mod:`megamlm.ops.cpu_kernels`): the mask is generated
   inside the kernel from a seed and each element's index, regenerated in backward (nothing stored),
   and a block's ``residual + dropout(x)`` is one pass (:func:`dropout_add`).
 * CPU without them (no C compiler), or other dtypes: a float mask from numpy-drawn bits
   (:func:`_keep_mask`), cheaper than ``bernoulli_``.
-* Accelerators and ``torch.compile``: ``F.dropout``.
+* Accelerators and ``torch.compile``: ``F.dropout`` (what the torch backend always runs).
 
 Every path draws its randomness from torch's global generator (one seed per call), so
 ``torch.manual_seed`` fixes the masks.
@@ -16,11 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from megamlm.model import cpu_kernels
+from megamlm.ops import cpu_kernels
 
-__all__ = ["Dropout", "dropout", "dropout_add"]
+__all__ = ["dropout", "dropout_add", "keep_mask"]
 
 _BITS_HELPER = None  # one helper thread for :func:`_random_bits`, made on first use
 
@@ -142,8 +141,4 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     return residual + dropout(x, p, training)
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the cheaper CPU mask of :func:`dropout` (same module interface)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+keep_mask = _keep_mask  # the stored float mask (public name, for the attention fallback and tests)

@@ -2,7 +2,7 @@
 compiler into ``$MEGAMLM_KERNEL_DIR`` (default ``~/.cache/megamlm/kernels``), keyed by a hash of the
 source, the flags, the compiler and the CPU's instruction-set flags; loaded with ctypes, their
 signatures declared, their OpenMP runtime checked against torch's, and torch's BLAS ``sgemm_``
-handed to the attention kernels after a self-test. :mod:`megamlm.model.cpu_kernels` is the API."""
+handed to the attention kernels after a self-test. :mod:`megamlm.ops.cpu_kernels` is the API."""
 
 from __future__ import annotations
 

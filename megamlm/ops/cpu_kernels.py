@@ -27,7 +27,7 @@ The C source (``cpu_kernels.c``) is compiled with the system C compiler (``$CC``
 into ``$MEGAMLM_KERNEL_DIR`` (default ``~/.cache/megamlm/kernels``), keyed by a hash of the source,
 the flags, the compiler and the CPU's instruction-set flags (so a shared home on a mixed cluster
 never loads a binary built for another CPU); concurrent ranks compile to temporary files and
-rename (:mod:`megamlm.model.kernel_build`). Without a compiler (or with ``MEGAMLM_CPU_KERNELS=0``) :func:`available` is False and the
+rename (:mod:`megamlm.ops.kernel_build`). Without a compiler (or with ``MEGAMLM_CPU_KERNELS=0``) :func:`available` is False and the
 model falls back to torch ops with a numpy-drawn mask (same distribution, another stream).
 
 The stream, specified in torch ops by :func:`keep_mask_reference` (tests check the kernel against it
@@ -43,12 +43,12 @@ import threading
 
 import torch
 
-from megamlm.model import kernel_build
+from megamlm.ops import kernel_build
 
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
-           "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "mul_colsum",
+           "unavailable_reason", "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "mul_colsum",
            "residual_layer_norm", "residual_layer_norm_backward", "cross_entropy_forward",
            "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward"]
 
@@ -58,6 +58,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _lock = threading.Lock()
 _lib = None  # the loaded library, False once loading failed
 _enabled = os.environ.get("MEGAMLM_CPU_KERNELS", "1") != "0"
+_why = ""  # why loading failed
 
 
 def _load():
@@ -68,9 +69,18 @@ def _load():
         try:
             _lib = kernel_build.load(_VERSION)
         except Exception as e:  # noqa: BLE001 -- any failure means: use the torch fallback
+            global _why
+            _why = str(e) or type(e).__name__
             log.warning("megamlm CPU kernels unavailable (%s); using torch ops", e)
             _lib = False
         return _lib
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ('' when it is True)."""
+    if not _enabled:
+        return "turned off (MEGAMLM_CPU_KERNELS=0)" if os.environ.get("MEGAMLM_CPU_KERNELS") == "0" else "turned off"
+    return "" if _load() else _why
 
 
 def available() -> bool:
