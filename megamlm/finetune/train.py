@@ -165,7 +165,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
     ``shutdown=False`` keeps the process group for a next run in this process (``--seeds``).
     ``fresh_folder``: the caller moved an earlier run aside (``--move-old-run``); start fresh."""
     from megamlm.distributed.env import from_environ
-    from megamlm.engine import init_distributed, resolve_backend
+    from megamlm import ops
+    from megamlm.engine import init_distributed, resolve_backend, select_ops
     from megamlm.finetune.weights import load_pretrained
     from megamlm.pretrain import _disable_ds_shm_op, _shutdown
     from megamlm.tokenizer import Tokenizer
@@ -182,9 +183,15 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
     ckpt_dir = Path(cfg.checkpoint_dir)
     tag = None if fresh_folder else ckpt.resolve_resume(resume, ckpt_dir)
 
+    try:  # engine.kernels on this machine, before any process group
+        kernels, kernels_said = select_ops(cfg)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
     _disable_ds_shm_op()
     init_distributed(de, resolve_backend(cfg.engine))
-    model = build_model(cfg, pre, len(labels))
+    model = ops.use(build_model(cfg, pre, len(labels)), kernels)
+    if de.rank == 0:
+        log.info("kernels: %s", kernels_said)
     enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.train.freeze_encoder else None
     n_train, world = len(enc["train"]), de.world_size
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)

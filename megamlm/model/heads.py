@@ -38,6 +38,7 @@ class TiedDecoder(nn.Module):
         if not 0 < n_predicted <= vocab:
             raise ValueError(f"real vocabulary size {n_predicted} must be in [1, {vocab}] (the embedding rows)")
         self.weight = weight  # the word embedding's Parameter: same storage
+        weight.tied_decoder = True  # for the backend: a lookup of it may take this decoder's gradient
         self.bias = nn.Parameter(torch.zeros(vocab))
         self.n_predicted = n_predicted
 

@@ -71,7 +71,8 @@ class CpuOps(TorchOps):
     def describe(self) -> str:
         if not cpu_kernels.available():
             return f"cpu (compiled kernels unavailable: {cpu_kernels.unavailable_reason()}; CPU-tuned torch fallbacks)"
-        threads = f"{torch.get_num_threads()} OpenMP threads" if cpu_kernels.uses_openmp() else "serial"
+        n = torch.get_num_threads()
+        threads = f"{n} OpenMP thread{'s' if n != 1 else ''}" if cpu_kernels.uses_openmp() else "serial"
         tile = "" if cpu_kernels.attention_available() else "; no tile attention (torch exports no sgemm)"
         return f"cpu (compiled, {threads}{tile})"
 
@@ -128,12 +129,15 @@ class CpuOps(TorchOps):
 
     # ------------------------------------------------------------------ vocabulary
     def embedding(self, table, ids):
-        """A training lookup of a CPU float32 table registers a :class:`TiedGrad`: if the decoder of the same
-        forward is tied to this weight (:meth:`decoder_cross_entropy`), its backward leaves its gradient
-        there and the lookup's backward adds its rows into it: one [V, H] gradient, not two summed."""
+        """A training lookup of a CPU float32 table whose weight a decoder shares (``weight.tied_decoder``,
+        set by :class:`~megamlm.model.heads.TiedDecoder`) registers a :class:`TiedGrad`: the decoder of the
+        same forward (:meth:`decoder_cross_entropy`) leaves its gradient there and the lookup's backward
+        adds its rows into it: one [V, H] gradient, not two summed. Any other lookup clears the hand-off."""
         w = table.weight
-        if (torch.is_grad_enabled() and w.requires_grad and _scratch_fits(w) and not zero3_partitioned(w)
-                and table.padding_idx is None and table.max_norm is None and not table.sparse):
+        self._pending = None
+        if (getattr(w, "tied_decoder", False) and torch.is_grad_enabled() and w.requires_grad and _scratch_fits(w)
+                and not zero3_partitioned(w) and table.padding_idx is None and table.max_norm is None
+                and not table.sparse):
             tied = TiedGrad()
             self._pending = (w, tied)
             return table(ids, inside=lambda m, ids: TiedLookup.apply(ids, m.weight, tied))  # [B, T, H]
@@ -147,7 +151,9 @@ class CpuOps(TorchOps):
         pending, self._pending = self._pending, None
         if not (h.dtype == torch.float32 and _scratch_fits(weight)):
             return super().decoder_cross_entropy(h, weight, bias, n_predicted, labels, ignore_index)
-        tied = pending[1] if pending is not None and pending[0] is weight and torch.is_grad_enabled() else None
+        tied = None
+        if pending is not None and pending[0] is weight and torch.is_grad_enabled() and not zero3_partitioned(weight):
+            tied = pending[1]  # the lookup of this forward, over this very weight
         w, b = _rows(weight, bias, n_predicted)
         in_loss = b is not None and bias.numel() == weight.shape[0] and not zero3_partitioned(bias)
         logits = LinearInWorkspace.apply(h, w, None if in_loss else b, self.workspace, weight.shape[0], tied)

@@ -71,8 +71,8 @@ class CrossEntropy(torch.autograd.Function):
         if ctx.kernel:  # one read-only pass per row (max, then log-sum-exp and argmax), bias added on the fly
             labels = labels.contiguous()
             loss, lse, pred = cpu_kernels.cross_entropy_forward(x, bias, labels, ignore_index)
-            # the bias' values as of now: under ZeRO-3 its parameter is released (emptied) after the decoder's
-            # call, and this loss runs outside that call; a detached alias keeps the values for the backward
+            # the bias' values as of now: under ZeRO-3 a parameter is released (emptied) after its module's
+            # call, before this backward runs; a detached alias keeps the values for the backward
             ctx.save_for_backward(x, lse, labels, labels != ignore_index, None if bias is None else bias.detach())
         else:
             if bias is not None:

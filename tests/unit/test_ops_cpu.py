@@ -14,19 +14,12 @@ import pytest
 import torch
 
 from megamlm.bench import random_batch
-from megamlm.config import ModelConfig, ObjectiveConfig
+from megamlm.config import ObjectiveConfig
 from megamlm.model import build_model
 from megamlm.ops import cpu_kernels, kernel_build
 from megamlm.ops.cpu_dropout import _keep_mask, _random_bits, dropout, dropout_add
 
-V = 97
-
-
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position_embeddings=64,
-                dropout=0.0, attention_dropout=0.0)
-    base.update(kw)
-    return ModelConfig(**base)
+from tests.unit.test_encoder import V, tiny_cfg
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
 
@@ -660,3 +653,27 @@ def test_scratch_logits_workspace_reused_only_when_free():
     model(b2)  # so this forward takes a new one
     assert cpu.workspace.buf is not ws
     del held
+
+
+def test_a_stale_tied_hand_off_is_never_taken():
+    """A grad-enabled lookup that no decoder loss follows (``logits()``) leaves a hand-off behind; the next
+    forward's lookup clears it, so a decoder loss over an encoder run without grad (the heads trained
+    alone) returns its weight gradient itself instead of leaving it in the stale TiedGrad."""
+    from megamlm import ops
+
+    def head_grad(backend):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(vocab_size=128), ObjectiveConfig(), 128, real_vocab_size=V)
+        ops.use(model, backend)
+        b1 = random_batch(3, 12, V, mlm_probability=0.4, seed=1)
+        b2 = random_batch(3, 12, V, mlm_probability=0.4, seed=2)
+        model.logits(b1)  # grad on: the lookup may register a hand-off that nothing takes
+        with torch.no_grad():
+            h = model.hidden(b2)
+        per_row, _ = model.mlm_head(h, b2.mlm_positions, labels=b2.mlm_targets)
+        per_row.sum().backward()
+        return model.mlm_head.decoder.weight.grad
+
+    got, want = head_grad(ops.CpuOps()), head_grad(ops.TorchOps())
+    assert got is not None and float(got.abs().max()) > 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
