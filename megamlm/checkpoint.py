@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from megamlm.errors import MegamlmError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -49,10 +51,8 @@ VOCAB_PARALLEL_JSON = "vocab_parallel.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegamlmError, RuntimeError):
     """A checkpoint is missing, incomplete, or from another model shape; the message names it."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 @dataclass

@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + rest
     try:
         return int(args.fn(args) or 0)
-    except Exception as e:  # noqa: BLE001 - user-facing errors print as one message, the rest as tracebacks
-        if not (isinstance(e, ConfigError) or getattr(e, "user_facing", False)):
+    except Exception as e:  # noqa: BLE001 - MegamlmErrors print as one message, the rest as tracebacks
+        from megamlm.errors import MegamlmError
+
+        if not isinstance(e, MegamlmError):
             raise
         print(f"megamlm {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from megamlm.errors import MegamlmError
+
 log = logging.getLogger(__name__)
 
 
-class EngineError(RuntimeError):
+class EngineError(MegamlmError, RuntimeError):
     """An engine setting that cannot work on this machine (e.g. LAMB without CUDA)."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 def device_type() -> str:

@@ -27,6 +27,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from megamlm.errors import MegamlmError
+
 log = logging.getLogger(__name__)
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -35,10 +37,8 @@ WORD_START = "\u2581"  # SentencePiece's "▁"
 SIDECAR_FORMAT = "megamlm-tokenizer/1"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MegamlmError, ValueError):
     """A tokenizer file is missing, unreadable or inconsistent with its sidecar."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 def padded_size(n: int, multiple: int) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megamlm.errors import MegamlmError
 from megamlm import checkpoint as ckpt
 from megamlm.config import Config, dump_config
 from megamlm.objectives import LossTerms, combine
@@ -33,10 +34,8 @@ from megamlm.objectives import LossTerms, combine
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(MegamlmError, RuntimeError):
     """The run stopped on purpose (non-finite steps in a row); a checkpoint of the last good state exists."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 class StopFlag:

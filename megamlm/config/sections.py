@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megamlm.errors import MegamlmError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegamlmError, ValueError):
     """One or more configuration problems; ``problems`` holds them one per line."""
 
     def __init__(self, problems: list[str], source: str | None = None):

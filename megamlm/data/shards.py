@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks
+from megamlm.errors import MegamlmError
 from megamlm.data.encode import EncodedChunk, encode_chunk, init_worker
 from megamlm.data.outdir import ShardOutput
 from megamlm.data.shard_format import (MANIFEST, MANIFEST_FORMAT, SAMPLE_PARTS, SPLITS, STAGING, Manifest,
@@ -213,7 +214,7 @@ def make_shards(data_cfg, tokenizer_path: str | Path, *, overwrite: bool = False
 
 def _tell(e: BaseException, note: str) -> None:
     """Add ``note`` to the error: into the message of a user-facing one (the CLI prints only that)."""
-    if getattr(e, "user_facing", False) and len(e.args) == 1 and isinstance(e.args[0], str):
+    if isinstance(e, MegamlmError) and len(e.args) == 1 and isinstance(e.args[0], str):
         e.args = (f"{e.args[0]}; {note}",)
     else:
         e.add_note(note)

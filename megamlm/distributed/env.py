@@ -19,11 +19,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
+from megamlm.errors import MegamlmError
 
-class DistEnvError(RuntimeError):
+
+class DistEnvError(MegamlmError, RuntimeError):
     """The launcher's environment is inconsistent or incomplete."""
-
-    user_facing = True  # the CLI prints it as one message, no traceback
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamlm.errors import MegamlmError
 from megamlm.data.encode import doc_hash_fraction
 from megamlm.finetune.heads import IGNORE_INDEX, FtBatch
 
@@ -43,10 +44,8 @@ PAIR_LABELS = ["mismatch", "match"]
 _BIO = re.compile(r"^(O|[BI]-\S+)$")
 
 
-class DataError(ValueError):
+class DataError(MegamlmError, ValueError):
     """Bad labelled data; the message names the file and line."""
-
-    user_facing = True
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megamlm.errors import MegamlmError
 from megamlm.convert import staged_output
 from megamlm.model.hf_keys import EMBEDDING_KEYS, LAYER_KEYS
 
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportError", "export_hf", "hf_state"]
 
 
-class ExportError(ValueError):
-    user_facing = True
+class ExportError(MegamlmError, ValueError):
+    """A fine-tuned model that cannot be exported (its weights file, its task)."""
 
 
 def hf_state(state: dict[str, torch.Tensor], num_layers: int, task_type: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from megamlm.model.encoder import Dropout, Encoder, init_bert_weights
 
-IGNORE_INDEX = -100
+from megamlm.labels import IGNORE_INDEX  # noqa: E402
 
 __all__ = ["IGNORE_INDEX", "ClsHead", "TokenHead", "FinetuneModel", "FtBatch", "Output", "loss_terms"]
 

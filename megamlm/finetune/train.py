@@ -23,6 +23,7 @@ import torch
 
 from megamlm import checkpoint as ckpt
 from megamlm.config import ConfigError
+from megamlm.labels import IGNORE_INDEX
 from megamlm.finetune import data as D
 from megamlm.finetune.config import FinetuneConfig, dump_finetune_config
 from megamlm.finetune.heads import FinetuneModel, param_groups
@@ -273,7 +274,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
             mine = step_idx[de.rank * micro: (de.rank + 1) * micro]
             items = [enc["train"][i] for i in mine]
             b = D.collate(items)
-            n_global = sum(int((enc["train"][i].labels != -100).sum()) if enc["train"][i].labels.ndim
+            n_global = sum(int((enc["train"][i].labels != IGNORE_INDEX).sum()) if enc["train"][i].labels.ndim
                            else 1 for i in step_idx)
             out = engine(b.to(dev))
             engine.backward(out.loss_sum / n_global * world)  # DeepSpeed averages over ranks: undo it

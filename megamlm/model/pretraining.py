@@ -82,7 +82,7 @@ class PretrainingModel(nn.Module):
             if lo < 0 or hi >= ids.numel():
                 raise ValueError(f"mlm_positions holds {hi if hi >= ids.numel() else lo}, outside the "
                                  f"flattened batch [0, {ids.numel()})")
-            valid = tgt[tgt != -100]
+            valid = tgt[tgt != ops_layer.IGNORE_INDEX]
             if valid.numel():
                 lo, hi = int(valid.min()), int(valid.max())
                 n = self.real_vocab_size

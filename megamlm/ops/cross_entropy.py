@@ -11,7 +11,7 @@ import torch
 
 from megamlm.ops import cpu_kernels
 
-IGNORE_INDEX = -100
+from megamlm.labels import IGNORE_INDEX  # noqa: E402 (re-exported)
 
 __all__ = ["IGNORE_INDEX", "CHUNK_BYTES", "BLOCK", "block_max", "first_argmax", "CrossEntropy", "kernel_fits",
            "cross_entropy"]
