@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""
+"""``megamlm bench loader`` as a script: loader throughput per worker process (see ``--help``)."""
 
 import sys
 

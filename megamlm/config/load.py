@@ -194,7 +194,7 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
         return all(k in ok for k in keys)
 
     p: list[str] = []
-    m, o, d, e = cfg.model, cfg.objective, cfg.data, cfg.engine
+    m, o, d = cfg.model, cfg.objective, cfg.data
     if need("model.hidden_size", "model.num_heads") and m.hidden_size % m.num_heads:
         p.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if need("data.seq_len", "model.max_position_embeddings") and d.seq_len > m.max_position_embeddings:

@@ -29,7 +29,7 @@ import torch
 from megamlm.convert.hf import is_hf_dir, load_hf
 from megamlm.convert.weights import (TIED, WORD, Weights, check_state, expected_shapes, read_safetensors,
                                      safetensors_header)
-from megamlm.convert.zero import ConvertError, consolidate, materialize, resolve_checkpoint, safe_load
+from megamlm.convert.zero import ConvertError, consolidate, materialize, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -244,7 +244,7 @@ def _write_shards(data_cfg, tok, out_dir: Path, *, workers: int, progress: bool,
         counters["text_bytes"] += r.text_bytes
         stats.documents += r.n_read
         stats.replacements += r.replacements
-        for local, origin, kind in r.skipped:
+        for _local, origin, kind in r.skipped:
             counters[kind] += 1
             if counters[kind] <= 5:
                 what = "empty document" if kind == "empty" else "document without tokens"

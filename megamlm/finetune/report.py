@@ -51,7 +51,7 @@ def write_report(out_dir: str | Path, summaries: list[dict]) -> list[Path]:
     written.append(out_dir / "report.json")
     lines = [f"# Fine-tuning report: {s0['task']} ({s0['reader']})", "",
              f"- init: `{s0['init']}`, encoder {'frozen' if s0['freeze_encoder'] else 'trained'}",
-             f"- examples: " + ", ".join(f"{k} {v}" for k, v in s0["sizes"].items()) + f"; {len(s0['labels'])} labels",
+             "- examples: " + ", ".join(f"{k} {v}" for k, v in s0["sizes"].items()) + f"; {len(s0['labels'])} labels",
              f"- seeds: {doc['seeds']}; best weights chosen on validation {s0['metric']}", "",
              "| test metric | median | min | max | std |", "|---|---|---|---|---|"]
     for k, v in agg.items():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from megamlm.ops.cross_entropy import BLOCK, CHUNK_BYTES, IGNORE_INDEX, block_max, cross_entropy, first_argmax
+from megamlm.ops.cross_entropy import CHUNK_BYTES, IGNORE_INDEX, block_max, cross_entropy, first_argmax
 from megamlm.parallel.groups import all_reduce as _all_reduce, group_size_rank
 
 __all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "vocab_parallel_argmax"]

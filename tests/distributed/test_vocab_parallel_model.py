@@ -108,7 +108,7 @@ def _worker(rank: int, world: int) -> None:
             dist.all_gather(weight, p.detach().contiguous(), group=topo.vp_group)
             assert torch.equal(torch.cat(weight), ref_params[name].detach()), f"{name}: not a slice of the t=1 init"
             assert torch.all(grad[REAL:] == 0), f"{name}: a padded row got a gradient"
-        torch.testing.assert_close(grad, ref_params[name].grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, ref_params[name].grad, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         worst = max(worst, float((grad - ref_params[name].grad).abs().max()))
 
     layout = vocab_parallel_layout(model, topo.vp_size)

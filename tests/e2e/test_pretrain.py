@@ -74,8 +74,8 @@ def test_demo_run_trains_logs_and_checkpoints(reference):
     assert "held-out MLM accuracy:" in r.stdout and "done: step 8" in r.stdout
     assert "kernels: cpu (" in r.stderr  # the ops backend, said once at start
     tb = out / "tb"
-    l = losses(out)
-    assert sorted(l) == list(range(1, STEPS + 1))
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
     for tag in ("train/mlm_loss", "train/pair_loss", "train/mlm_accuracy", "train/pair_accuracy", "train/lr",
                 "train/grad_norm", "train/loss_scale", "train/tokens_per_second", "train/samples_per_second",
                 "train/mfu", "train/memory_gb", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",

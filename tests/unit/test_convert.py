@@ -65,7 +65,7 @@ def test_a_failure_part_way_leaves_no_output(tmp_path):
     src = save_hf(w, tmp_path / "src", "BertForPreTraining")
     bad_tok = tmp_path / "bad.model"
     bad_tok.write_bytes(b"not a sentencepiece model")  # fails after the weights were written
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any failure after the weights were written: nothing may stay
         convert(src, tmp_path / "out", "hf", tokenizer=bad_tok)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     convert(src, tmp_path / "out", "hf")  # the same call without the bad tokenizer succeeds
@@ -281,7 +281,7 @@ def test_a_failure_removes_the_parent_folders_it_made_and_only_those(tmp_path):
     bad_tok = tmp_path / "bad.model"
     bad_tok.write_bytes(b"not a sentencepiece model")
     (tmp_path / "keep").mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any failure: the parent folders made for it go too
         convert(src, tmp_path / "keep" / "a" / "b" / "out", "hf", tokenizer=bad_tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.model", "keep", "src"]
     assert list((tmp_path / "keep").iterdir()) == []
