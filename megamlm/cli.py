@@ -1,4 +1,5 @@
-"""``megamlm <verb>``: argv → Config → one entry function. No logic lives here.
+"""``megamlm <verb>``: argv → Config → one entry function; the argument parsing and the one-line printing of
+a :class:`~megamlm.errors.MegamlmError` live here, the work in the entry functions.
 
 Every verb that reads a config takes ``CONFIG [section.key=value ...]``; the overrides win over the file.
 """

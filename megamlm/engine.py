@@ -1,6 +1,6 @@
 """The DeepSpeed engine: its config dict is built here from megamlm's config (no hand-kept JSON),
 with the optimizer, the learning-rate schedule and the process group. DeepSpeed specifics live here
-alone (DESIGN.md seam 7).
+alone (megamlm/ARCHITECTURE.md, seam 7).
 
 Batch arithmetic: ``global = micro × data-parallel × accumulation`` (checked when the config is
 loaded with the world size). The loss handed to :func:`backward` is the micro-batch's share of the

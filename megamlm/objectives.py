@@ -3,7 +3,7 @@
 The loss says what it divides by. Each objective returns *sums* (loss summed over its targets, the
 number of targets, the number predicted correctly), never a mean: a micro-batch does not know how
 many targets the whole optimizer step has. The trainer sums ``n_targets`` over all micro-batches of
-the step and over the data-parallel group (DESIGN.md seam 6) and calls :func:`combine` with those
+the step and over the data-parallel group (megamlm/ARCHITECTURE.md, seam 6) and calls :func:`combine` with those
 global counts, so that the step's gradient is that of
 
     total = sum_mlm / N_mlm_global + pair_loss_weight * sum_pair / N_pair_global

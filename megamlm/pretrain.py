@@ -211,7 +211,7 @@ def _host_world_group(backend: str):
 
 
 def _shutdown(engine, world_size: int) -> None:
-    """barrier → engine.destroy → destroy_process_group: ZeRO-3 aborted at exit without it (ENVIRONMENT.md)."""
+    """barrier → engine.destroy → destroy_process_group: ZeRO-3 aborted at exit without it (megamlm/ARCHITECTURE.md, "Environment facts")."""
     import torch.distributed as dist
 
     if dist.is_initialized():

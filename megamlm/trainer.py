@@ -5,7 +5,7 @@ One optimizer step:
 1. take ``accumulation`` micro-batches from the loader (host tensors);
 2. one small all-reduce on a CPU (gloo) group of the host counts — MLM targets, pairs, real tokens,
    sequences, and the stop flag (a preemption signal on any rank) — so every rank divides by the
-   step's *global* number of targets (DESIGN.md seam 6) and all ranks stop at the same step;
+   step's *global* number of targets (megamlm/ARCHITECTURE.md, seam 6) and all ranks stop at the same step;
 3. forward/backward of each micro-batch with loss = its share of the step's mean loss;
 4. ``engine.step()`` after each micro-batch (DeepSpeed updates at the accumulation boundary); it skips a step whose gradients are not finite (ZeRO 1–3 check the
    global norm; at ZeRO 0 :class:`GuardedAdamW` does) and the trainer counts it.

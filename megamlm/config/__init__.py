@@ -3,7 +3,8 @@
 Every field carries its help text and its allowed values in ``field(metadata=...)``; that metadata is
 the single source for validation, for ``megamlm check-config`` and for the docs. Problems are
 collected and raised together as one :class:`ConfigError` (a ``ValueError``), each naming the key, the
-value and what is allowed. Builders take their own section, never the whole :class:`Config`.
+value and what is allowed. Builders take their own section where they can (the model, the loader, the
+tokenizer); the engine and the trainer take the whole :class:`Config`, whose sections they combine.
 
 The checks against the files a config names (tokenizer, shards) live in :mod:`megamlm.preflight`, imported
 by those who need them (check-config, pretrain's preflight), not here: it reads the tokenizer and the manifest.

@@ -59,7 +59,7 @@ class VocabParallelMPU:
 
     Exactly these methods: DeepSpeed reads them for batch arithmetic, the gradient-norm all-reduce and
     checkpoint names. No ``initialize_sequence_parallel``: with it DeepSpeed would take this object for a
-    sequence-parallel unit and ignore it for model and data parallelism (ENVIRONMENT.md, "DeepSpeed with an mpu").
+    sequence-parallel unit and ignore it for model and data parallelism (megamlm/ARCHITECTURE.md, "Environment facts").
     """
 
     def __init__(self, topology: "Topology"):

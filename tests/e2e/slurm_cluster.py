@@ -1,7 +1,7 @@
 """A real one-machine Slurm cluster for the tests: Debian's ``slurm-wlm`` and ``munge`` started as plain
 background daemons (no systemd) in a private temp folder, on free ports, with their own munge key and
-socket, so nothing outside the folder is touched and several clusters can coexist. See ENVIRONMENT.md
-("Slurm 22.05 as a one-machine cluster") for the settings that work and the ones that do not.
+socket, so nothing outside the folder is touched and several clusters can coexist. See
+megamlm/ARCHITECTURE.md ("Environment facts") for the settings that work and the ones that do not.
 
 ``SlurmCluster.start()`` returns a running cluster or raises :class:`SlurmUnavailable` with the reason
 (not root, not installed, a daemon that does not come up); the pytest fixture turns that into a skip
