@@ -51,11 +51,11 @@ def engine_overhead(cfg, steps: int = 20, warmup: int = 3, stages=(0, 1, 2, 3)) 
     from megamlm.engine import build_engine, build_optimizer, init_distributed
     from megamlm.model.pretraining import build_model
     from megamlm.objectives import combine
-    from megamlm.pretrain import _disable_ds_shm_op
+    from megamlm.engine import disable_ds_shm_op
 
     vocab = cfg.model.vocab_size or 30592
     batches = _batches(cfg, 4, vocab)
-    _disable_ds_shm_op()
+    disable_ds_shm_op()
     init_distributed(DistEnv(master_port=29577), "gloo")
     w = cfg.objective.pair_loss_weight
 

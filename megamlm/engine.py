@@ -321,3 +321,30 @@ def loss_scale(engine) -> float:
         if isinstance(v, torch.Tensor):
             return float(v)
     return 1.0
+
+
+def disable_ds_shm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at init (35–70 s) that only serves
+    inference; training on CPU goes through gloo. Skip it unless MEGAMLM_DS_SHM=1."""
+    if os.environ.get("MEGAMLM_DS_SHM") == "1" or torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def shutdown(engine, world_size: int) -> None:
+    """The end of a run on every rank: barrier → engine.destroy → destroy_process_group (ZeRO-3 aborted at
+    exit without it: megamlm/ARCHITECTURE.md, "Environment facts")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone; still tear down what we can
+            pass
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()

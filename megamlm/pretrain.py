@@ -48,16 +48,6 @@ def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
             f"and another train.output_dir"]
 
 
-def _disable_ds_shm_op() -> None:
-    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at init (35–70 s) that only serves
-    inference; training on CPU goes through gloo. Skip it unless MEGAMLM_DS_SHM=1."""
-    if os.environ.get("MEGAMLM_DS_SHM") == "1" or torch.cuda.is_available():
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None,
              move_old_run: bool = False) -> dict:
     """Run pretraining on this rank; returns the trainer's summary (losses, final state, evals).
@@ -73,7 +63,8 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     from megamlm.distributed.env import from_environ
     from megamlm.distributed.topology import build_topology
     from megamlm import ops
-    from megamlm.engine import apply_cpu_malloc, build_engine, init_distributed, resolve_backend, select_ops
+    from megamlm.engine import (apply_cpu_malloc, build_engine, disable_ds_shm_op, init_distributed, resolve_backend,
+                                select_ops, shutdown)
     from megamlm.model.pretraining import build_model
     from megamlm.parallel.layers import parallelize_vocab, vocab_parallel_layout
     from megamlm.telemetry import TensorBoardWriter
@@ -106,7 +97,7 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
 
         init_weights = load_any(init_from)  # before any process group: a bad source fails in seconds
 
-    _disable_ds_shm_op()
+    disable_ds_shm_op()
     apply_cpu_malloc(cfg.engine)
     init_distributed(de, resolve_backend(cfg.engine))
     topo = build_topology(cfg.parallel.vocab_parallel_size)
@@ -172,7 +163,7 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     finally:
         if writer is not None:
             writer.close()
-        _shutdown(engine, de.world_size)
+        shutdown(engine, de.world_size)
     return result
 
 
@@ -210,22 +201,6 @@ def _host_world_group(backend: str):
     return None if backend == "gloo" else dist.new_group(backend="gloo")
 
 
-def _shutdown(engine, world_size: int) -> None:
-    """barrier → engine.destroy → destroy_process_group: ZeRO-3 aborted at exit without it (megamlm/ARCHITECTURE.md, "Environment facts")."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - a peer already gone; still tear down what we can
-            pass
-    destroy = getattr(engine, "destroy", None)
-    if destroy is not None:
-        destroy()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main_from_cli(config_path: str, overrides: list[str], resume: str | None,
                   init_from: str | None = None, move_old_run: bool = False) -> int:
     from megamlm.config import load_config
@@ -244,4 +219,3 @@ def main_from_cli(config_path: str, overrides: list[str], resume: str | None,
         print(f"done: step {result['state']['step']}, {result['state']['consumed_tokens']} tokens; "
               f"checkpoints in {cfg.checkpoint_dir}", file=sys.stdout)
     return 0
-

@@ -128,6 +128,7 @@ class Loader:
         self.epoch_stats: dict = {}  # the counters of the last completed epoch (what was logged)
         self._epoch_start = dict(self.stats)
         self._skipped: list[str] = []  # this epoch's reasons for skipped shards (this rank)
+        self._pending: Packet | None = None  # a batch taken when another rank had run out (drained at the end)
         self.batches_in_epoch = 0
         self._next_worker = 0
         self._mark: tuple[int, list[int]] | None = None  # see mark()
@@ -413,8 +414,6 @@ def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split:
         if data_cfg.on_error == "raise":
             raise ShardError(msg)
         log.warning("%s (data.on_error=skip: they will be skipped)", msg)
-    if data_cfg.seq_len < 5:
-        raise ValueError(f"data.seq_len={data_cfg.seq_len} leaves no room for an example")
     ds = RankDataset(manifest=manifest, split=split, tokenizer=tokenizer,
                      mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
                      data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,

@@ -18,11 +18,11 @@ from megamlm.data.batch import IGNORE_INDEX, Batch
 from megamlm.data.examples import COUNTERS, Examples, make_examples
 from megamlm.data.masking import concat_ranges, mask_sequences
 from megamlm.data.shard_format import ShardError
-from megamlm.data.units import READER_COUNTERS, ShardReader, epoch_units, split_range
+from megamlm.data.units import (READER_COUNTERS, STREAM_EXAMPLES, STREAM_MASKS, STREAM_WINDOW, ShardReader,
+                                epoch_units, split_range)
 
 __all__ = ["RankDataset", "Packet", "WORKER_COUNTERS"]
 
-_EXAMPLES, _MASKS, _WINDOW = 0, 1, 2  # last element of each rng seed: which stream (3: shard order)
 WORKER_COUNTERS = COUNTERS + READER_COUNTERS
 
 
@@ -97,9 +97,9 @@ class RankDataset(torch.utils.data.IterableDataset):
     def _unit(self, key: int, part: int, docs: list, counters: dict) -> _Window:
         e = self.epoch
         ex: Examples = make_examples(docs, self.pair, self.max_len, cls_id=self.cls_id, sep_id=self.sep_id,
-                                     rng=np.random.default_rng([self.seed, e, key, part, _EXAMPLES]),
+                                     rng=np.random.default_rng([self.seed, e, key, part, STREAM_EXAMPLES]),
                                      short_seq_prob=self.short_seq_prob, shuffle=self.shuffle, counters=counters)
-        m = mask_sequences(ex.tokens, ex.offsets, self.spec, np.random.default_rng([self.seed, e, key, part, _MASKS]))
+        m = mask_sequences(ex.tokens, ex.offsets, self.spec, np.random.default_rng([self.seed, e, key, part, STREAM_MASKS]))
         n = len(ex)
         ident = np.stack([np.full(n, key), np.full(n, part), np.arange(n)], 1)
         return _Window(m.input_ids, m.labels, ex.types, ex.offsets, ex.pair_labels, ident, ex.docs, 0, 0)
@@ -187,7 +187,7 @@ class RankDataset(torch.utils.data.IterableDataset):
             order = np.arange(n_ex)
             if self.shuffle:
                 order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
-                                               int(units[start, 2]), _WINDOW]).permutation(n_ex)
+                                               int(units[start, 2]), STREAM_WINDOW]).permutation(n_ex)
             j, skip = skip, 0
             if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
                 counters.update(dict.fromkeys(counters, 0))

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["epoch_units", "split_range", "ShardReader", "READER_COUNTERS"]
 
 READER_COUNTERS = ("blocks", "skipped_shards", "skipped_blocks")
-_SHARDS = 3  # last element of the shard-order rng seed (loader.py uses 0-2 for its streams)
+# The data's random streams: the last element of each numpy seed [train.seed, epoch, ..., stream]. One place
+# for all of them (megamlm/ARCHITECTURE.md, "Randomness"): the streams must never collide.
+STREAM_EXAMPLES, STREAM_MASKS, STREAM_WINDOW, STREAM_SHARDS = 0, 1, 2, 3
 
 
 def split_range(n: int, i: int, k: int) -> tuple[int, int]:
@@ -39,7 +41,7 @@ def epoch_units(samples: list[int], seed: int, epoch: int, dp_size: int, shuffle
     """The epoch's units as rows (shard, block, part, parts): shards in a (seed, epoch) order, blocks in
     file order, each block cut into ``ceil(dp_size / blocks)`` parts when there are fewer blocks than ranks."""
     samples = np.asarray(samples, dtype=np.int64)
-    order = np.random.default_rng([seed, epoch, _SHARDS]).permutation(samples.size) if shuffle \
+    order = np.random.default_rng([seed, epoch, STREAM_SHARDS]).permutation(samples.size) if shuffle \
         else np.arange(samples.size)
     parts = max(1, -(-dp_size // max(1, int(samples.sum()))))
     shard = np.repeat(order, samples[order])

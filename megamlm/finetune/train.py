@@ -167,9 +167,8 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
     ``fresh_folder``: the caller moved an earlier run aside (``--move-old-run``); start fresh."""
     from megamlm.distributed.env import from_environ
     from megamlm import ops
-    from megamlm.engine import init_distributed, resolve_backend, select_ops
+    from megamlm.engine import disable_ds_shm_op, init_distributed, resolve_backend, select_ops, shutdown
     from megamlm.finetune.weights import load_pretrained
-    from megamlm.pretrain import _disable_ds_shm_op, _shutdown
     from megamlm.tokenizer import Tokenizer
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -188,7 +187,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
         kernels, kernels_said = select_ops(cfg)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
-    _disable_ds_shm_op()
+    disable_ds_shm_op()
     init_distributed(de, resolve_backend(cfg.engine))
     model = ops.use(build_model(cfg, pre, len(labels)), kernels)
     if de.rank == 0:
@@ -321,7 +320,7 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = Tr
                 writer.add_scalar(f"test/{k}", v, state.step)
             writer.close()
     if shutdown:
-        _shutdown(engine, world)
+        shutdown(engine, world)
     else:
         barrier()
         engine.destroy()
