@@ -7,21 +7,49 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from megamlm.bench import random_batch, train_flops
 
 
-def test_train_flops_counts_real_tokens_and_masked_rows_only():
-    H, F, L, V = 8, 16, 2, 50
-    b = random_batch(3, 10, V, mlm_probability=0.3, padding=True, pair=True, seed=1)
-    lengths = b.attention_mask.sum(1).tolist()
-    n_tok, n_mask = sum(lengths), b.mlm_positions.numel()
-    fwd = L * (n_tok * 2 * (4 * H * H + 2 * H * F) + sum(4 * n * n * H for n in lengths))
-    fwd += n_mask * (2 * H * H + 2 * H * V) + 3 * (2 * H * H + 4 * H)
-    assert train_flops(b, H, L, F, V, pair=True) == pytest.approx(3 * fwd)
-    no_pair = train_flops(b, H, L, F, V, pair=False)
-    assert no_pair == pytest.approx(3 * (fwd - 3 * (2 * H * H + 4 * H)))
-    assert sum(lengths) < 30  # the padded rows are not counted
+def _counted_forward_flops(model, batch) -> int:
+    """The matmul FLOPs torch counts (FlopCounterMode) in one forward of the model; SDPA on its math path,
+    whose two products the counter sees (it does not count the CPU flash kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(batch)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_train_flops_is_three_times_the_matmul_flops_torch_counts_on_real_tokens(pair):
+    """The truth, not the formula again: on batches without padding, train_flops = 3 × the forward FLOPs
+    torch's FlopCounterMode counts in the model itself (the torch backend: SDPA, linear layers, the MLM
+    head on the masked rows, the pair head); on a padded batch it counts each row's real tokens, the sum
+    of the same rows run one by one without padding."""
+    from megamlm import ops
+    from megamlm.config import ModelConfig, ObjectiveConfig
+    from megamlm.data.batch import Batch
+    from megamlm.model import build_model
+
+    H, F, L, V = 16, 32, 2, 50
+    model = build_model(ModelConfig(vocab_size=V, hidden_size=H, num_layers=L, num_heads=2, ffn_size=F),
+                        ObjectiveConfig(pair="nsp" if pair else "none"), V)
+    ops.use(model.eval(), ops.TorchOps())
+    full = random_batch(3, 10, V, mlm_probability=0.3, padding=False, pair=pair, seed=1)
+    assert train_flops(full, H, L, F, V, pair=pair) == 3 * _counted_forward_flops(model, full)
+    padded = random_batch(3, 10, V, mlm_probability=0.3, padding=True, pair=pair, seed=2)
+    rows = []
+    for i, n in enumerate(padded.attention_mask.sum(1).tolist()):
+        pos = padded.mlm_positions[(padded.mlm_positions // 10) == i] % 10
+        one = Batch(padded.input_ids[i:i + 1, :n], padded.token_type_ids[i:i + 1, :n],
+                    padded.attention_mask[i:i + 1, :n], padded.mlm_labels[i:i + 1, :n], pos,
+                    padded.mlm_labels[i, :n][pos], padded.pair_labels[i:i + 1] if pair else None, n_tokens=n)
+        rows.append(3 * _counted_forward_flops(model, one))
+    assert padded.attention_mask.sum() < padded.attention_mask.numel()  # some padding to leave out
+    assert train_flops(padded, H, L, F, V, pair=pair) == pytest.approx(sum(rows))
 
 
 def test_bench_cli_times_both_models_and_reports_ratio_mfu_memory(tmp_path):

@@ -64,7 +64,10 @@ def test_tied_decoder_shares_storage():
     model = build_model(tiny_cfg(), ObjectiveConfig(), V)
     emb = model.encoder.embeddings.word_embeddings.weight
     assert model.mlm_head.decoder.weight is emb
-    assert model.mlm_head.decoder.weight.data_ptr() == emb.data_ptr()
+    b = random_batch(2, 8, V, mlm_probability=0.3, seed=1)
+    model.mlm_head(model.hidden(b), b.mlm_positions)[:, 5].sum().backward()  # one decoder column only
+    touched = emb.grad.abs().sum(1) > 0
+    assert touched[5] and int(touched.sum()) > 1  # the decoder's row 5, and the rows the lookup read
     names = [n for n, _ in model.named_parameters()]
     assert "mlm_head.decoder.weight" not in names  # counted once
     assert model.mlm_head.decoder.bias.shape == (V,)

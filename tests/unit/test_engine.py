@@ -1,0 +1,123 @@
+"""The engine (megamlm/engine.py) without a process group: the DeepSpeed config's batch arithmetic and
+precision, the learning-rate schedule, GuardedAdamW (the ZeRO-0 optimizer: skip on non-finite gradients,
+clip, report the norm) and the ops backend a config selects.
+
+A failure here points at megamlm/engine.py (build_ds_config, batch_plan, WarmupDecay, GuardedAdamW,
+select_ops, device_problems). The engine with DeepSpeed and ranks is tests/distributed/test_engine_parity.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megamlm.config import load_config
+from megamlm.engine import GuardedAdamW, WarmupDecay, batch_plan, build_ds_config, device_problems, select_ops
+
+
+def test_ds_config_batch_arithmetic_and_precision():
+    cfg = load_config("configs/tiny-cpu.yaml", ["data.micro_batch_size=4", "engine.global_batch_size=32",
+                                                "engine.zero_stage=2", "engine.precision=bf16"], world_size=4)
+    plan = batch_plan(cfg, 4)
+    assert (plan.micro, plan.dp, plan.accumulation, plan.global_batch) == (4, 4, 2, 32)
+    ds = build_ds_config(cfg, 4)
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    cfg16 = load_config("configs/tiny-cpu.yaml", ["engine.precision=fp16", "engine.initial_loss_scale_power=12"])
+    import torch
+
+    from megamlm.engine import EngineError
+
+    if torch.cuda.is_available():
+        assert build_ds_config(cfg16, 1)["fp16"]["initial_scale_power"] == 12
+    else:
+        with pytest.raises(EngineError, match="fp16' needs a CUDA device"):
+            build_ds_config(cfg16, 1)
+
+
+def test_lamb_needs_cuda_here():
+    import torch
+
+    from megamlm.engine import EngineError
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb"])
+    if torch.cuda.is_available():
+        assert build_ds_config(cfg, 1)["optimizer"]["type"] == "Lamb"
+    else:
+        with pytest.raises(EngineError, match="needs CUDA"):
+            build_ds_config(cfg, 1)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "polynomial"])
+def test_warmup_then_decay(schedule):
+    f = WarmupDecay(lr=1e-3, min_lr=1e-4, warmup=10, total=110, schedule=schedule, power=2.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    end = f(110)
+    if schedule == "constant":
+        assert end == 1.0
+    else:
+        assert end == pytest.approx(0.1)  # min_lr / lr
+        mid = f(60)
+        expect = {"linear": 0.5, "cosine": 0.5, "polynomial": 0.25}[schedule]
+        assert mid == pytest.approx(0.1 + 0.9 * expect)
+    assert all(math.isfinite(f(s)) for s in range(0, 300, 7))
+    assert f(500) == pytest.approx(end)  # flat after the horizon
+
+
+def _params_with_grads(*grads):
+    ps = [torch.nn.Parameter(torch.ones_like(g)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    return ps
+
+
+def test_guarded_adamw_clips_to_max_norm_and_reports_the_norm_before_clipping():
+    """The step it takes equals plain AdamW's on the gradients scaled to max_norm; the norm it reports is
+    the global L2 norm before clipping."""
+    grads = (torch.tensor([3.0, 0.0]), torch.tensor([[0.0], [4.0]]))  # global norm 5
+    guarded = _params_with_grads(*grads)
+    opt = GuardedAdamW(guarded, max_norm=1.0, lr=0.1, weight_decay=0.0)
+    opt.step()
+    assert opt._global_grad_norm == pytest.approx(5.0) and not opt.overflow
+    plain = _params_with_grads(*(g * (1.0 / (5.0 + 1e-6)) for g in grads))
+    torch.optim.AdamW(plain, lr=0.1, weight_decay=0.0).step()
+    for a, b in zip(guarded, plain):
+        torch.testing.assert_close(a.detach(), b.detach())
+    unclipped = _params_with_grads(*grads)  # below max_norm: the gradients are left alone
+    opt = GuardedAdamW(unclipped, max_norm=10.0, lr=0.1, weight_decay=0.0)
+    opt.step()
+    assert torch.equal(unclipped[0].grad, grads[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_guarded_adamw_skips_a_non_finite_step_and_drops_its_gradients(bad):
+    ps = _params_with_grads(torch.tensor([1.0, bad]), torch.tensor([2.0]))
+    before = [p.detach().clone() for p in ps]
+    opt = GuardedAdamW(ps, lr=0.1)
+    assert opt.step() is None and opt.overflow and not math.isfinite(opt._global_grad_norm)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before)) and all(p.grad is None for p in ps)
+    assert not opt.state  # no moment was updated by the skipped step
+    ps[0].grad, ps[1].grad = torch.tensor([1.0, 1.0]), torch.tensor([1.0])
+    opt.step()
+    assert not opt.overflow and not torch.equal(ps[0].detach(), before[0])
+
+
+def test_the_config_selects_the_ops_backend_and_a_bad_choice_is_a_device_problem():
+    from megamlm import ops
+    from megamlm.ops import cpu_kernels
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["engine.kernels=torch"])
+    backend, said = select_ops(cfg)
+    assert type(backend) is ops.TorchOps and said == "torch (engine.kernels=torch)"
+    previous = cpu_kernels.set_enabled(False)
+    try:
+        problems = device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=cpu"]))
+    finally:
+        cpu_kernels.set_enabled(previous)
+    if not torch.cuda.is_available():
+        assert any(p.startswith("engine.kernels=cpu: the CPU kernels cannot be built here") for p in problems)
+    assert not device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=auto"]))
