@@ -1,0 +1,68 @@
+"""The trainer's parts that run without an engine: the preemption flag (real signals, a real forked child)
+and the helpers of the logging window. The loop itself runs for real in tests/e2e/test_pretrain.py
+(resume exactness, SIGTERM at a step boundary, a signal inside the loader) and tests/distributed.
+
+A failure here points at megamlm/trainer.py (StopFlag, _sum_terms, _fmt_eta).
+"""
+
+import os
+import signal
+import time
+
+import torch
+
+from megamlm.model.terms import LossTerms
+from megamlm.trainer import StopFlag, _fmt_eta, _sum_terms
+
+
+def test_stop_flag_records_sigterm_and_sigusr1_and_restores_the_old_handlers():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    flag = StopFlag()
+    flag.install()
+    flag.install()  # idempotent: the old handlers stay the ones from before
+    try:
+        assert flag.signum == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.signum == signal.SIGUSR1  # Python runs the handler before the next bytecode
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM
+    finally:
+        flag.uninstall()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_forked_worker_ignores_the_signal_and_only_the_rank_stops():
+    """Slurm signals every process of a step: a DataLoader worker forked after install() inherits the
+    handler, survives SIGUSR1 (the default action would kill it) and does not set the flag."""
+    flag = StopFlag()
+    flag.install()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a stand-in for a forked DataLoader worker
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            os._exit(3 if flag.signum == 0 else 4)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, status  # alive, flag untouched
+        assert flag.signum == 0
+    finally:
+        flag.uninstall()
+
+
+def _terms(loss: float, n: int, correct: int) -> LossTerms:
+    t = LossTerms()
+    t.add("mlm", torch.tensor(loss, requires_grad=True) * 1.0, torch.tensor(n), torch.tensor(correct))
+    return t
+
+
+def test_the_logging_window_sums_detached_terms():
+    window = _sum_terms(None, _terms(2.0, 4, 1))
+    window = _sum_terms(window, _terms(3.0, 6, 2))
+    assert not window.loss_sum["mlm"].requires_grad  # the window holds no graph between steps
+    assert float(window.loss_sum["mlm"]) == 5.0 and int(window.n_targets["mlm"]) == 10
+    assert window.to_floats()["mlm_loss"] == 0.5 and abs(window.to_floats()["mlm_accuracy"] - 0.3) < 1e-6
+
+
+def test_eta_format():
+    assert _fmt_eta(3725.9) == "1h02m05s" and _fmt_eta(0) == "0h00m00s"
+    assert _fmt_eta(float("nan")) == "?" and _fmt_eta(float("inf")) == "?"
