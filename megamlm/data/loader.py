@@ -75,7 +75,7 @@ import torch
 from megamlm.data.batch import Batch
 from megamlm.data.masking import MaskSpec
 from megamlm.data.shard_format import ShardError, load_manifest
-from megamlm.data.stream import WORKER_COUNTERS, Packet, RankDataset
+from megamlm.data.stream import WORKER_COUNTERS, Cursor, Packet, RankDataset
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Loader:
     def reset(self, epoch: int = 0) -> None:
         """Go to the start of ``epoch`` (for evaluation: the same batches every time)."""
         self.ds.epoch = epoch
-        self.ds.cursors = [[0, 0, 0, 0] for _ in self.ds.cursors]
+        self.ds.cursors = [Cursor() for _ in self.ds.cursors]
         self._next_worker, self.batches_in_epoch = 0, 0
 
     def __iter__(self) -> Iterator[Batch]:
@@ -231,19 +231,19 @@ class Loader:
     def _take(self, pkt: Packet) -> None:
         self._count(pkt)
         c = self.ds.cursors[pkt.worker]
-        c[1], c[2] = pkt.cursor
+        c.unit, c.offset = pkt.cursor
         if pkt.batch is None:
-            c[0] = 1
+            c.done = 1
         else:
-            c[3] += 1
+            c.batches += 1
         self._next_worker = (pkt.worker + 1) % max(1, self.num_workers)
 
     def _next_batch(self, it: Iterator[Packet]) -> Packet | None:
         for pkt in it:
             if pkt.batch is not None:
                 return pkt
-            if pkt.info and "error" in pkt.info:
-                raise ShardError(pkt.info["error"])
+            if pkt.error is not None:
+                raise ShardError(pkt.error)
             self._take(pkt)
             self._check_stop()
         return None
@@ -336,7 +336,7 @@ class Loader:
     # ------------------------------------------------------------------ state
     def _position(self) -> tuple[int, list[int]]:
         """This rank's position: the epoch and the ints of its share of the state (local, cheap)."""
-        cur = [int(x) for c in self.ds.cursors for x in c]
+        cur = [x for c in self.ds.cursors for x in c.as_list()]
         return self.epoch, ([self.batches_in_epoch, self._next_worker] + cur + [int(self.stats[k]) for k in STATS]
                             + [int(self._epoch_start[k]) for k in STATS])
 
@@ -384,7 +384,7 @@ class Loader:
                         state["seed"], self.ds.seed)
         mine = state["ranks"][self.topology.dp_rank]
         self.ds.epoch = epoch
-        self.ds.cursors = [[int(x) for x in c] for c in mine["workers"]]
+        self.ds.cursors = [Cursor.from_list(c) for c in mine["workers"]]
         self.batches_in_epoch, self._next_worker = int(mine["batches"]), int(mine["next_worker"])
         if "stats" in mine:  # the counters continue (telemetry's data_*); a state from before they were saved
             self.stats.update({k: int(v) for k, v in mine["stats"].items() if k in self.stats})

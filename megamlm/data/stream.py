@@ -48,8 +48,29 @@ class Packet:
     batch: Batch | None  # None: this worker's epoch is over
     cursor: tuple[int, int]  # (unit, offset) of the next example of this worker
     counters: dict
-    info: dict | None = None
+    info: dict | None = None  # each example's identity and documents (only when the loader asks for them)
     skipped: tuple[str, ...] = ()  # why shards were skipped (data.on_error=skip) since the last packet
+    error: str | None = None  # a ShardError in the worker, raised by the Loader in the main process
+
+
+@dataclass
+class Cursor:
+    """Where one logical worker stands in its epoch: ``done`` (its end-of-epoch packet was taken), the
+    ``unit`` and the ``offset`` (examples already made from it) of its next example, and the ``batches``
+    it has handed over. Saved in the loader state as the list ``[done, unit, offset, batches]``."""
+
+    done: int = 0
+    unit: int = 0
+    offset: int = 0
+    batches: int = 0
+
+    def as_list(self) -> list[int]:
+        return [int(self.done), int(self.unit), int(self.offset), int(self.batches)]
+
+    @classmethod
+    def from_list(cls, values) -> "Cursor":
+        done, unit, offset, batches = (int(x) for x in values)
+        return cls(done, unit, offset, batches)
 
 
 class RankDataset(torch.utils.data.IterableDataset):
@@ -71,7 +92,7 @@ class RankDataset(torch.utils.data.IterableDataset):
         self.pad_id, self.cls_id, self.sep_id = tokenizer.special.pad, tokenizer.special.cls, tokenizer.special.sep
         self.dp_rank, self.dp_size, self.with_info = dp_rank, dp_size, with_info
         self.epoch, self.rotation = 0, 0
-        self.cursors = [[0, 0, 0, 0] for _ in range(max(1, self.num_workers))]  # done, unit, offset, batches
+        self.cursors = [Cursor() for _ in range(max(1, self.num_workers))]
 
     def units(self, epoch: int) -> np.ndarray:
         return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle)
@@ -91,7 +112,7 @@ class RankDataset(torch.utils.data.IterableDataset):
         try:
             yield from self.stream(worker)
         except ShardError as e:  # handed over as data: the main process raises it (and shuts down cleanly)
-            yield Packet(worker, None, (0, 0), {}, {"error": str(e)})
+            yield Packet(worker, None, (0, 0), {}, error=str(e))
 
     # ------------------------------------------------------------------ one worker's stream
     def _unit(self, key: int, part: int, docs: list, counters: dict) -> _Window:
@@ -152,7 +173,8 @@ class RankDataset(torch.utils.data.IterableDataset):
 
     def stream(self, worker: int) -> Iterator[Packet]:
         """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
-        done, u, skip, _ = self.cursors[worker]
+        c = self.cursors[worker]
+        done, u, skip = c.done, c.unit, c.offset
         counters = dict.fromkeys(WORKER_COUNTERS, 0)
         skipped: list[str] = []
         units = self.worker_units(self.epoch, worker)
