@@ -21,7 +21,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -131,9 +131,9 @@ class Trainer:
             log.warning("%s: no step; the checkpoint keeps the data position before this step", e)
             return None
 
-    def train_step(self, micro) -> tuple[LossTerms | None, dict]:
+    def train_step(self, micro) -> StepResult:
         """One optimizer step; ``micro`` None (this rank's loader stopped): no step on any rank, and
-        ``info["loader_stopped"]`` says to save the state from before the step (the loader's mark)."""
+        ``loader_stopped`` says to save the state from before the step (the loader's mark)."""
         micro_ = micro or []
         n_mlm = sum(b.n_targets for b in micro_)
         n_pair = sum(int(b.pair_labels.numel()) for b in micro_ if b.pair_labels is not None)
@@ -145,7 +145,7 @@ class Trainer:
         g_mlm, g_pair, g_tok, g_seq, stop, stopped = self._all_reduce_host(
             [n_mlm / vp, n_pair / vp, n_tok / vp, n_seq / vp, float(self.stop.signum != 0), float(micro is None)])
         if stopped:  # some rank has no micro-batches: nobody steps (their batches are read again on resume)
-            return None, {"stop": True, "loader_stopped": True}
+            return StepResult(stop=True, loader_stopped=True)
         scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
         acc = None
         w = self.cfg.objective.pair_loss_weight
@@ -156,9 +156,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
             acc = _sum_terms(acc, terms)
-        info = {"tokens": g_tok, "samples": g_seq, "stop": stop > 0, "applied": self.engine.was_step_applied(),
-                "flops": self._flops(micro)}
-        return acc, info
+        return StepResult(acc, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0)
 
     def _flops(self, micro) -> float:
         if not self.peak_flops:
@@ -255,101 +253,35 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, st = self.cfg, self.state
-        t_cfg = cfg.train
         if cfg.checkpoint.save_on_signal:
             self.stop.install()
         result: dict = {"preempted": False}
-        if t_cfg.eval_every:
+        if cfg.train.eval_every:
             result["eval_start"] = self._evaluate_and_log()
-        window = None
-        win_tokens = win_samples = win_flops = 0.0
-        win_start = time.perf_counter()
-        this_run_start = time.perf_counter()
-        run_start = this_run_start - st.elapsed_seconds  # elapsed_seconds: the whole run, across resumes
-        steps_at_start = st.step
+        window = LogWindow()
+        clock = RunClock(st.elapsed_seconds, st.step)
         while self._budget_left():
-            micro = self._next_micro_batches()
-            terms, info = self.train_step(micro)
-            if info.get("loader_stopped"):
-                st.elapsed_seconds = time.perf_counter() - run_start
+            step = self.train_step(self._next_micro_batches())
+            if step.loader_stopped:
+                st.elapsed_seconds = clock.elapsed()
                 result["preempted"] = True
-                if st.step == 0:
-                    log.warning("preempted while reading data, before the first step: nothing to save")
-                    break
-                tag = self.save(at_mark=True)
-                log.warning("preempted while reading data: checkpoint %s of step %d; resume with --resume auto",
-                            tag, st.step)
+                self._save_after_loader_stop()
                 break
-            st.step += 1
-            st.consumed_tokens += int(info["tokens"])
-            st.consumed_samples += int(info["samples"])
-            if info["applied"]:
-                self._nonfinite_in_a_row = 0
-            else:
-                self._nonfinite_in_a_row += 1
-                st.counters["skipped_steps"] = st.counters.get("skipped_steps", 0) + 1
-                log.warning("step %d: non-finite gradients, update skipped (%d in a row)", st.step,
-                            self._nonfinite_in_a_row)
-                if self._nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
-                    self.save()
-                    raise TrainingStopped(
-                        f"{self._nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
-                        f"{t_cfg.max_nonfinite_steps}) at step {st.step}; the last good state is saved in "
-                        f"{self.ckpt_dir}. Lower optim.lr, check the data, or use engine.precision=bf16/fp32")
-            window = _sum_terms(window, terms)
-            win_tokens += info["tokens"]
-            win_samples += info["samples"]
-            win_flops += info["flops"]
-            if st.step % t_cfg.log_every == 0 or not self._budget_left():
-                m = self._reduce_metrics(window)
-                dt = time.perf_counter() - win_start
-                m["tokens_per_second"] = win_tokens / dt
-                m["samples_per_second"] = win_samples / dt
-                if self.peak_flops:
-                    # flops were counted on this rank's batches: scale by data-parallel size.
-                    m["mfu"] = win_flops * self.plan.dp / dt / (self.peak_flops * self.env.world_size)
-                m["lr"] = float(self.engine.get_lr()[0])
-                gn = self.engine.get_global_grad_norm()
-                m["grad_norm"] = float(gn) if gn is not None else float("nan")
-                from megamlm.engine import loss_scale
-
-                m["loss_scale"] = loss_scale(self.engine)
-                m["skipped_steps"] = float(st.counters.get("skipped_steps", 0))
-                for k, v in getattr(self.loader, "stats", {}).items():
-                    m[f"data_{k}"] = float(v)
-                if self.device.type == "cuda":
-                    m["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                else:  # peak resident memory of this process (Linux reports KiB)
-                    import resource
-
-                    m["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                if t_cfg.log_every == 1:
-                    self.losses.append(m["loss"])
-                self._log(m, "train")
-                if self.env.rank == 0:
-                    done = st.step - steps_at_start
-                    rate = done / max(time.perf_counter() - this_run_start, 1e-9)  # steps/s of this process
-                    eta = (t_cfg.max_steps - st.step) / rate if t_cfg.max_steps and rate > 0 else float("nan")
-                    log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s%s | eta %s",
-                             st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
-                             f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
-                             m["grad_norm"], m["tokens_per_second"],
-                             f" | mfu {m['mfu']:.1%}" if "mfu" in m else "", _fmt_eta(eta))
-                window, win_tokens, win_samples, win_flops = None, 0.0, 0.0, 0.0
-                win_start = time.perf_counter()
-            st.elapsed_seconds = time.perf_counter() - run_start
-            if info["stop"]:
+            self._count_step(step)
+            window.add(step)
+            if st.step % cfg.train.log_every == 0 or not self._budget_left():
+                self._log_window(window, clock)
+                window = LogWindow()
+            st.elapsed_seconds = clock.elapsed()
+            if step.stop:
                 tag = self.save()
                 result["preempted"] = True
                 log.warning("preempted: checkpoint %s saved at step %d; resume with --resume auto", tag, st.step)
                 break
-            if t_cfg.eval_every and st.step % t_cfg.eval_every == 0 and self._budget_left():
-                self._evaluate_and_log()
-            if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0 and self._budget_left():
-                self.save()
+            self._scheduled_eval_and_save()
         if not result["preempted"]:
             self.save()
-            if t_cfg.eval_every:
+            if cfg.train.eval_every:
                 result["eval_end"] = self._evaluate_and_log()
         self.stop.uninstall()
         result["state"] = asdict(st)
@@ -357,6 +289,127 @@ class Trainer:
         if self.writer is not None:
             self.writer.flush()
         return result
+
+    def _save_after_loader_stop(self) -> None:
+        """A stop inside the loader: save the data position from before the step (the loader's mark)."""
+        if self.state.step == 0:
+            log.warning("preempted while reading data, before the first step: nothing to save")
+            return
+        tag = self.save(at_mark=True)
+        log.warning("preempted while reading data: checkpoint %s of step %d; resume with --resume auto",
+                    tag, self.state.step)
+
+    def _count_step(self, step: "StepResult") -> None:
+        """The state after a step: its counts, and the guard against non-finite steps in a row."""
+        st, t_cfg = self.state, self.cfg.train
+        st.step += 1
+        st.consumed_tokens += int(step.tokens)
+        st.consumed_samples += int(step.sequences)
+        if step.applied:
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        st.counters["skipped_steps"] = st.counters.get("skipped_steps", 0) + 1
+        log.warning("step %d: non-finite gradients, update skipped (%d in a row)", st.step, self._nonfinite_in_a_row)
+        if self._nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
+            self.save()
+            raise TrainingStopped(
+                f"{self._nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                f"{t_cfg.max_nonfinite_steps}) at step {st.step}; the last good state is saved in "
+                f"{self.ckpt_dir}. Lower optim.lr, check the data, or use engine.precision=bf16/fp32")
+
+    def _log_window(self, window: "LogWindow", clock: "RunClock") -> None:
+        """The metrics of the steps since the last log line: TensorBoard, and the progress line on rank 0."""
+        from megamlm.engine import loss_scale
+
+        st, t_cfg = self.state, self.cfg.train
+        m = self._reduce_metrics(window.terms)
+        dt = time.perf_counter() - window.start
+        m["tokens_per_second"] = window.tokens / dt
+        m["samples_per_second"] = window.sequences / dt
+        if self.peak_flops:  # flops were counted on this rank's batches: scale by data-parallel size
+            m["mfu"] = window.flops * self.plan.dp / dt / (self.peak_flops * self.env.world_size)
+        m["lr"] = float(self.engine.get_lr()[0])
+        gn = self.engine.get_global_grad_norm()
+        m["grad_norm"] = float(gn) if gn is not None else float("nan")
+        m["loss_scale"] = loss_scale(self.engine)
+        m["skipped_steps"] = float(st.counters.get("skipped_steps", 0))
+        for k, v in getattr(self.loader, "stats", {}).items():
+            m[f"data_{k}"] = float(v)
+        m["memory_gb"] = _peak_memory_gb(self.device)
+        if t_cfg.log_every == 1:
+            self.losses.append(m["loss"])
+        self._log(m, "train")
+        if self.env.rank == 0:
+            rate = (st.step - clock.steps_at_start) / max(clock.this_process(), 1e-9)  # steps/s of this process
+            eta = (t_cfg.max_steps - st.step) / rate if t_cfg.max_steps and rate > 0 else float("nan")
+            log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s%s | eta %s",
+                     st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
+                     f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
+                     m["grad_norm"], m["tokens_per_second"],
+                     f" | mfu {m['mfu']:.1%}" if "mfu" in m else "", _fmt_eta(eta))
+
+    def _scheduled_eval_and_save(self) -> None:
+        cfg, step = self.cfg, self.state.step
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and self._budget_left():
+            self._evaluate_and_log()
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and self._budget_left():
+            self.save()
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: this rank's summed loss terms (None when no step ran), the step's
+    global real tokens and sequences, this rank's FLOPs, whether the update was applied (finite
+    gradients), whether any rank was signalled to stop, and whether a loader stopped (no step ran)."""
+
+    terms: LossTerms | None = None
+    tokens: float = 0.0
+    sequences: float = 0.0
+    flops: float = 0.0
+    applied: bool = True
+    stop: bool = False
+    loader_stopped: bool = False
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line: their loss terms (detached sums) and counts, and when it began."""
+
+    terms: LossTerms | None = None
+    tokens: float = 0.0
+    sequences: float = 0.0
+    flops: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, step: StepResult) -> None:
+        self.terms = _sum_terms(self.terms, step.terms)
+        self.tokens += step.tokens
+        self.sequences += step.sequences
+        self.flops += step.flops
+
+
+class RunClock:
+    """Wall time of the whole run across resumes (``elapsed_seconds`` of the checkpoint) and of this process."""
+
+    def __init__(self, elapsed_before: float, steps_at_start: int):
+        self.process_start = time.perf_counter()
+        self.run_start = self.process_start - elapsed_before
+        self.steps_at_start = steps_at_start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.run_start
+
+    def this_process(self) -> float:
+        return time.perf_counter() - self.process_start
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource  # peak resident memory of this process (Linux reports KiB)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -2,7 +2,7 @@
 and the helpers of the logging window. The loop itself runs for real in tests/e2e/test_pretrain.py
 (resume exactness, SIGTERM at a step boundary, a signal inside the loader) and tests/distributed.
 
-A failure here points at megamlm/trainer.py (StopFlag, _sum_terms, _fmt_eta).
+A failure here points at megamlm/trainer.py (StopFlag, LogWindow, RunClock, _fmt_eta).
 """
 
 import os
@@ -12,7 +12,7 @@ import time
 import torch
 
 from megamlm.model.terms import LossTerms
-from megamlm.trainer import StopFlag, _fmt_eta, _sum_terms
+from megamlm.trainer import LogWindow, RunClock, StepResult, StopFlag, _fmt_eta
 
 
 def test_stop_flag_records_sigterm_and_sigusr1_and_restores_the_old_handlers():
@@ -56,11 +56,20 @@ def _terms(loss: float, n: int, correct: int) -> LossTerms:
 
 
 def test_the_logging_window_sums_detached_terms():
-    window = _sum_terms(None, _terms(2.0, 4, 1))
-    window = _sum_terms(window, _terms(3.0, 6, 2))
+    w = LogWindow()
+    w.add(StepResult(_terms(2.0, 4, 1), tokens=100, sequences=4, flops=1e6))
+    w.add(StepResult(_terms(3.0, 6, 2), tokens=50, sequences=2, flops=2e6))
+    assert (w.tokens, w.sequences, w.flops) == (150, 6, 3e6)
+    window = w.terms
     assert not window.loss_sum["mlm"].requires_grad  # the window holds no graph between steps
     assert float(window.loss_sum["mlm"]) == 5.0 and int(window.n_targets["mlm"]) == 10
     assert window.to_floats()["mlm_loss"] == 0.5 and abs(window.to_floats()["mlm_accuracy"] - 0.3) < 1e-6
+
+
+def test_the_run_clock_counts_the_time_before_a_resume():
+    clock = RunClock(elapsed_before=100.0, steps_at_start=7)
+    assert 100.0 <= clock.elapsed() < 101.0 and 0.0 <= clock.this_process() < 1.0
+    assert clock.steps_at_start == 7
 
 
 def test_eta_format():
