@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,14 +20,15 @@ from megamlm.config import Config, ConfigError, config_to_dict, dump_config
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: Config, world_size: int) -> list[str]:
+def preflight(cfg: Config, world_size: int, with_files: bool = True) -> list[str]:
     """Problems found without any process group: config arithmetic, the engine on this machine, the
-    tokenizer and shards (megamlm.preflight, the checks `check-config` runs too)."""
+    tokenizer and shards (megamlm.preflight, the checks `check-config` runs too); ``with_files=False``
+    leaves out the files (a run fed recorded batches instead of shards)."""
     from megamlm.config import cross_check
     from megamlm.preflight import file_checks
     from megamlm.engine import device_problems
 
-    return cross_check(cfg, world_size) + device_problems(cfg) + file_checks(cfg)
+    return cross_check(cfg, world_size) + device_problems(cfg) + (file_checks(cfg) if with_files else [])
 
 
 def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
@@ -61,21 +63,36 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     aside (:func:`megamlm.checkpoint.move_old_run`, rank 0); without it such a run is refused.
     """
     from megamlm.distributed.env import from_environ
-    from megamlm.distributed.topology import build_topology
-    from megamlm import ops
-    from megamlm.engine import (apply_cpu_malloc, build_engine, disable_ds_shm_op, init_distributed, resolve_backend,
-                                select_ops, shutdown)
-    from megamlm.model.pretraining import build_model
-    from megamlm.parallel.layers import parallelize_vocab, vocab_parallel_layout
-    from megamlm.telemetry import TensorBoardWriter
-    from megamlm.tokenizer import Tokenizer
-    from megamlm.trainer import Trainer
+    from megamlm.engine import init_distributed, resolve_backend, shutdown
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     de = from_environ()
-    problems = preflight(cfg, de.world_size) if batch_source is None else []
+    # recorded batches replace the shards: every check but the shard files' still runs
+    problems = preflight(cfg, de.world_size, with_files=batch_source is None)
     if problems:
         raise ConfigError(problems, f"pretrain with world size {de.world_size}")
+    tag, init_weights = _start_or_resume(cfg, resume, init_from, move_old_run, de)
+    _before_process_group(cfg)
+    init_distributed(de, resolve_backend(cfg.engine))
+    run = _build_run(cfg, de, tag, init_weights, batch_source)
+    try:
+        result = run.trainer.run()
+        if de.rank == 0:
+            write_run_status(Path(cfg.train.output_dir), result)
+        if run.writer is not None:
+            final = result.get("eval_end") or {}
+            run.writer.add_hparams(config_to_dict(cfg),
+                                   {k: v for k, v in final.items() if k.endswith(("loss", "accuracy"))})
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+        shutdown(run.trainer.engine, de.world_size)
+    return result
+
+
+def _start_or_resume(cfg: Config, resume: str | None, init_from: str | None, move_old_run: bool, de):
+    """(checkpoint tag to resume or None, ``--init-from`` weights or None), decided before any process group:
+    the old run moved aside when asked, the resume layout checked, the init source read (fails in seconds)."""
     ckpt_dir = Path(cfg.checkpoint_dir)
     fresh = not resume or resume == "none"
     if move_old_run and not fresh:
@@ -88,36 +105,81 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
         problems = resume_problems(ckpt_dir / tag, cfg, de.world_size)
         if problems:
             raise ckpt.CheckpointError(problems[0])
-
-    init_weights = None
     if init_from and tag:
         log.warning("--init-from %s ignored: resuming from %s", init_from, ckpt_dir / tag)
     elif init_from:
         from megamlm.convert.core import load_any
 
-        init_weights = load_any(init_from)  # before any process group: a bad source fails in seconds
+        return tag, load_any(init_from)
+    return tag, None
+
+
+def _before_process_group(cfg: Config) -> None:
+    from megamlm.engine import apply_cpu_malloc, disable_ds_shm_op
 
     disable_ds_shm_op()
     apply_cpu_malloc(cfg.engine)
-    init_distributed(de, resolve_backend(cfg.engine))
+
+
+@dataclass
+class _Run:
+    trainer: object
+    writer: object
+
+
+def _build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> _Run:
+    """Topology, tokenizer, model (with its ops backend, init weights, vocab parallelism), engine, state
+    (resumed), loaders, TensorBoard writer, MFU peak → a Trainer."""
+    from megamlm.distributed.topology import build_topology
+    from megamlm.engine import build_engine, resolve_backend
+    from megamlm.parallel.layers import vocab_parallel_layout
+    from megamlm.tokenizer import Tokenizer
+    from megamlm.trainer import Trainer
+
     topo = build_topology(cfg.parallel.vocab_parallel_size)
     tok = Tokenizer(cfg.tokenizer.model)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
-    kernels, kernels_said = select_ops(cfg)  # checked in preflight: it cannot fail here
-    ops.use(model, kernels)
-    if de.rank == 0:
-        log.info("kernels: %s", kernels_said)
-    if init_weights is not None:
-        _load_init_weights(model, init_weights, tok.vocab_size, de.rank)
-    # Vocabulary parallelism: each rank keeps its rows of the full, identically seeded embedding and decoder.
-    model = parallelize_vocab(model, topo)
+    model, kernels_said = _build_model(cfg, tok, topo, init_weights, de.rank)
     vp_layout = vocab_parallel_layout(model, topo.vp_size)
     engine, plan = build_engine(model, cfg, de.world_size, mpu=topo.mpu())
     # Dropout streams differ per data-parallel rank, fixed per run; the ranks of one vocab-parallel group
     # share theirs (they run the same replicated layers on the same batch).
     torch.manual_seed(cfg.train.seed + 1 + topo.dp_rank)
+    state = _load_state(cfg, engine, tag, de, topo)
+    train_loader, make_eval = _build_loaders(cfg, tok, topo, state, batch_source)
+    writer = None
+    if de.rank == 0 and cfg.telemetry.tensorboard:
+        from megamlm.telemetry import TensorBoardWriter
 
+        writer = TensorBoardWriter(str(Path(cfg.train.output_dir) / "tb"), dump_config(cfg))
+        writer.add_text("kernels", kernels_said)
+    meta_group = _host_world_group(resolve_backend(cfg.engine)) if de.world_size > 1 else None
+    trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer,
+                      _mfu_peak(cfg, engine), meta_group, vocab_parallel=vp_layout)
+    return _Run(trainer, writer)
+
+
+def _build_model(cfg: Config, tok, topo, init_weights, rank: int):
+    """The full model, identically seeded on every rank, with its ops backend and ``--init-from`` weights,
+    then cut to this rank's vocabulary rows; returns (model, the kernels' description)."""
+    from megamlm import ops
+    from megamlm.engine import select_ops
+    from megamlm.model.pretraining import build_model
+    from megamlm.parallel.layers import parallelize_vocab
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
+    kernels, kernels_said = select_ops(cfg)  # checked in preflight: it cannot fail here
+    ops.use(model, kernels)
+    if rank == 0:
+        log.info("kernels: %s", kernels_said)
+    if init_weights is not None:
+        _load_init_weights(model, init_weights, tok.vocab_size, rank)
+    # Vocabulary parallelism: each rank keeps its rows of the full, identically seeded embedding and decoder.
+    return parallelize_vocab(model, topo), kernels_said
+
+
+def _load_state(cfg: Config, engine, tag: str | None, de, topo) -> ckpt.TrainState:
+    ckpt_dir = Path(cfg.checkpoint_dir)
     state = ckpt.TrainState()
     if tag:
         state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=config_to_dict(cfg.model),
@@ -126,45 +188,32 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
                  state.consumed_samples, state.consumed_tokens)
     state.topology = {"world_size": de.world_size, "data_parallel_size": topo.dp_size,
                       "vocab_parallel_size": topo.vp_size, "num_workers": cfg.data.num_workers}
+    return state
 
+
+def _build_loaders(cfg: Config, tok, topo, state: ckpt.TrainState, batch_source):
+    """(the training loader at the state's position, a function building the held-out loader)."""
     if batch_source is not None:
-        train_loader = batch_source(topo, state.loader)
-        make_eval = lambda: None  # noqa: E731
-    else:
-        from megamlm.data.loader import build_loader
+        return batch_source(topo, state.loader), (lambda: None)
+    from megamlm.data.loader import build_loader
 
-        train_loader = build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="train",
-                                    state=state.loader or None)
+    train = build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="train",
+                         state=state.loader or None)
 
-        def make_eval():
-            return build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="val")
+    def make_eval():
+        return build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="val")
 
-    writer = None
-    if de.rank == 0 and cfg.telemetry.tensorboard:
-        writer = TensorBoardWriter(str(Path(cfg.train.output_dir) / "tb"), dump_config(cfg))
-        writer.add_text("kernels", kernels_said)
+    return train, make_eval
+
+
+def _mfu_peak(cfg: Config, engine) -> float:
+    """The MFU denominator: this device's best matmul rate in the training precision, measured now."""
     from megamlm.flops import matmul_peak
 
-    # The MFU denominator: this device's best matmul rate in the training precision, measured now.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
     with torch.random.fork_rng(devices=[]):  # the measurement must not move the dropout stream
-        peak = matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
+        return matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
                            device=engine.device.type)
-    meta_group = _host_world_group(resolve_backend(cfg.engine)) if de.world_size > 1 else None
-    trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer, peak, meta_group,
-                      vocab_parallel=vp_layout)
-    try:
-        result = trainer.run()
-        if de.rank == 0:
-            write_run_status(Path(cfg.train.output_dir), result)
-        if writer is not None:
-            final = result.get("eval_end") or {}
-            writer.add_hparams(config_to_dict(cfg), {k: v for k, v in final.items() if k.endswith(("loss", "accuracy"))})
-    finally:
-        if writer is not None:
-            writer.close()
-        shutdown(engine, de.world_size)
-    return result
 
 
 def _load_init_weights(model, weights, real_vocab_size: int, rank: int) -> None:
