@@ -24,10 +24,14 @@ every tensor input and parameter, as autograd through the torch backend's op wou
     ``residual + dropout(x)``.
 ``linear_act(linear, x, activation)``
     ``act(linear(x))``, ``activation`` ``"gelu"`` (exact erf) or ``"gelu_tanh"``.
-``attention(qkv, x, num_heads, attn_mask, p)``
+``attention(qkv, x, num_heads, attn_mask, p, segments=None)``
     x [B, T, H] → ``softmax(q kᵀ/√d + mask) · v`` with dropout ``p`` on the probabilities, heads merged
     [B, T, H] (before the output projection); q, k, v from the fused projection ``qkv(x)`` [B, T, 3H]
     (columns q, k, v, each heads × head_dim); ``attn_mask`` [B, 1, 1, T] bool (True: attend) or None.
+    With ``segments`` (a :class:`Segments`, packed examples): x is [1, N, H], one flat stream of E
+    examples back to back, ``attn_mask`` must be None, and each token attends only to the tokens of its
+    own segment (nothing is computed for padding); the result is [1, N, H], each segment's rows equal to
+    running that segment alone as a [1, L] batch (same dropout law, another mask stream).
 ``projection_residual_norm(linear, x, residual, norm, p, training)``
     ``norm(residual + dropout(linear(x)))``: the post-LN sublayer output.
 ``embedding(table, ids)``
@@ -42,6 +46,7 @@ every tensor input and parameter, as autograd through the torch backend's op wou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -54,10 +59,76 @@ from megamlm.ops.torch_ops import TorchOps, activation_fn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TorchOps", "CpuOps", "DEFAULT", "KERNEL_CHOICES", "select", "use", "backend_of", "Linear", "LayerNorm",
+__all__ = ["Segments", "TorchOps", "CpuOps", "DEFAULT", "KERNEL_CHOICES", "select", "use", "backend_of", "Linear", "LayerNorm",
            "Embedding", "activation_fn", "zero3_partitioned", "host_readable", "IGNORE_INDEX"]
 
 KERNEL_CHOICES = ("auto", "torch", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """The examples of a packed micro-batch: a flat stream of N tokens holding E segments back to back.
+
+    ``cu_seqlens``: int32 [E + 1], 0 first, N last, strictly increasing (segment e is tokens
+    ``cu_seqlens[e] … cu_seqlens[e + 1] - 1``); ``max_seqlen``: the longest segment's length, a host
+    int (what the kernels size their tiles by, without reading the tensor). The values are checked here
+    when the tensor is on the CPU (free); on an accelerator only the shape and dtype (reading them
+    would be a device sync)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def __post_init__(self):
+        cu, m = self.cu_seqlens, self.max_seqlen
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 2:
+            what = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"cu_seqlens must be an int32 tensor [segments + 1] (at least 2 values), got {what}")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"max_seqlen={m!r} must be a host int >= 1")
+        if not host_readable(cu):
+            return
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+        lengths = cu[1:] - cu[:-1]
+        if bool((lengths <= 0).any()):
+            e = int(torch.nonzero(lengths <= 0)[0])
+            raise ValueError(f"cu_seqlens must be strictly increasing: cu_seqlens[{e + 1}]={int(cu[e + 1])} "
+                             f"after cu_seqlens[{e}]={int(cu[e])}")
+        longest = int(lengths.max())
+        if longest != m:
+            raise ValueError(f"max_seqlen={m} but the longest segment has {longest} tokens")
+
+    @classmethod
+    def from_lengths(cls, lengths, device: torch.device | str | None = None) -> "Segments":
+        """From the segments' lengths (a list of ints >= 1, in stream order)."""
+        lengths = [int(n) for n in lengths]
+        if not lengths:
+            raise ValueError("Segments.from_lengths: no segments (an empty list of lengths)")
+        if min(lengths) < 1:
+            raise ValueError(f"segment length {min(lengths)} must be >= 1 (lengths {lengths})")
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+        return cls(cu.to(device) if device is not None else cu, max(lengths))
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def lengths(self) -> torch.Tensor:
+        """[E] int64 (on the tensor's device)."""
+        cu = self.cu_seqlens.long()
+        return cu[1:] - cu[:-1]
+
+    def segment_ids(self, n_tokens: int | None = None) -> torch.Tensor:
+        """[N] int64: each token's segment. ``n_tokens`` (N, when known on the host) avoids a device sync."""
+        e = torch.arange(self.num_segments, device=self.cu_seqlens.device)
+        n = int(self.cu_seqlens[-1]) if n_tokens is None else n_tokens
+        return torch.repeat_interleave(e, self.lengths(), output_size=n)
+
+    def position_ids(self, n_tokens: int | None = None) -> torch.Tensor:
+        """[N] int64: positions restarting at 0 in each segment."""
+        seg = self.segment_ids(n_tokens)
+        return torch.arange(seg.numel(), device=seg.device) - self.cu_seqlens.long()[seg]
 
 #: The backend of a model built without one: the CPU backend, whose every op runs the torch op on
 #: anything but CPU tensors (so, on an accelerator, exactly the torch backend).

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from megamlm.ops import cpu_dropout, cpu_kernels
-from megamlm.ops.cpu_functions import (BiasGelu, CPUAttention, LinearInWorkspace, ResidualLayerNorm, TiedGrad,
-                                       TiedLookup, TileAttention, Workspace, attention_with_dropout)
+from megamlm.ops.cpu_functions import (BiasGelu, CPUAttention, LinearInWorkspace, ResidualLayerNorm,
+                                       SegmentTileAttention, TiedGrad, TiedLookup, TileAttention, Workspace,
+                                       attention_with_dropout)
 from megamlm.ops.cross_entropy import IGNORE_INDEX
 from megamlm.ops.modules import zero3_partitioned
-from megamlm.ops.torch_ops import TorchOps, _rows
+from megamlm.ops.torch_ops import TorchOps, _rows, check_segment_call
 
 __all__ = ["CpuOps"]
 
@@ -93,11 +94,13 @@ class CpuOps(TorchOps):
             return linear(x, inside=_bias_gelu)
         return super().linear_act(linear, x, activation)
 
-    def attention(self, qkv, x, num_heads, attn_mask, p):
+    def attention(self, qkv, x, num_heads, attn_mask, p, segments=None):
         """With dropout on CPU (SDPA's CPU kernels have none: it would take the math path with bernoulli_):
         float32 → the tile kernel (the qkv bias applied per tile; the gemm leaves it out), float64 or no
         tile kernel → :class:`CPUAttention`, autocast / bf16 → the formula with the CPU dropout. Without
-        dropout (eval), or elsewhere: SDPA."""
+        dropout (eval), or elsewhere: SDPA. With ``segments``: see :meth:`segment_attention`."""
+        if segments is not None:
+            return self.segment_attention(qkv, x, num_heads, attn_mask, p, segments)
         B, T, H = x.shape
         if not (p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
             return super().attention(qkv, x, num_heads, attn_mask, p)
@@ -115,6 +118,22 @@ class CpuOps(TorchOps):
             return CPUAttention.apply(qkv(x), mask_add, num_heads, p)  # [B, T, H]
         q, k, v = qkv(x).view(B, T, 3, num_heads, H // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         return attention_with_dropout(q, k, v, attn_mask, p).transpose(1, 2).reshape(B, T, H)  # [B, T, H]
+
+    def segment_attention(self, qkv, x, num_heads, attn_mask, p, segments):
+        """Packed attention on CPU, float32, with the tile kernel (dropout or not): one tile per (segment,
+        head) over the segment's own rows (:class:`SegmentTileAttention`; nothing computed for padding,
+        the qkv bias applied per tile). Anything else (float64, autocast, compiling, no kernels, another
+        device): the torch backend's padded-layout op."""
+        check_segment_call(x, attn_mask, segments)
+        cu = segments.cu_seqlens
+        if (_plain_cpu(x) and x.dtype == torch.float32 and qkv.weight.dtype == x.dtype and cu.device.type == "cpu"
+                and cpu_kernels.attention_available()):
+            bias = qkv.bias
+            fold = bias is not None and bias.dtype == x.dtype and not zero3_partitioned(bias)
+            y = qkv(x, inside=_linear_without_bias if fold else None)[0].contiguous()  # [N, 3H]
+            out = SegmentTileAttention.apply(y, bias if fold else None, cu, segments.max_seqlen, num_heads, p)
+            return out.unsqueeze(0)  # [1, N, H]
+        return super().segment_attention(qkv, x, num_heads, attn_mask, p, segments)
 
     def projection_residual_norm(self, linear, x, residual, norm, p, training):
         """``norm(residual + dropout(linear(x)))`` as one kernel pass forward and one backward: the

@@ -2,7 +2,8 @@
 kernels of :mod:`megamlm.ops.cpu_kernels` with a hand-written backward:
 
 * attention with dropout straight from the fused qkv projection: :class:`TileAttention` (float32, one
-  cached (head, sequence) tile at a time per thread) and :class:`CPUAttention` (head-by-head gemms on
+  cached (head, sequence) tile at a time per thread), :class:`SegmentTileAttention` (its packed form:
+  one tile per (segment, head) of a flat stream, no padding) and :class:`CPUAttention` (head-by-head gemms on
   strided views; float64, or without the tile kernel); :func:`attention_with_dropout` is the formula in
   torch ops (autocast, bf16);
 * :class:`BiasGelu`: the feed-forward's bias + exact GELU, its derivative from the same pass;
@@ -26,7 +27,7 @@ from megamlm.ops import cpu_kernels
 from megamlm.ops.cpu_dropout import _keep_mask, dropout
 
 __all__ = ["TiedGrad", "TiedLookup", "Workspace", "LinearInWorkspace", "attention_with_dropout", "CPUAttention",
-           "TileAttention", "BiasGelu", "ResidualLayerNorm"]
+           "TileAttention", "SegmentTileAttention", "BiasGelu", "ResidualLayerNorm"]
 
 
 class TiedGrad:
@@ -178,6 +179,31 @@ class TileAttention(torch.autograd.Function):
         grad, grad_bias = cpu_kernels.attention_backward(grad_y.contiguous(), qkv, probs, ctx.nh, ctx.p, ctx.seed,
                                                          bias, bias_grad=need_bias)
         return grad, grad_bias, None, None, None  # [B, T, 3H], [3H]
+
+
+class SegmentTileAttention(torch.autograd.Function):
+    """:class:`TileAttention` over packed segments, by :func:`cpu_kernels.attention_segments_forward`:
+    qkv [N, 3H] (one flat stream), ``cu_seqlens`` [E + 1] on the CPU, each (segment, head) one tile over
+    that segment's rows only (no padding computed, no mask); the bias as in :class:`TileAttention`; the
+    dropout mask the kernels' stream over the packed probabilities. Returns y [N, H]."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor, max_seqlen: int,
+                num_heads: int, p: float):
+        seed = cpu_kernels.draw_seed()
+        cu = cu_seqlens.to(torch.int64).contiguous()
+        y, probs = cpu_kernels.attention_segments_forward(qkv, cu, max_seqlen, num_heads, p, seed, bias)
+        ctx.save_for_backward(qkv, probs, cu, None if bias is None else bias.detach())
+        ctx.nh, ctx.p, ctx.seed, ctx.max_seqlen = num_heads, p, seed, max_seqlen
+        return y  # [N, H]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        qkv, probs, cu, bias = ctx.saved_tensors
+        need_bias = bias is not None and ctx.needs_input_grad[1]
+        grad, grad_bias = cpu_kernels.attention_segments_backward(
+            grad_y.contiguous(), qkv, probs, cu, ctx.max_seqlen, ctx.nh, ctx.p, ctx.seed, bias, bias_grad=need_bias)
+        return grad, grad_bias, None, None, None, None  # [N, 3H], [3H]
 
 
 class BiasGelu(torch.autograd.Function):

@@ -554,6 +554,41 @@ static void softmax_dropout_rows_f32(float *s, const float *mask, float *d, int6
     if (!aligned) megamlm_dropout_mul_f32_span(s, d, start, T * T, seed, thr, dscale);
 }
 
+/* One forward tile: scores of q [T, hd] against k (rows ld apart), softmax (+ add [T] or NULL) into
+   p [T, T] (stream elements start ...), dropout into the scratch d [T, T], y = d v into yt (rows H
+   apart); with the bias (q | k | v of head h, see below), coladd [T] is scratch. */
+static void attention_tile_forward_f32(const float *q, const float *k, const float *v, const float *bias,
+                                       int64_t h, const float *add, float *coladd, float *p, float *d, float *yt,
+                                       int64_t T, int64_t H, int64_t hd, int ld, float scale, int64_t start,
+                                       uint64_t seed, int32_t thr, float dscale) {
+    gemm_rm('N', 'T', (int)T, (int)T, (int)hd, scale, q, ld, k, ld, 0.0f, p, (int)T);
+    if (bias) {  /* coladd_j = mask_j + scale k_j.bq */
+        const float *bq = bias + h * hd;
+        for (int64_t j = 0; j < T; j++) {
+            const float *kj = k + j * ld;
+            float a = 0.0f;
+            _Pragma("omp simd reduction(+:a)")
+            for (int64_t c = 0; c < hd; c++) a += kj[c] * bq[c];
+            coladd[j] = scale * a + (add ? add[j] : 0.0f);
+        }
+        add = coladd;
+    }
+    softmax_dropout_rows_f32(p, add, d, T, start, seed, thr, dscale);
+    gemm_rm('N', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, v, ld, 0.0f, yt, (int)H);
+    if (bias) {  /* y_i += (rowsum D)_i bv */
+        const float *bv = bias + 2 * H + h * hd;
+        for (int64_t i = 0; i < T; i++) {
+            const float *dr = d + i * T;
+            float rs = 0.0f;
+            _Pragma("omp simd reduction(+:rs)")
+            for (int64_t j = 0; j < T; j++) rs += dr[j];
+            float *yr = yt + i * H;
+            ELEMENTWISE
+            for (int64_t c = 0; c < hd; c++) yr[c] += rs * bv[c];
+        }
+    }
+}
+
 /* probs [nh, B, T, T] and y [B, T, H] from qkv [B, T, 3H] (without its bias), bias [3H] (q | k | v,
    or NULL) and mask_add [B, T] (or NULL). The bias enters without a pass over qkv:
      k's bias adds q.bk to every score of a row: a constant the softmax removes (skipped, exactly);
@@ -575,44 +610,128 @@ int megamlm_attention_forward_f32(const float *qkv, const float *bias, const flo
         }
         _Pragma("omp barrier")
         if (!failed) {
-            float *coladd = d + TT;
             _Pragma("omp for schedule(static)")
             for (int64_t t = 0; t < tiles; t++) {
                 int64_t h = t / B, b = t % B;
-                const float *q = qkv + b * T * 3 * H + h * hd, *k = q + H, *v = q + 2 * H;
-                float *p = probs + t * TT, *yt = y + b * T * H + h * hd;
-                const float *add = mask_add ? mask_add + b * T : NULL;
-                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, scale, q, ld, k, ld, 0.0f, p, (int)T);
-                if (bias) {  /* coladd_j = mask_j + scale k_j.bq */
-                    const float *bq = bias + h * hd;
-                    for (int64_t j = 0; j < T; j++) {
-                        const float *kj = k + j * 3 * H;
-                        float a = 0.0f;
-                        _Pragma("omp simd reduction(+:a)")
-                        for (int64_t c = 0; c < hd; c++) a += kj[c] * bq[c];
-                        coladd[j] = scale * a + (add ? add[j] : 0.0f);
-                    }
-                    add = coladd;
-                }
-                softmax_dropout_rows_f32(p, add, d, T, t * TT, seed, thr, dscale);
-                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, v, ld, 0.0f, yt, (int)H);
-                if (bias) {  /* y_i += (rowsum D)_i bv */
-                    const float *bv = bias + 2 * H + h * hd;
-                    for (int64_t i = 0; i < T; i++) {
-                        const float *dr = d + i * T;
-                        float rs = 0.0f;
-                        _Pragma("omp simd reduction(+:rs)")
-                        for (int64_t j = 0; j < T; j++) rs += dr[j];
-                        float *yr = yt + i * H;
-                        ELEMENTWISE
-                        for (int64_t c = 0; c < hd; c++) yr[c] += rs * bv[c];
-                    }
-                }
+                const float *q = qkv + b * T * 3 * H + h * hd;
+                attention_tile_forward_f32(q, q + H, q + 2 * H, bias, h, mask_add ? mask_add + b * T : NULL, d + TT,
+                                           probs + t * TT, d, y + b * T * H + h * hd, T, H, hd, ld, scale, t * TT,
+                                           seed, thr, dscale);
             }
         }
         free(d);
     }
     return failed ? -1 : 0;
+}
+
+/* Packed (segmented) attention: qkv [N, 3H] holds E segments back to back, segment s being rows
+   cu[s] .. cu[s+1]-1 (cu [E+1] int64, 0 first, N last, increasing; the longest has maxT rows); each
+   (segment, head) is one tile over its own rows, no padding: its probabilities P [T_s, T_s] are at
+   poff[s] + h T_s^2 of probs (poff [E+1] int64: poff[s] = nh sum_{r<s} T_r^2), and element (i, j) of
+   the dropout stream is that offset + i T_s + j. y [N, H]. Tiles t = s nh + h run round-robin over
+   the threads (deterministic). Returns as the batch kernel. */
+int megamlm_attention_segments_forward_f32(const float *qkv, const float *bias, const int64_t *cu,
+                                           const int64_t *poff, float *probs, float *y, int64_t E, int64_t maxT,
+                                           int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
+                                           float dscale) {
+    if (!sgemm_fn) return -2;
+    int64_t H = nh * hd, tiles = nh * E;
+    int ld = (int)(3 * H), failed = 0;
+    _Pragma("omp parallel if (tiles > 1 && poff[E] / 4 >= parallel_words)")
+    {
+        float *d = (float *)malloc((size_t)(maxT * maxT + maxT) * sizeof(float));
+        if (!d) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp barrier")
+        if (!failed) {
+            _Pragma("omp for schedule(static, 1)")
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], start = poff[s] + h * T * T;
+                const float *q = qkv + cu[s] * 3 * H + h * hd;
+                attention_tile_forward_f32(q, q + H, q + 2 * H, bias, h, NULL, d + T * T, probs + start, d,
+                                           y + cu[s] * H + h * hd, T, H, hd, ld, scale, start, seed, thr, dscale);
+            }
+        }
+        free(d);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One backward tile (see megamlm_attention_backward_f32): q, k, v rows ld apart, p [T, T] the forward's
+   probabilities at stream offset start, g the output gradient (rows H apart), gq, gk, gv (rows ld
+   apart) written; acc [3H] (double) += this tile's bias gradient (NULL: skipped); scratch: d, dd
+   [T, T], rowadd, cs, rsd [T], fq, fv [hd]. */
+static void attention_tile_backward_f32(const float *q, const float *k, const float *v, const float *p,
+                                        const float *g, float *gq, float *gk, float *gv, const float *bias, int64_t h,
+                                        double *acc, float *d, float *dd, float *rowadd, float *cs, float *rsd,
+                                        float *fq, float *fv, int64_t T, int64_t H, int64_t hd, int ld, float scale,
+                                        int64_t start, uint64_t seed, int32_t thr, float dscale) {
+    int64_t TT = T * T;
+    megamlm_dropout_mul_f32_span(p, d, start, TT, seed, thr, dscale);
+    gemm_rm('T', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, g, (int)H, 0.0f, gv, ld);
+    gemm_rm('N', 'T', (int)T, (int)T, (int)hd, 1.0f, g, (int)H, v, ld, 0.0f, dd, (int)T);
+    if (bias) {  /* dD_ij += gy_i.bv */
+        const float *bv = bias + 2 * H + h * hd;
+        for (int64_t i = 0; i < T; i++) {
+            const float *gr = g + i * H;
+            float a = 0.0f;
+            _Pragma("omp simd reduction(+:a)")
+            for (int64_t c = 0; c < hd; c++) a += gr[c] * bv[c];
+            rowadd[i] = a;
+            cs[i] = 0.0f;
+        }
+    }
+    for (int64_t i = 0; i < T; i++) {  /* P dP = D dD: dS = D dD - P rowsum(D dD) */
+        const float *pr = p + i * T, *dr = d + i * T;
+        float *r = dd + i * T;
+        float ra = bias ? rowadd[i] : 0.0f, s = 0.0f;
+        _Pragma("omp simd reduction(+:s)")
+        for (int64_t j = 0; j < T; j++) s += dr[j] * (r[j] + ra);
+        ELEMENTWISE
+        for (int64_t j = 0; j < T; j++) r[j] = dr[j] * (r[j] + ra) - pr[j] * s;
+        if (bias) {
+            float rs = 0.0f;
+            _Pragma("omp simd reduction(+:rs)")
+            for (int64_t j = 0; j < T; j++) rs += dr[j];
+            rsd[i] = rs;
+            ELEMENTWISE
+            for (int64_t j = 0; j < T; j++) cs[j] += r[j];
+        }
+    }
+    gemm_rm('N', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, k, ld, 0.0f, gq, ld);
+    gemm_rm('T', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, q, ld, 0.0f, gk, ld);
+    if (bias) {
+        const float *bq = bias + h * hd;
+        for (int64_t j = 0; j < T; j++) {  /* dk_j += scale colsum(dS)_j bq */
+            float *gkr = gk + j * ld, w = scale * cs[j];
+            ELEMENTWISE
+            for (int64_t c = 0; c < hd; c++) gkr[c] += w * bq[c];
+        }
+        if (acc) {  /* this tile's sums in float (T terms), then into the double sums */
+            for (int64_t c = 0; c < 2 * hd; c++) fq[c] = 0.0f;  /* fq and fv */
+            for (int64_t j = 0; j < T; j++) {
+                const float *kj = k + j * ld, *gr = g + j * H;
+                float w = scale * cs[j], rs = rsd[j];
+                ELEMENTWISE
+                for (int64_t c = 0; c < hd; c++) {
+                    fq[c] += w * kj[c];
+                    fv[c] += rs * gr[c];
+                }
+            }
+            double *aq = acc + h * hd, *av = acc + 2 * H + h * hd;
+            for (int64_t c = 0; c < hd; c++) {
+                aq[c] += (double)fq[c];
+                av[c] += (double)fv[c];
+            }
+        }
+    }
+}
+
+/* The per-thread scratch of the backward for tiles of up to T rows (NULL when out of memory). */
+static float *backward_scratch(int64_t T, int64_t hd) {
+    return (float *)malloc((size_t)(2 * T * T + 3 * T + 2 * hd) * sizeof(float));
 }
 
 /* gqkv [B, T, 3H] (every element written) from gy [B, T, H], qkv, bias (as the forward's) and the
@@ -630,7 +749,7 @@ int megamlm_attention_backward_f32(const float *qkv, const float *bias, const fl
     int ld = (int)(3 * H), failed = 0;
     _Pragma("omp parallel if (tiles > 1 && tiles * TT / 4 >= parallel_words)")
     {
-        float *d = (float *)malloc((size_t)(2 * TT + 3 * T + 2 * hd) * sizeof(float));
+        float *d = backward_scratch(T, hd);
         double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;
         if (!d || (grad_bias && !acc)) {
             _Pragma("omp atomic write")
@@ -642,67 +761,51 @@ int megamlm_attention_backward_f32(const float *qkv, const float *bias, const fl
             _Pragma("omp for schedule(static)")
             for (int64_t t = 0; t < tiles; t++) {
                 int64_t h = t / B, b = t % B;
-                const float *q = qkv + b * T * 3 * H + h * hd, *k = q + H, *v = q + 2 * H;
-                const float *p = probs + t * TT, *g = gy + b * T * H + h * hd;
-                float *gq = gqkv + b * T * 3 * H + h * hd, *gk = gq + H, *gv = gq + 2 * H;
-                megamlm_dropout_mul_f32_span(p, d, t * TT, TT, seed, thr, dscale);
-                gemm_rm('T', 'N', (int)T, (int)hd, (int)T, 1.0f, d, (int)T, g, (int)H, 0.0f, gv, ld);
-                gemm_rm('N', 'T', (int)T, (int)T, (int)hd, 1.0f, g, (int)H, v, ld, 0.0f, dd, (int)T);
-                if (bias) {  /* dD_ij += gy_i.bv */
-                    const float *bv = bias + 2 * H + h * hd;
-                    for (int64_t i = 0; i < T; i++) {
-                        const float *gr = g + i * H;
-                        float a = 0.0f;
-                        _Pragma("omp simd reduction(+:a)")
-                        for (int64_t c = 0; c < hd; c++) a += gr[c] * bv[c];
-                        rowadd[i] = a;
-                        cs[i] = 0.0f;
-                    }
-                }
-                for (int64_t i = 0; i < T; i++) {  /* P dP = D dD: dS = D dD - P rowsum(D dD) */
-                    const float *pr = p + i * T, *dr = d + i * T;
-                    float *r = dd + i * T;
-                    float ra = bias ? rowadd[i] : 0.0f, s = 0.0f;
-                    _Pragma("omp simd reduction(+:s)")
-                    for (int64_t j = 0; j < T; j++) s += dr[j] * (r[j] + ra);
-                    ELEMENTWISE
-                    for (int64_t j = 0; j < T; j++) r[j] = dr[j] * (r[j] + ra) - pr[j] * s;
-                    if (bias) {
-                        float rs = 0.0f;
-                        _Pragma("omp simd reduction(+:rs)")
-                        for (int64_t j = 0; j < T; j++) rs += dr[j];
-                        rsd[i] = rs;
-                        ELEMENTWISE
-                        for (int64_t j = 0; j < T; j++) cs[j] += r[j];
-                    }
-                }
-                gemm_rm('N', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, k, ld, 0.0f, gq, ld);
-                gemm_rm('T', 'N', (int)T, (int)hd, (int)T, scale, dd, (int)T, q, ld, 0.0f, gk, ld);
-                if (bias) {
-                    const float *bq = bias + h * hd;
-                    for (int64_t j = 0; j < T; j++) {  /* dk_j += scale colsum(dS)_j bq */
-                        float *gkr = gk + j * 3 * H, w = scale * cs[j];
-                        ELEMENTWISE
-                        for (int64_t c = 0; c < hd; c++) gkr[c] += w * bq[c];
-                    }
-                    if (acc) {  /* this tile's sums in float (T terms), then into the double sums */
-                        for (int64_t c = 0; c < 2 * hd; c++) fq[c] = 0.0f;
-                        for (int64_t j = 0; j < T; j++) {
-                            const float *kj = k + j * 3 * H, *gr = g + j * H;
-                            float w = scale * cs[j], rs = rsd[j];
-                            ELEMENTWISE
-                            for (int64_t c = 0; c < hd; c++) {
-                                fq[c] += w * kj[c];
-                                fv[c] += rs * gr[c];
-                            }
-                        }
-                        double *aq = acc + h * hd, *av = acc + 2 * H + h * hd;
-                        for (int64_t c = 0; c < hd; c++) {
-                            aq[c] += (double)fq[c];
-                            av[c] += (double)fv[c];
-                        }
-                    }
-                }
+                const float *q = qkv + b * T * 3 * H + h * hd;
+                float *gq = gqkv + b * T * 3 * H + h * hd;
+                attention_tile_backward_f32(q, q + H, q + 2 * H, probs + t * TT, gy + b * T * H + h * hd, gq, gq + H,
+                                            gq + 2 * H, bias, h, acc, d, dd, rowadd, cs, rsd, fq, fv, T, H, hd, ld,
+                                            scale, t * TT, seed, thr, dscale);
+            }
+            if (acc) {
+                _Pragma("omp critical(megamlm_attention_bias_grad)")
+                for (int64_t c = 0; c < 3 * H; c++) grad_bias[c] += acc[c];
+            }
+        }
+        free(d);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of megamlm_attention_segments_forward_f32: gqkv [N, 3H] (every element written) from
+   gy [N, H], as the batch kernel's, tile (segment, head) by tile. */
+int megamlm_attention_segments_backward_f32(const float *qkv, const float *bias, const int64_t *cu,
+                                            const int64_t *poff, const float *probs, const float *gy, float *gqkv,
+                                            double *grad_bias, int64_t E, int64_t maxT, int64_t nh, int64_t hd,
+                                            float scale, uint64_t seed, int32_t thr, float dscale) {
+    if (!sgemm_fn) return -2;
+    int64_t H = nh * hd, tiles = nh * E;
+    int ld = (int)(3 * H), failed = 0;
+    _Pragma("omp parallel if (tiles > 1 && poff[E] / 4 >= parallel_words)")
+    {
+        float *d = backward_scratch(maxT, hd);
+        double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;
+        if (!d || (grad_bias && !acc)) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp barrier")
+        if (!failed) {
+            _Pragma("omp for schedule(static, 1)")
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], TT = T * T, start = poff[s] + h * TT;
+                float *dd = d + TT, *rowadd = dd + TT, *cs = rowadd + T, *rsd = cs + T, *fq = rsd + T, *fv = fq + hd;
+                const float *q = qkv + cu[s] * 3 * H + h * hd;
+                float *gq = gqkv + cu[s] * 3 * H + h * hd;
+                attention_tile_backward_f32(q, q + H, q + 2 * H, probs + start, gy + cu[s] * H + h * hd, gq, gq + H,
+                                            gq + 2 * H, bias, h, acc, d, dd, rowadd, cs, rsd, fq, fv, T, H, hd, ld,
+                                            scale, start, seed, thr, dscale);
             }
             if (acc) {
                 _Pragma("omp critical(megamlm_attention_bias_grad)")
@@ -716,4 +819,4 @@ int megamlm_attention_backward_f32(const float *qkv, const float *bias, const fl
 }
 
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 7; }
+int megamlm_kernels_version(void) { return 8; }

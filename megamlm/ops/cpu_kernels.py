@@ -12,7 +12,9 @@
   at a time on one thread, its scores, softmax, dropout and both products while the [T, T] tile is
   in cache, q/k/v read in place from the fused projection, y written with heads merged. Its small
   gemms call torch's own BLAS ``sgemm_`` (exported by x86 wheels, checked at load):
-  :func:`attention_available` is False where there is none.
+  :func:`attention_available` is False where there is none. The packed form
+  (:func:`attention_segments_forward`) runs one tile per (segment, head) over that segment's own rows
+  of a flat [N, 3H] stream: no padding is computed.
 
 On CPU, torch's ``dropout`` draws ``bernoulli_`` from the serial mt19937 generator and the
 residual add is another pass: for the small bench model dropout was ~10% of the training step.
@@ -50,9 +52,10 @@ log = logging.getLogger(__name__)
 __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "draw_seed", "threshold",
            "unavailable_reason", "dropout_mul", "dropout_add", "keep_mask_reference", "bias_gelu", "mul_colsum",
            "residual_layer_norm", "residual_layer_norm_backward", "cross_entropy_forward",
-           "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward"]
+           "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward",
+           "segment_prob_offsets", "attention_segments_forward", "attention_segments_backward"]
 
-_VERSION = 7  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 8  # megamlm_kernels_version() of the source this module speaks to
 _GOLDEN = 0x9E3779B97F4A7C15
 
 _lock = threading.Lock()
@@ -359,6 +362,78 @@ def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Ten
         qkv.data_ptr(), bias_ptr, probs.data_ptr(), grad_y.data_ptr(), grad.data_ptr(),
         0 if acc is None else acc.data_ptr(), B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
     _attention_rc(rc, T)
+    return grad, None if acc is None else acc.float()
+
+
+def segment_prob_offsets(cu_seqlens: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Where each segment's probabilities start in the packed kernels' ``probs``: int64 [E + 1],
+    ``nh · Σ_{r<s} L_r²`` (the last is the total); head h of segment s is at ``offs[s] + h · L_s²``."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    return torch.cat([lengths.new_zeros(1), (num_heads * lengths * lengths).cumsum(0)])
+
+
+def _segments_check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int):
+    """(N, nh, hd, cu as contiguous int64, prob offsets) after checking the packed layout."""
+    if qkv.dtype != torch.float32 or qkv.dim() != 2 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(f"packed attention kernel: float32 qkv [N, 3·heads·head_dim] with {num_heads} heads, got "
+                         f"{qkv.dtype} {tuple(qkv.shape)}")
+    _check("qkv", qkv)
+    N, H3 = qkv.shape
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    if cu.device.type != "cpu" or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens: a CPU tensor [segments + 1], got {tuple(cu.shape)} on {cu.device}")
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != N or bool((lengths <= 0).any()) or int(lengths.max()) > max_seqlen:
+        raise ValueError(f"cu_seqlens {cu.tolist()} must rise strictly from 0 to N={N} in steps of at most "
+                         f"max_seqlen={max_seqlen}")
+    if max(max_seqlen, H3) >= 1 << 31 or max_seqlen * max_seqlen >= 1 << 40:
+        raise ValueError(f"packed attention kernel: segment length {max_seqlen} or width {H3} is too large")
+    return N, num_heads, H3 // (3 * num_heads), cu, segment_prob_offsets(cu, num_heads)
+
+
+def attention_segments_forward(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
+                               p: float, seed: int, bias: torch.Tensor | None = None):
+    """Packed attention: qkv [N, 3H] (float32, columns q | k | v, without ``bias`` [3H] or None) holds the
+    segments ``cu_seqlens`` [E + 1] (0 … N, increasing, none longer than ``max_seqlen``) back to back; a
+    token attends only to its segment's. Returns (y [N, H] with heads merged, probs: flat, segment s and
+    head h an [L, L] tile at ``offs[s] + h·L²`` (:func:`segment_prob_offsets`), which is also the tile's
+    place in the dropout stream of ``seed``)."""
+    N, nh, hd, cu, offs = _segments_check(qkv, cu_seqlens, max_seqlen, num_heads)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    bias_ptr = _attention_bias(bias, qkv.view(1, N, -1))
+    y, probs = qkv.new_empty(N, nh * hd), qkv.new_empty(int(offs[-1]))
+    rc = _lib_fn("attention_segments_forward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), y.data_ptr(), cu.numel() - 1,
+        max_seqlen, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
+    _attention_rc(rc, max_seqlen)
+    return y, probs
+
+
+def attention_segments_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor,
+                                cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, p: float, seed: int,
+                                bias: torch.Tensor | None = None,
+                                bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the gradient of ``qkv`` [N, 3H], and of ``bias`` [3H] or None) of :func:`attention_segments_forward`
+    for ``grad_y`` [N, H], given its inputs, ``probs``, ``p`` and ``seed`` (the mask is regenerated)."""
+    N, nh, hd, cu, offs = _segments_check(qkv, cu_seqlens, max_seqlen, num_heads)
+    _check("grad_y", grad_y)
+    _check("probs", probs)
+    if grad_y.shape != (N, nh * hd) or probs.shape != (int(offs[-1]),) or grad_y.dtype != qkv.dtype \
+            or probs.dtype != qkv.dtype:
+        raise ValueError(f"packed attention backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do "
+                         f"not match qkv {tuple(qkv.shape)} with {nh} heads and these segments")
+    bias_ptr = _attention_bias(bias, qkv.view(1, N, -1))
+    if bias_grad and bias is None:
+        raise ValueError("packed attention backward: bias_grad=True needs the bias")
+    grad = torch.empty_like(qkv)
+    acc = torch.zeros(qkv.shape[1], dtype=torch.float64) if bias_grad else None
+    rc = _lib_fn("attention_segments_backward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), grad_y.data_ptr(),
+        grad.data_ptr(), 0 if acc is None else acc.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5,
+        seed, threshold(p), 1.0 / (1.0 - p))
+    _attention_rc(rc, max_seqlen)
     return grad, None if acc is None else acc.float()
 
 

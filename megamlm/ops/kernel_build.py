@@ -76,6 +76,10 @@ def _declare(lib) -> None:
         fn = getattr(lib, f"megamlm_attention_{name}_f32")
         fn.argtypes = [ptr] * n_ptr + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
         fn.restype = ctypes.c_int
+    for name, n_ptr in (("forward", 6), ("backward", 8)):
+        fn = getattr(lib, f"megamlm_attention_segments_{name}_f32")
+        fn.argtypes = [ptr] * n_ptr + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
+        fn.restype = ctypes.c_int
     c_int, c_char, c_float = ctypes.c_int, ctypes.c_char, ctypes.c_float
     lib.megamlm_gemm_rm_f32.argtypes = [c_char, c_char, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int,
                                         c_float, ptr, c_int]

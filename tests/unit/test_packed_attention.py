@@ -1,0 +1,95 @@
+"""Attention over a packed stream (issue 18, step 1): the ``segments`` argument of the ops layer's
+``attention``. A failure points at megamlm/ops/torch_ops.py (segment_attention, padded_index),
+megamlm/ops/cpu.py / cpu_kernels.c (the per-(segment, head) tile kernel) or ops/__init__.py (Segments).
+
+The truth each test compares with: every example run alone through the unsegmented op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamlm.ops import CpuOps, Linear, Segments, TorchOps, cpu_kernels
+
+H, HEADS = 32, 4
+LENGTHS = [5, 1, 9, 3, 16]
+
+BACKENDS = [pytest.param(TorchOps(), id="torch")]
+if cpu_kernels.available():
+    BACKENDS.append(pytest.param(CpuOps(), id="cpu-kernels"))
+
+
+def _qkv(seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    lin = Linear(H, 3 * H)
+    torch.nn.init.normal_(lin.weight, std=0.3)
+    torch.nn.init.normal_(lin.bias, std=0.1)
+    return lin
+
+
+def test_segments_validate_and_give_positions():
+    s = Segments.from_lengths([3, 1, 2])
+    assert s.cu_seqlens.tolist() == [0, 3, 4, 6] and s.max_seqlen == 3
+    assert s.position_ids().tolist() == [0, 1, 2, 0, 0, 1]
+    with pytest.raises(ValueError):
+        Segments(torch.tensor([0, 3, 3], dtype=torch.int32), 3)  # an empty segment
+    with pytest.raises(ValueError):
+        Segments(torch.tensor([1, 3], dtype=torch.int32), 2)  # does not start at 0
+    with pytest.raises(ValueError):
+        Segments(torch.tensor([0, 3, 5], dtype=torch.int32), 2)  # max_seqlen is not the longest
+
+
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_each_segment_attends_as_if_alone(ops):
+    qkv = _qkv()
+    n = sum(LENGTHS)
+    torch.manual_seed(1)
+    x = torch.randn(1, n, H, requires_grad=True)
+    seg = Segments.from_lengths(LENGTHS)
+    y = ops.attention(qkv, x, HEADS, None, 0.0, segments=seg)
+    assert y.shape == (1, n, H)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    gx, gw, gb = x.grad.clone(), qkv.weight.grad.clone(), qkv.bias.grad.clone()
+
+    qkv.weight.grad = qkv.bias.grad = None
+    xr = x.detach().clone().requires_grad_(True)
+    outs, start = [], 0
+    for L in LENGTHS:  # the reference: each example alone, through the torch op without segments
+        outs.append(TorchOps().attention(qkv, xr[:, start:start + L], HEADS, None, 0.0))
+        start += L
+    ref = torch.cat(outs, dim=1)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, qkv.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb, qkv.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_dropout_stays_inside_each_segment(ops):
+    qkv = _qkv()
+    n = sum(LENGTHS)
+    seg = Segments.from_lengths(LENGTHS)
+    torch.manual_seed(2)
+    x = torch.randn(1, n, H)
+    x2 = x.clone()
+    x2[:, 6:15] += 5.0  # the third example only
+    torch.manual_seed(3)
+    y = ops.attention(qkv, x, HEADS, None, 0.3, segments=seg)
+    torch.manual_seed(3)
+    y2 = ops.attention(qkv, x2, HEADS, None, 0.3, segments=seg)
+    assert torch.isfinite(y).all()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[6:15] = False
+    torch.testing.assert_close(y[:, keep], y2[:, keep], atol=0, rtol=0)  # the others never see it
+    assert not torch.allclose(y[:, ~keep], y2[:, ~keep])
+
+
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_a_mask_with_segments_is_refused(ops):
+    seg = Segments.from_lengths([2, 2])
+    with pytest.raises(ValueError):
+        ops.attention(_qkv(), torch.randn(1, 4, H), HEADS, torch.ones(1, 1, 1, 4, dtype=torch.bool), 0.0,
+                      segments=seg)
