@@ -68,14 +68,16 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(dropout)
         self.register_buffer("position_ids", torch.arange(max_positions), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` [T] (a packed stream: positions restart in each example) or None (0..T-1)."""
         # Every table is read through its module's call (ZeRO-3 gathers parameters per module call).
         T = input_ids.shape[1]
         if isinstance(self.word_embeddings, Embedding):
             x = self.ops.embedding(self.word_embeddings, input_ids)  # [B, T, H]
         else:  # a vocab-parallel table
             x = self.word_embeddings(input_ids)  # [B, T, H]
-        x = x + self.position_embeddings(self.position_ids[:T])  # [T, H] broadcast over B
+        x = x + self.position_embeddings(self.position_ids[:T] if position_ids is None else position_ids)  # [T, H]
         if token_type_ids is None:
             x = x + self.token_type_embeddings(self.position_ids[:1])  # [1, H]: segment 0
         else:
@@ -97,10 +99,13 @@ class SelfAttention(nn.Module):
         self.out = Linear(hidden, hidden)
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, H], attn_mask [B, 1, 1, T] or None → heads merged [B, T, H], before ``self.out``."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, segments=None) -> torch.Tensor:
+        """x [B, T, H], attn_mask [B, 1, 1, T] or None → heads merged [B, T, H], before ``self.out``;
+        ``segments`` (:class:`megamlm.ops.Segments`, x [1, N, H]): attention stays inside each example."""
         p = self.attention_dropout if self.training else 0.0
-        return self.ops.attention(self.qkv, x, self.num_heads, attn_mask, p)  # [B, T, H]
+        if segments is None:
+            return self.ops.attention(self.qkv, x, self.num_heads, attn_mask, p)  # [B, T, H]
+        return self.ops.attention(self.qkv, x, self.num_heads, attn_mask, p, segments=segments)  # [1, N, H]
 
 
 class FeedForward(nn.Module):
@@ -136,12 +141,14 @@ class Block(nn.Module):
         self.ffn_norm = LayerNorm(hidden, eps=eps)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, segments=None) -> torch.Tensor:
         p, training, ops = self.dropout.p, self.training, self.ops
         if self.pre_norm:
-            x = ops.dropout_add(self.attn.out(self.attn(self.attn_norm(x), attn_mask)), x, p, training)  # [B, T, H]
+            a = self.attn(self.attn_norm(x), attn_mask, segments)
+            x = ops.dropout_add(self.attn.out(a), x, p, training)  # [B, T, H]
             return ops.dropout_add(self.ffn.down(self.ffn(self.ffn_norm(x))), x, p, training)  # [B, T, H]
-        x = ops.projection_residual_norm(self.attn.out, self.attn(x, attn_mask), x, self.attn_norm, p, training)
+        x = ops.projection_residual_norm(self.attn.out, self.attn(x, attn_mask, segments), x, self.attn_norm, p,
+                                         training)
         return ops.projection_residual_norm(self.ffn.down, self.ffn(x), x, self.ffn_norm, p, training)  # [B, T, H]
 
 
@@ -171,6 +178,18 @@ def check_model_inputs(input_ids: torch.Tensor, token_type_ids: torch.Tensor | N
         if lo < 0 or hi >= type_vocab_size:
             bad = hi if hi >= type_vocab_size else lo
             raise ValueError(f"token type id {bad} is outside [0, model.type_vocab_size={type_vocab_size})")
+
+
+def _check_segments(input_ids: torch.Tensor, attention_mask, segments, max_positions: int) -> None:
+    if attention_mask is not None:
+        raise ValueError("a packed stream (segments) has no padding: pass attention_mask=None")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"a packed stream is one row [1, N]; input_ids has shape {tuple(input_ids.shape)}")
+    if segments.max_seqlen > max_positions:
+        raise ValueError(f"a packed example of {segments.max_seqlen} tokens exceeds "
+                         f"model.max_position_embeddings={max_positions}")
+    if ops_layer.host_readable(segments.cu_seqlens) and int(segments.cu_seqlens[-1]) != input_ids.shape[1]:
+        raise ValueError(f"segments cover {int(segments.cu_seqlens[-1])} tokens, input_ids has {input_ids.shape[1]}")
 
 
 class Encoder(nn.Module):
@@ -219,24 +238,33 @@ class Encoder(nn.Module):
         return self.embeddings.word_embeddings.num_embeddings
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, segments=None) -> torch.Tensor:
         """input_ids [B, T] int64, token_type_ids [B, T] or None (all segment 0), attention_mask [B, T]
         bool (True on real tokens) or None (no padding: SDPA runs without a mask). → hidden [B, T, H].
 
         Hidden states at padded positions are computed but meaningless; real positions never attend
         to padding, so they do not depend on how much padding follows.
+
+        ``segments`` (:class:`megamlm.ops.Segments`): a packed stream, input_ids [1, N] holding E examples
+        back to back; positions restart at 0 in each, attention stays inside each, no padding is computed;
+        ``attention_mask`` must then be None.
         """
         # value checks read the ids: free on CPU, a sync on accelerators, data-dependent under compile
         check_ids = ops_layer.host_readable(input_ids) or (self.check_inputs and not torch.compiler.is_compiling())
-        check_model_inputs(input_ids, token_type_ids, attention_mask, self.max_positions,
+        longest = self.max_positions if segments is None else input_ids.shape[1]  # packed: checked per example
+        check_model_inputs(input_ids, token_type_ids, attention_mask, longest,
                            self.vocab_size if check_ids else None,
                            self.type_vocab_size if check_ids else None)
+        position_ids = None
+        if segments is not None:
+            _check_segments(input_ids, attention_mask, segments, self.max_positions)
+            position_ids = segments.position_ids(input_ids.shape[1])
         attn_mask = None
         if attention_mask is not None:
             attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T] True = attend
-        x = self.embeddings(input_ids, token_type_ids)  # [B, T, H]
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # [B, T, H]
         for layer in self.layers:
-            x = layer(x, attn_mask)  # [B, T, H]
+            x = layer(x, attn_mask, segments)  # [B, T, H]
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # [B, T, H]

@@ -93,3 +93,54 @@ def test_a_mask_with_segments_is_refused(ops):
     with pytest.raises(ValueError):
         ops.attention(_qkv(), torch.randn(1, 4, H), HEADS, torch.ones(1, 1, 1, 4, dtype=torch.bool), 0.0,
                       segments=seg)
+
+
+ENC_LENGTHS = [7, 1, 12, 16, 4]  # 16 = model.max_position_embeddings
+
+
+def _encoder(ops, norm_position: str = "post"):
+    from megamlm import ops as ops_layer
+    from megamlm.model.encoder import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(vocab_size=50, hidden_size=H, num_layers=2, num_heads=HEADS, ffn_size=64,
+                  max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, norm_position=norm_position)
+    return ops_layer.use(enc, ops)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+@pytest.mark.parametrize("ops", BACKENDS)
+def test_a_packed_stream_through_the_encoder_equals_each_example_alone(ops, norm_position):
+    enc = _encoder(ops, norm_position)
+    torch.manual_seed(4)
+    ids = [torch.randint(4, 50, (1, L)) for L in ENC_LENGTHS]
+    types = [torch.randint(0, 2, (1, L)) for L in ENC_LENGTHS]
+    seg = Segments.from_lengths(ENC_LENGTHS)
+    packed = enc(torch.cat(ids, 1), torch.cat(types, 1), segments=seg)  # [1, N, H]
+    w = torch.randn_like(packed)
+    (packed * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    alone, start = [], 0
+    for i, t, L in zip(ids, types, ENC_LENGTHS):
+        h = enc(i, t)  # [1, L, H]: the example as its own batch, no padding
+        (h * w[:, start:start + L]).sum().backward()  # gradients add up over the examples
+        alone.append(h)
+        start += L
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_the_encoder_refuses_bad_packed_input():
+    enc = _encoder(TorchOps())
+    ids = torch.randint(4, 50, (1, 6))
+    seg = Segments.from_lengths([2, 4])
+    with pytest.raises(ValueError, match="attention_mask=None"):
+        enc(ids, attention_mask=torch.ones(1, 6, dtype=torch.bool), segments=seg)
+    with pytest.raises(ValueError, match="cover 6 tokens"):
+        enc(torch.randint(4, 50, (1, 7)), segments=seg)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        enc(torch.randint(4, 50, (1, 20)), segments=Segments.from_lengths([17, 3]))
+    with pytest.raises(ValueError, match="one row"):
+        enc(torch.randint(4, 50, (2, 3)), segments=Segments.from_lengths([3]))
