@@ -48,8 +48,8 @@ def _time_steps(step, batches, rounds: int) -> list[float]:
 def engine_overhead(cfg, steps: int = 20, warmup: int = 3, stages=(0, 1, 2, 3)) -> dict:
     """Median step time of the bare model vs DeepSpeed engines (one process, this machine)."""
     from megamlm.distributed.env import DistEnv
-    from megamlm.engine import build_engine, build_optimizer, init_distributed
-    from megamlm.model.pretraining import build_model
+    from megamlm.engine import AdamSettings, build_engine, build_optimizer, init_distributed
+    from megamlm.model.pretraining import build_model, weight_decay_groups
     from megamlm.objectives import combine
     from megamlm.engine import disable_ds_shm_op
 
@@ -62,7 +62,7 @@ def engine_overhead(cfg, steps: int = 20, warmup: int = 3, stages=(0, 1, 2, 3)) 
     def make_bare():
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.objective, vocab)
-        opt = build_optimizer(model, cfg)
+        opt = build_optimizer(weight_decay_groups(model, cfg.optim.weight_decay), cfg.engine, AdamSettings.of(cfg.optim))
 
         def step(b):
             terms = model(b)

@@ -29,18 +29,28 @@ def _load(args, world_size: int | None = None, extra: list[str] | None = None):
 
 
 def cmd_check_config(args) -> int:
+    """Validate a pretraining or a fine-tuning config (one with an ``init``, ``task`` or ``head`` section, or
+    ``--finetune``) with the files it names and the engine on this machine (megamlm.preflight), print it
+    resolved, and say on stderr what could not be checked."""
     if args.describe:
         print(describe_fields())
         return 0
     if not args.config:
         raise ConfigError(["check-config needs a CONFIG file (or --describe)"])
-    from megamlm.preflight import check_files
-    from megamlm.config.load import read_with_overrides, validate_dict
+    from megamlm.config.load import read_with_overrides
+    from megamlm.finetune.config import is_finetune_dict
 
-    cfg, problems = validate_dict(read_with_overrides(args.config, args.overrides), args.world_size)
+    raw = read_with_overrides(args.config, args.overrides)
+    if args.finetune or is_finetune_dict(raw):
+        return _check_finetune_config(args, raw)
+    from megamlm.preflight import check_files, engine_problems
+    from megamlm.config.load import validate_dict
+
+    cfg, problems = validate_dict(raw, args.world_size)
     files = check_files(cfg)
-    if problems or files.problems:
-        raise ConfigError(problems + files.problems, args.config)
+    problems += engine_problems(cfg) + files.problems
+    if problems:
+        raise ConfigError(problems, args.config)
     print(dump_config(cfg), end="")
     if args.world_size:
         from megamlm.config import data_parallel_size, grad_accumulation_steps
@@ -52,14 +62,37 @@ def cmd_check_config(args) -> int:
               f"micro {cfg.data.micro_batch_size} x data-parallel {dp} x accumulation {ga}")
     unchecked = files.unchecked + ([] if args.world_size else
                                    ["the batch and topology arithmetic (pass --world-size N)"])
+    _say_unchecked(unchecked, "its tokenizer and shards too")
+    return 0
+
+
+def _check_finetune_config(args, raw) -> int:
+    from megamlm.finetune.config import dump_finetune_config, validate_finetune_dict
+    from megamlm.preflight import check_finetune
+
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], args.config)
+    cfg, problems = validate_finetune_dict(raw or {})
+    checks = check_finetune(cfg, args.world_size)
+    problems += checks.problems
+    if problems:
+        raise ConfigError(problems, args.config)
+    print(dump_finetune_config(cfg), end="")
+    if args.world_size:
+        w, bs = args.world_size, cfg.train.batch_size
+        print(f"# world size {w}: data-parallel {w}; step {bs} sequences = micro {bs // w} x data-parallel {w}")
+    _say_unchecked(checks.unchecked, "its init checkpoint, tokenizer and task data too")
+    return 0
+
+
+def _say_unchecked(unchecked: list[str], all_checked: str) -> None:
     for line in unchecked:
         print(f"# not checked: {line}", file=sys.stderr)
     if unchecked:
         print(f"# configuration is valid as far as checked ({len(unchecked)} check(s) not run, above)",
               file=sys.stderr)
     else:
-        print("# configuration is valid, its tokenizer and shards too", file=sys.stderr)
-    return 0
+        print(f"# configuration is valid, {all_checked}", file=sys.stderr)
 
 
 def _source_overrides(args) -> list[str]:
@@ -157,10 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megamlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("check-config", help="validate a config and print it resolved")
+    p = sub.add_parser("check-config", help="validate a pretraining or fine-tuning config, the files it names and "
+                       "its engine on this machine, and print it resolved")
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.add_argument("--world-size", type=int, default=None, help="also check batch and topology arithmetic")
+    p.add_argument("--finetune", action="store_true", help="a fine-tuning config (found by itself when it has "
+                   "an init, task or head section)")
     p.add_argument("--describe", action="store_true", help="list every section and key with help text")
     p.set_defaults(fn=cmd_check_config)
 

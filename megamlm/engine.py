@@ -2,6 +2,11 @@
 with the optimizer, the learning-rate schedule and the process group. DeepSpeed specifics live here
 alone (megamlm/ARCHITECTURE.md, seam 7).
 
+The builders take the ``engine`` section, a :class:`BatchPlan` and the optim settings they use
+(:func:`build_ds_config`, :func:`build_optimizer`, :func:`setup_engine`, :func:`device_problems`,
+:func:`select_ops`), so pretraining and fine-tuning share them; :func:`build_engine` and
+:func:`batch_plan` are pretraining's, from its whole config.
+
 Batch arithmetic: ``global = micro × data-parallel × accumulation`` (checked when the config is
 loaded with the world size). The loss handed to :func:`backward` is the micro-batch's share of the
 step's mean loss (sums divided by the step's global target counts); DeepSpeed averages gradients over
@@ -32,18 +37,9 @@ def device_type() -> str:
 
 
 def tune_cpu_malloc() -> bool:
-    """glibc only, process-wide: blocks up to 32 MiB always come from the heap, and the heap is never
-    trimmed.
-
-    A training step on CPU frees and re-allocates the same tensors (activations, gradients, dropout
-    masks) every step. glibc's defaults give back the top of the heap whenever more than twice its
-    (adaptive) mmap threshold is free there, and map large blocks fresh; each 4 KB page then faults
-    in again on first touch: ~55k faults per step for the small bench model (hidden 256, 4 layers),
-    ~10% of the step. Fixing the mmap threshold at its ceiling (32 MiB) and the trim threshold at
-    2 GiB keeps those blocks in the process, faulted in once (as jemalloc or tcmalloc would, which
-    PyTorch's CPU launcher ``torch.backends.xeon.run_cpu`` preloads). Blocks above 32 MiB are still
-    mapped and returned to the system when freed, so a rare huge tensor does not pin its memory in
-    a fragmented heap. Returns False where mallopt is unavailable."""
+    """glibc only, process-wide: blocks up to 32 MiB always come from the heap, and the heap is never trimmed,
+    so a CPU step's freed and re-allocated tensors stay faulted in (as jemalloc / tcmalloc keep them); larger
+    blocks are still mapped and returned when freed. Returns False where mallopt is unavailable."""
     import ctypes
 
     try:
@@ -70,6 +66,9 @@ def resolve_backend(engine_cfg) -> str:
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """One optimizer step: ``micro`` sequences per rank per micro-batch, ``dp`` data-parallel ranks,
+    ``accumulation`` micro-batches per rank."""
+
     micro: int
     dp: int
     accumulation: int
@@ -80,51 +79,81 @@ class BatchPlan:
 
 
 def batch_plan(cfg, world_size: int) -> BatchPlan:
+    """Pretraining's plan: ``data.micro_batch_size`` on world size / ``parallel.vocab_parallel_size``
+    data-parallel ranks, accumulated up to ``engine.global_batch_size``."""
     dp = world_size // cfg.parallel.vocab_parallel_size
     micro = cfg.data.micro_batch_size
     acc = cfg.engine.global_batch_size // (micro * dp) if cfg.engine.global_batch_size else 1
     return BatchPlan(micro, dp, max(acc, 1))
 
 
-def device_problems(cfg) -> list[str]:
-    """Engine settings this machine cannot run, found before any process group exists."""
+@dataclass(frozen=True)
+class AdamSettings:
+    """What AdamW takes besides its parameter groups (a group's own ``lr`` wins over ``lr``)."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+
+    @classmethod
+    def of(cls, optim_cfg) -> AdamSettings:
+        """Pretraining's ``optim`` section's."""
+        return cls(optim_cfg.lr, tuple(optim_cfg.betas), optim_cfg.eps)
+
+
+def lamb_settings(optim_cfg):
+    """Pretraining's ``optim`` section when it names LAMB (DeepSpeed builds that optimizer), else None."""
+    return optim_cfg if optim_cfg.name == "lamb" else None
+
+
+def _whole_config(cfg) -> bool:
+    # pretrain.py still passes its whole Config to device_problems / select_ops; it will pass sections
+    return hasattr(cfg, "engine") and hasattr(cfg, "optim")
+
+
+def device_problems(engine_cfg, lamb=None) -> list[str]:
+    """Engine settings this machine cannot run, found before any process group exists. ``engine_cfg``: the
+    ``engine`` section; ``lamb``: the optim settings when DeepSpeed's LAMB is the optimizer (else None)."""
+    if _whole_config(engine_cfg):
+        engine_cfg, lamb = engine_cfg.engine, lamb_settings(engine_cfg.optim)
     p = []
     if device_type() != "cuda":
-        if cfg.optim.name == "lamb":
+        if lamb is not None:
             p.append("optim.name='lamb' uses DeepSpeed's fused LAMB, which needs CUDA; on this machine use "
                      "optim.name=adamw")
-        if cfg.engine.precision == "fp16":
+        if engine_cfg.precision == "fp16":
             p.append("engine.precision='fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
-        if cfg.engine.backend == "nccl":
+        if engine_cfg.backend == "nccl":
             p.append("engine.backend='nccl' needs CUDA; use auto or gloo")
     try:
-        select_ops(cfg)
+        select_ops(engine_cfg)
     except ValueError as e:
         p.append(str(e))
     return p
 
 
-def select_ops(cfg):
+def select_ops(engine_cfg):
     """(ops backend, description) for this run: ``engine.kernels`` on this machine's device, in the training
     precision, at the ZeRO stage (:func:`megamlm.ops.select`); ValueError for a setting it cannot serve."""
-    import torch
-
     from megamlm import ops
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
-    return ops.select(cfg.engine.kernels, device_type(), dtype, cfg.engine.zero_stage)
+    if _whole_config(engine_cfg):
+        engine_cfg = engine_cfg.engine
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision, torch.float32)
+    return ops.select(engine_cfg.kernels, device_type(), dtype, engine_cfg.zero_stage)
 
 
-def build_ds_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed config for ``cfg`` on ``world_size`` ranks."""
-    plan = batch_plan(cfg, world_size)
-    e = cfg.engine
+def build_ds_config(engine_cfg, plan: BatchPlan, lamb=None) -> dict:
+    """The DeepSpeed config for the ``engine`` section and a step of ``plan``; ``lamb``: the optim settings
+    (lr, betas, eps, weight_decay) when DeepSpeed builds its LAMB, else None (a client optimizer).
+    EngineError for what this machine cannot run (:func:`device_problems`)."""
+    e = engine_cfg
     ds: dict = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accumulation,
         # fp32 at ZeRO 0: GuardedAdamW clips and reports the norm (DeepSpeed's clipping there discards it)
-        "gradient_clipping": 0.0 if own_clipping(cfg) else e.grad_clip,
+        "gradient_clipping": 0.0 if own_clipping(e) else e.grad_clip,
         "zero_optimization": {"stage": e.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -141,13 +170,12 @@ def build_ds_config(cfg, world_size: int) -> dict:
     elif e.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": e.initial_loss_scale_power,
                       "loss_scale_window": e.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
-    problems = device_problems(cfg)
+    problems = device_problems(e, lamb)
     if problems:
         raise EngineError("; ".join(problems))
-    if cfg.optim.name == "lamb":
-        ds["optimizer"] = {"type": "Lamb", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
-                                                      "eps": cfg.optim.eps,
-                                                      "weight_decay": cfg.optim.weight_decay}}
+    if lamb is not None:
+        ds["optimizer"] = {"type": "Lamb", "params": {"lr": lamb.lr, "betas": list(lamb.betas), "eps": lamb.eps,
+                                                      "weight_decay": lamb.weight_decay}}
     return ds
 
 
@@ -178,18 +206,19 @@ class WarmupDecay:
         return floor + (1.0 - floor) * shape
 
 
-def total_steps(cfg, plan: BatchPlan) -> int:
-    """The step budget; with a token budget only, an estimate at full sequences (stated in the log)."""
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    est = math.ceil(cfg.train.max_tokens / (plan.global_batch * cfg.data.seq_len))
+def total_steps(train_cfg, plan: BatchPlan, seq_len: int) -> int:
+    """Pretraining's step budget (``train`` section); with a token budget only, an estimate at full
+    sequences of ``seq_len`` tokens (stated in the log)."""
+    if train_cfg.max_steps:
+        return train_cfg.max_steps
+    est = math.ceil(train_cfg.max_tokens / (plan.global_batch * seq_len))
     log.info("schedule horizon estimated from train.max_tokens at full sequences: %d steps", est)
     return est
 
 
-def own_clipping(cfg) -> bool:
+def own_clipping(engine_cfg) -> bool:
     """fp32 at ZeRO 0: the client optimizer runs bare, so :class:`GuardedAdamW` clips and keeps the norm."""
-    return cfg.engine.zero_stage == 0 and cfg.engine.precision == "fp32"
+    return engine_cfg.zero_stage == 0 and engine_cfg.precision == "fp32"
 
 
 def global_grad_norm(params: list, mpu=None) -> torch.Tensor:
@@ -243,18 +272,17 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg, mpu=None):
-    from megamlm.model.pretraining import weight_decay_groups
-
-    o = cfg.optim
-    groups = weight_decay_groups(model, o.weight_decay)
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    if device_type() == "cuda":
+def build_optimizer(groups: list[dict], engine_cfg, adam: AdamSettings, mpu=None, fused: bool | None = None):
+    """AdamW over the parameter groups: :class:`GuardedAdamW` at ZeRO 0 (it clips in fp32:
+    :func:`own_clipping`; ``mpu`` makes its norm the full vocab-parallel model's), torch's AdamW above.
+    ``fused``: None = the fused kernel on CUDA, foreach elsewhere; False = foreach everywhere."""
+    kwargs = dict(lr=adam.lr, betas=tuple(adam.betas), eps=adam.eps)
+    if fused is None and device_type() == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    if cfg.engine.zero_stage == 0:
-        return GuardedAdamW(groups, max_norm=cfg.engine.grad_clip if own_clipping(cfg) else 0.0, mpu=mpu,
+    if engine_cfg.zero_stage == 0:
+        return GuardedAdamW(groups, max_norm=engine_cfg.grad_clip if own_clipping(engine_cfg) else 0.0, mpu=mpu,
                             **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
@@ -285,27 +313,40 @@ def init_distributed(dist_env, backend: str) -> None:
                                rank=dist_env.rank, world_size=dist_env.world_size)
 
 
-def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
-    """deepspeed.initialize with megamlm's optimizer and schedule; returns (engine, BatchPlan)."""
+def setup_engine(model: torch.nn.Module, params, schedule, engine_cfg, plan: BatchPlan, mpu=None, lamb=None):
+    """deepspeed.initialize, for pretraining and fine-tuning alike. ``params``: the client optimizer
+    (:func:`build_optimizer`), or, with ``lamb`` (the optim settings of DeepSpeed's LAMB), the parameter
+    groups DeepSpeed builds it on. ``schedule``: the learning-rate multiplier of a step (LambdaLR over the
+    optimizer, so the checkpoint carries it). ``mpu``: the vocab-parallel topology's. Returns the engine."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    plan = batch_plan(cfg, world_size)
-    ds_config = build_ds_config(cfg, world_size)
-    o = cfg.optim
-    schedule = WarmupDecay(o.lr, o.min_lr, o.warmup_steps, total_steps(cfg, plan), o.schedule, o.power)
-    if "optimizer" in ds_config:  # LAMB: DeepSpeed builds it; the schedule wraps it afterwards
-        from megamlm.model.pretraining import weight_decay_groups
-
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=weight_decay_groups(model, o.weight_decay), config=ds_config, mpu=mpu)
+    ds_config = build_ds_config(engine_cfg, plan, lamb)
+    if lamb is not None:  # DeepSpeed builds LAMB; the schedule wraps it afterwards
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                                       mpu=mpu)
         engine.lr_scheduler = LambdaLR(optimizer, schedule)
-    else:
-        optimizer = build_optimizer(model, cfg, mpu)
-        scheduler = LambdaLR(optimizer, schedule)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config, mpu=mpu)
-    return engine, plan
+        return engine
+    if not isinstance(params, torch.optim.Optimizer):
+        raise TypeError(f"setup_engine: without lamb, params is the optimizer, not {type(params).__name__}")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=params, lr_scheduler=LambdaLR(params, schedule),
+                                           config=ds_config, mpu=mpu)
+    return engine
+
+
+def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
+    """Pretraining's engine from its whole config (sections engine, optim, train, data, parallel): the
+    optimizer, the schedule and :func:`setup_engine`; returns (engine, BatchPlan)."""
+    from megamlm.model.pretraining import weight_decay_groups
+
+    plan = batch_plan(cfg, world_size)
+    o = cfg.optim
+    lamb = lamb_settings(o)
+    groups = weight_decay_groups(model, o.weight_decay)
+    params = groups if lamb is not None else build_optimizer(groups, cfg.engine, AdamSettings.of(o), mpu)
+    horizon = total_steps(cfg.train, plan, cfg.data.seq_len)
+    schedule = WarmupDecay(o.lr, o.min_lr, o.warmup_steps, horizon, o.schedule, o.power)
+    return setup_engine(model, params, schedule, cfg.engine, plan, mpu=mpu, lamb=lamb), plan
 
 
 def current_lr(engine) -> float:

@@ -1,13 +1,20 @@
-"""Checks of a config against the files it names: the tokenizer and the shard folder.
+"""Every check that needs only a config and the files it names, run before any process group: by
+``megamlm check-config`` (which checks what exists and says what it could not check yet) and by the runs
+(for which a missing file is a problem like any other).
 
-One implementation for ``megamlm check-config`` (which checks what exists and says what it could not
-check yet) and for ``pretrain``'s preflight (for which a missing file is a problem like any other):
+Pretraining (:func:`pretrain_problems`, :func:`engine_problems`, :func:`check_files`):
 
+* the config's arithmetic with the world size (:func:`megamlm.config.cross_check`) and the engine on this
+  machine (:func:`megamlm.engine.device_problems`: engine.kernels, fp16 / LAMB / nccl without CUDA);
 * the tokenizer loads (model file, sidecar, sha256, special ids);
 * parallel.vocab_parallel_size divides its padded vocabulary (when model.vocab_size is 0; a set
   model.vocab_size is checked by :func:`megamlm.config.cross_check`), and model.vocab_size, when set, holds it;
 * the manifest loads, was made with this tokenizer, lists training shards (and validation shards when
   train.eval_every > 0), and the shards it lists exist (when data.on_error=raise, the run would stop there).
+
+Fine-tuning (:func:`finetune_problems`, :func:`check_finetune`): train.batch_size against the world size,
+the engine on this machine, init.checkpoint is a pretrained source, its tokenizer (or init.tokenizer) loads,
+the task's input exists, and task.heldout_fraction against the checkpoint's data.val_fraction (wiki-*).
 
 This module reads files and imports the tokenizer and the shard reader, so ``megamlm.config`` does not
 import it; its callers do.
@@ -15,6 +22,7 @@ import it; its callers do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +31,8 @@ from megamlm.config.sections import Config
 from megamlm.data.shards import MANIFEST, Manifest, ShardError, load_manifest
 from megamlm.tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["FileChecks", "check_files", "file_checks"]
+__all__ = ["FileChecks", "check_files", "file_checks", "engine_problems", "pretrain_problems", "check_finetune",
+           "finetune_problems"]
 
 
 @dataclass
@@ -55,6 +64,133 @@ def file_checks(cfg: Config) -> list[str]:
     problems and its missing files (each message says which command makes the file)."""
     r = check_files(cfg)
     return r.problems + r.missing
+
+
+def engine_problems(cfg: Config) -> list[str]:
+    """Pretraining's engine on this machine (:func:`megamlm.engine.device_problems`), when its engine and
+    optim.name fields passed their own checks (the config reports those)."""
+    from megamlm.engine import device_problems, lamb_settings
+
+    if not _engine_valid(cfg.engine) or "optim.name" not in valid_fields(cfg):
+        return []
+    return device_problems(cfg.engine, lamb_settings(cfg.optim))
+
+
+def pretrain_problems(cfg: Config, world_size: int) -> list[str]:
+    """What a pretraining run on ``world_size`` ranks refuses to start with: the config's arithmetic, the
+    engine on this machine, the tokenizer and shards (missing ones included)."""
+    from megamlm.config import cross_check
+
+    return cross_check(cfg, world_size) + engine_problems(cfg) + file_checks(cfg)
+
+
+def _engine_valid(engine_cfg) -> bool:
+    ok = valid_fields(Config(engine=engine_cfg))  # the other sections are the defaults
+    return all(f"engine.{f.name}" in ok for f in dataclasses.fields(engine_cfg))
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+def finetune_problems(cfg, world_size: int) -> list[str]:
+    """What a fine-tuning run (a :class:`megamlm.finetune.config.FinetuneConfig`) on ``world_size`` ranks
+    refuses to start with: :func:`check_finetune`'s problems and missing files."""
+    r = check_finetune(cfg, world_size)
+    return r.problems + r.missing
+
+
+def check_finetune(cfg, world_size: int | None = None) -> FileChecks:
+    """The fine-tuning checks; a field of the wrong type (reported by the config) is skipped."""
+    r = FileChecks()
+    bs = cfg.train.batch_size
+    if world_size is None:
+        r.unchecked.append("train.batch_size against the world size (pass --world-size N)")
+    elif isinstance(bs, int) and bs >= 1 and bs % world_size:
+        r.problems.append(f"train.batch_size={bs} is not a multiple of the world size {world_size}")
+    if _engine_valid(cfg.engine):
+        from megamlm.engine import device_problems
+
+        r.problems += device_problems(cfg.engine)
+    source = _pretrained_source(cfg, r)
+    _finetune_tokenizer(cfg, source, r)
+    _task_input(cfg, r)
+    _heldout(cfg, source, r)
+    return r
+
+
+def _pretrained_source(cfg, r: FileChecks):
+    from megamlm.errors import MegamlmError
+    from megamlm.finetune.weights import inspect_pretrained
+
+    ck = cfg.init.checkpoint
+    if not isinstance(ck, str) or not ck:
+        return None  # the config says init.checkpoint is empty
+    if not Path(ck).exists():
+        r.missing.append(f"init.checkpoint={ck!r} does not exist")
+        r.unchecked.append(f"init.checkpoint {ck!r} does not exist yet (megamlm pretrain makes it): its tokenizer "
+                           "and its data.val_fraction against task.heldout_fraction")
+        return None
+    try:
+        return inspect_pretrained(ck)
+    except (MegamlmError, OSError) as e:
+        r.problems.append(f"init.checkpoint: {e}")
+        return None
+
+
+def _finetune_tokenizer(cfg, source, r: FileChecks) -> None:
+    named = cfg.init.tokenizer
+    if isinstance(named, str) and named:
+        where, path = "init.tokenizer", Path(named)
+    elif source is None:
+        return  # no checkpoint to find it in (said above)
+    elif not source.tokenizer:
+        r.problems.append(f"{source.folder} holds no SentencePiece tokenizer: set init.tokenizer")
+        return
+    else:
+        where, path = f"the tokenizer of init.checkpoint ({source.folder})", Path(source.tokenizer)
+    try:
+        Tokenizer(path)
+    except TokenizerError as e:
+        if path.is_file():
+            r.problems.append(f"{where}: {e}")
+        else:
+            r.missing.append(f"{where}: {e}")
+            r.unchecked.append(f"{where} {str(path)!r} does not exist yet: that it loads")
+
+
+def _task_input(cfg, r: FileChecks) -> None:
+    from megamlm.errors import MegamlmError
+    from megamlm.finetune.config import READERS
+    from megamlm.finetune.data import task_input
+
+    t = cfg.task
+    if t.reader not in READERS or not isinstance(t.path, str) or (t.reader in ("conll", "tsv") and not t.path):
+        return  # the config reports these
+    try:
+        path = task_input(t)
+    except MegamlmError as e:
+        r.problems.append(str(e))
+        return
+    if not path.exists():
+        r.problems.append(f"task.path={t.path!r} does not exist" if t.path else f"{path} does not exist")
+    r.unchecked.append(f"the examples of {path} (labels, lengths, empty splits): read when the run starts")
+
+
+def _heldout(cfg, source, r: FileChecks) -> None:
+    """wiki-*: the held-out articles the task uses must be ones the encoder never trained on."""
+    t = cfg.task
+    if t.reader not in ("wiki-topic", "wiki-pair") or not isinstance(t.heldout_fraction, (int, float)) \
+            or source is None:
+        return
+    val = source.val_fraction if isinstance(source.val_fraction, (int, float)) else None
+    heldout = t.heldout_fraction or (val or 0.0)
+    if heldout <= 0:
+        r.problems.append("task.heldout_fraction=0 and the init checkpoint names no data.val_fraction: set it")
+    elif val is None:
+        r.unchecked.append(f"task.heldout_fraction={heldout} against the pretraining data.val_fraction "
+                           f"({source.folder} does not name it): the encoder may have seen these articles")
+    elif heldout > val + 1e-12:
+        r.problems.append(f"task.heldout_fraction={heldout} exceeds the pretraining data.val_fraction={val} of "
+                          f"{source.folder}: the encoder saw some of these articles; pretrain with "
+                          f"data.val_fraction >= {heldout}")
 
 
 def _tokenizer(cfg: Config, r: FileChecks) -> Tokenizer | None:

@@ -20,7 +20,8 @@ from megamlm.config import ConfigError, EngineConfig, TelemetryConfig, opt
 from megamlm.config.load import _section_from_dict, _unknown, read_with_overrides
 
 __all__ = ["FinetuneConfig", "InitConfig", "TaskConfig", "HeadConfig", "FtOptimConfig", "FtTrainConfig",
-           "FtCheckpointConfig", "load_finetune_config", "finetune_config_from_dict", "dump_finetune_config"]
+           "FtCheckpointConfig", "load_finetune_config", "finetune_config_from_dict", "validate_finetune_dict",
+           "is_finetune_dict", "dump_finetune_config"]
 
 READERS = ("wiki-topic", "wiki-pair", "wnut16", "conll", "tsv")
 READER_TASKS = {"wiki-topic": ("sequence",), "wiki-pair": ("pair",), "wnut16": ("token",), "conll": ("token",),
@@ -177,12 +178,10 @@ def cross_check(cfg: FinetuneConfig) -> list[str]:
     return p
 
 
-def finetune_config_from_dict(raw: Any, source: str | None = None) -> FinetuneConfig:
+def validate_finetune_dict(raw: dict) -> tuple[FinetuneConfig, list[str]]:
+    """A :class:`FinetuneConfig` from the mapping ``raw`` and every problem found, without raising (a field
+    that failed its checks keeps the value given; ``megamlm check-config`` reports them with the files')."""
     problems: list[str] = []
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
     for key in raw:
         if key not in FT_SECTIONS:
             problems.append(_unknown(str(key), list(FT_SECTIONS), "section "))
@@ -192,6 +191,20 @@ def finetune_config_from_dict(raw: Any, source: str | None = None) -> FinetuneCo
         problems.extend(cross_check(cfg))
     except (TypeError, ValueError, ArithmeticError):
         pass
+    return cfg, problems
+
+
+def is_finetune_dict(raw: Any) -> bool:
+    """A config mapping with a fine-tuning section (``init``, ``task`` or ``head``: pretraining has none)."""
+    return isinstance(raw, dict) and any(k in raw for k in ("init", "task", "head"))
+
+
+def finetune_config_from_dict(raw: Any, source: str | None = None) -> FinetuneConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    cfg, problems = validate_finetune_dict(raw)
     if problems:
         raise ConfigError(problems, source)
     return cfg

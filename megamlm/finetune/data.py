@@ -158,14 +158,26 @@ def _heldout_articles(path: Path, heldout: float) -> list[tuple[str, dict, float
     return out
 
 
+def task_input(task) -> Path:
+    """The file the task's reader reads: ``task.path``, or the packaged data of the wiki-* and wnut16
+    readers (an error naming the package when it is not installed)."""
+    if task.path:
+        return Path(task.path)
+    if task.reader in ("wiki-topic", "wiki-pair"):
+        from megamlm.data.corpus import wiki_vital_path
+
+        return wiki_vital_path()
+    if task.reader == "wnut16":
+        return wnut16_path()
+    raise DataError(f"task.reader={task.reader!r} needs task.path")
+
+
 def read_splits(task, heldout: float) -> dict[str, list[Example]]:
     """The task's examples by split (train / validation / test)."""
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     vs, ts = task.val_share, task.test_share
+    path = task_input(task)
     if task.reader in ("wiki-topic", "wiki-pair"):
-        from megamlm.data.corpus import wiki_vital_path
-
-        path = Path(task.path) if task.path else wiki_vital_path()
         arts = _heldout_articles(path, heldout)
         if not arts:
             raise DataError(f"{path}: no article has doc_hash_fraction(extract) < {heldout}")
@@ -198,9 +210,9 @@ def read_splits(task, heldout: float) -> dict[str, list[Example]]:
                     splits[s].append(Example(where, "mismatch", text_a=a["extract"], text_b=other))
         return splits
     if task.reader in ("wnut16", "conll"):
-        examples = read_conll(Path(task.path) if task.path else wnut16_path())
+        examples = read_conll(path)
     else:
-        examples = read_tsv(Path(task.path), task.type)
+        examples = read_tsv(path, task.type)
     for ex in examples:
         key = " ".join(ex.words) if ex.words else ex.text_a + "\t" + ex.text_b
         splits[_split_of(doc_hash_fraction(key), vs, ts)].append(ex)

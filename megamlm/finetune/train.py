@@ -14,10 +14,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
-
 
 import torch
 
@@ -26,8 +24,9 @@ from megamlm.config import ConfigError
 from megamlm.labels import IGNORE_INDEX
 from megamlm.finetune import data as D
 from megamlm.finetune.config import FinetuneConfig, dump_finetune_config
+from megamlm.finetune.evaluate import Evaluator
 from megamlm.finetune.heads import FinetuneModel, param_groups
-from megamlm.finetune.metrics import classification_metrics, entity_prf
+from megamlm.finetune.state import EpochPosition, EvalTrack, LossWindow
 
 log = logging.getLogger(__name__)
 
@@ -53,102 +52,30 @@ def build_model(cfg: FinetuneConfig, pre, num_labels: int) -> FinetuneModel:
     return model
 
 
-def build_ft_engine(model: FinetuneModel, cfg: FinetuneConfig, world_size: int, total: int):
-    """deepspeed.initialize with pretraining's DeepSpeed config builder and two learning rates."""
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
+def ft_batch_plan(cfg: FinetuneConfig, world_size: int):
+    """Fine-tuning's step as a :class:`megamlm.engine.BatchPlan`: ``train.batch_size`` sequences, one
+    micro-batch per rank, no accumulation (the world size divides it: megamlm.preflight)."""
+    from megamlm.engine import BatchPlan
 
-    from megamlm.engine import GuardedAdamW, WarmupDecay, build_ds_config, own_clipping
+    return BatchPlan(micro=cfg.train.batch_size // world_size, dp=world_size, accumulation=1)
 
-    if cfg.train.batch_size % world_size:
-        raise ConfigError([f"train.batch_size={cfg.train.batch_size} is not a multiple of the world size {world_size}"])
+
+def build_ft_engine(model: FinetuneModel, cfg: FinetuneConfig, plan, total: int):
+    """The engine set-up pretraining uses (:func:`megamlm.engine.setup_engine`) with two learning rates
+    (encoder, head) and a warm-up over ``optim.warmup_ratio`` of the ``total`` steps."""
+    from megamlm.engine import AdamSettings, WarmupDecay, build_optimizer, setup_engine
+
     o = cfg.optim
-    shim = SimpleNamespace(parallel=SimpleNamespace(vocab_parallel_size=1),
-                           data=SimpleNamespace(micro_batch_size=cfg.train.batch_size // world_size),
-                           engine=cfg.engine, optim=SimpleNamespace(name="adamw", lr=o.head_lr, betas=o.betas,
-                                                                     eps=o.eps, weight_decay=o.weight_decay))
-    ds = build_ds_config(shim, world_size)
     groups = param_groups(model, o.encoder_lr, o.head_lr, o.weight_decay)
-    kwargs = dict(lr=o.head_lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
-    if cfg.engine.zero_stage == 0:  # it checks finiteness, keeps the norm and (fp32) clips: build_ds_config
-        opt = GuardedAdamW(groups, max_norm=cfg.engine.grad_clip if own_clipping(shim) else 0.0, **kwargs)
-    else:
-        opt = torch.optim.AdamW(groups, **kwargs)
-    sched = LambdaLR(opt, WarmupDecay(1.0, 0.0, int(o.warmup_ratio * total), total, o.schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    return engine
-
-
-class Evaluator:
-    """Predictions over a split on every rank's share, gathered, turned into metrics."""
-
-    def __init__(self, cfg: FinetuneConfig, encoded, examples, labels, device, world_size, rank):
-        self.cfg, self.enc, self.ex, self.labels = cfg, encoded, examples, labels
-        self.device, self.world, self.rank = device, world_size, rank
-
-    @torch.no_grad()
-    def __call__(self, module) -> dict[str, float]:
-        was = module.training
-        module.eval()
-        idx = list(range(self.rank, len(self.enc), self.world))
-        preds: dict[int, object] = {}
-        loss_sum, n = 0.0, 0
-        bs = self.cfg.train.eval_batch_size
-        for s in range(0, len(idx), bs):
-            chunk = idx[s: s + bs]
-            out = module(D.collate([self.enc[i] for i in chunk]).to(self.device))
-            loss_sum += float(out.loss_sum)
-            n += int(out.n_targets)
-            am = out.logits.argmax(-1).cpu().numpy()
-            for j, i in enumerate(chunk):
-                if self.cfg.task.type == "token":
-                    preds[i] = am[j][self.enc[i].first_piece].tolist()
-                else:
-                    preds[i] = int(am[j])
-        module.train(was)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            parts = [None] * self.world
-            dist.all_gather_object(parts, (preds, loss_sum, n))
-            preds, loss_sum, n = {}, 0.0, 0
-            for p, ls, c in parts:
-                preds.update(p)
-                loss_sum += ls
-                n += c
-        m = self.metrics(preds)
-        m["loss"] = loss_sum / max(n, 1)
-        return m
-
-    def metrics(self, preds: dict[int, object]) -> dict[str, float]:
-        L = self.labels
-        if self.cfg.task.type == "token":
-            gold = [list(self.ex[i].label) for i in range(len(self.ex))]
-            pred = [[L[k] for k in preds[i]] + ["O"] * (self.enc[i].n_words - len(preds[i]))
-                    for i in range(len(self.ex))]
-            return entity_prf(gold, pred)
-        gold = [self.ex[i].label for i in range(len(self.ex))]
-        return classification_metrics(gold, [L[preds[i]] for i in range(len(self.ex))])
-
-
-def _better(metric: str, new: dict, best: float | None, best_loss: float | None) -> bool:
-    """A higher metric (lower for loss); on a tie, a lower validation loss."""
-    if best is None:
-        return True
-    if metric == "loss":
-        return new["loss"] < best
-    return new[metric] > best or (new[metric] == best and new["loss"] < (best_loss or float("inf")))
+    opt = build_optimizer(groups, cfg.engine, AdamSettings(o.head_lr, tuple(o.betas), o.eps), fused=False)
+    schedule = WarmupDecay(1.0, 0.0, int(o.warmup_ratio * total), total, o.schedule)
+    return setup_engine(model, opt, schedule, cfg.engine, plan)
 
 
 def prepare_data(cfg: FinetuneConfig, pre, tok):
+    """The task's splits, encoded, and its label names. task.heldout_fraction against the checkpoint's
+    data.val_fraction is checked before (megamlm.preflight)."""
     heldout = cfg.task.heldout_fraction or (pre.val_fraction or 0.0)
-    if cfg.task.reader.startswith("wiki-"):
-        if heldout <= 0:
-            raise ConfigError(["task.heldout_fraction=0 and the init checkpoint names no data.val_fraction: set it"])
-        if pre.val_fraction is not None and heldout > pre.val_fraction + 1e-12:
-            raise ConfigError([f"task.heldout_fraction={heldout} exceeds the pretraining data.val_fraction="
-                               f"{pre.val_fraction} of {pre.source}: the encoder saw some of these articles; "
-                               f"pretrain with data.val_fraction >= {heldout}"])
     splits = D.exclude(D.read_splits(cfg.task, heldout), cfg.task.exclude_labels)
     if cfg.task.max_examples:
         splits["train"] = splits["train"][: cfg.task.max_examples]
@@ -161,170 +88,238 @@ def prepare_data(cfg: FinetuneConfig, pre, tok):
     return splits, enc, labels
 
 
+@dataclass
+class TaskData:
+    """What a run reads before its process group: the pretrained encoder, the tokenizer, the splits (as
+    examples and encoded) and the label names."""
+
+    pre: object  # megamlm.finetune.weights.Pretrained
+    tok: object  # megamlm.tokenizer.Tokenizer
+    splits: dict
+    enc: dict
+    labels: list[str]
+
+
+def load_task(cfg: FinetuneConfig) -> TaskData:
+    from megamlm.finetune.weights import load_pretrained
+    from megamlm.tokenizer import Tokenizer
+
+    pre = load_pretrained(cfg.init.checkpoint)
+    tok = Tokenizer(cfg.init.tokenizer or pre.tokenizer)  # preflight found one
+    splits, enc, labels = prepare_data(cfg, pre, tok)
+    return TaskData(pre, tok, splits, enc, labels)
+
+
 def finetune(cfg: FinetuneConfig, resume: str | None = None, shutdown: bool = True, fresh_folder: bool = False) -> dict:
     """Run one fine-tuning on this rank; returns the summary (also written to output_dir/summary.json).
     ``shutdown=False`` keeps the process group for a next run in this process (``--seeds``).
     ``fresh_folder``: the caller moved an earlier run aside (``--move-old-run``); start fresh."""
     from megamlm.distributed.env import from_environ
-    from megamlm import ops
-    from megamlm.engine import disable_ds_shm_op, init_distributed, resolve_backend, select_ops, shutdown
-    from megamlm.finetune.weights import load_pretrained
-    from megamlm.tokenizer import Tokenizer
+    from megamlm.engine import disable_ds_shm_op, init_distributed, resolve_backend, select_ops
+    from megamlm.preflight import finetune_problems
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     de = _single_process_port(from_environ())
-    pre = load_pretrained(cfg.init.checkpoint)
-    tok_path = cfg.init.tokenizer or pre.tokenizer
-    if not tok_path:
-        raise ConfigError([f"{pre.source} holds no SentencePiece tokenizer: set init.tokenizer"])
-    tok = Tokenizer(tok_path)
-    splits, enc, labels = prepare_data(cfg, pre, tok)
-    out_dir = Path(cfg.train.output_dir)
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    tag = None if fresh_folder else ckpt.resolve_resume(resume, ckpt_dir)
-
-    try:  # engine.kernels on this machine, before any process group
-        kernels, kernels_said = select_ops(cfg)
-    except ValueError as e:
-        raise ConfigError([str(e)]) from None
+    problems = finetune_problems(cfg, de.world_size)  # the config and its files, before any process group
+    if problems:
+        raise ConfigError(problems, f"finetune with world size {de.world_size}")
+    data = load_task(cfg)
+    tag = None if fresh_folder else ckpt.resolve_resume(resume, cfg.checkpoint_dir)
+    kernels = select_ops(cfg.engine)  # checked in preflight: it cannot fail here
     disable_ds_shm_op()
     init_distributed(de, resolve_backend(cfg.engine))
-    model = ops.use(build_model(cfg, pre, len(labels)), kernels)
-    if de.rank == 0:
-        log.info("kernels: %s", kernels_said)
-    enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.train.freeze_encoder else None
-    n_train, world = len(enc["train"]), de.world_size
-    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-    total = steps_per_epoch * cfg.train.epochs
-    engine = build_ft_engine(model, cfg, world, total)
-    torch.manual_seed(cfg.train.seed + 1 + de.rank)  # dropout stream per rank
-    model_meta = {"model": asdict(pre.model), "labels": labels}
-    state = ckpt.TrainState(loader={"epoch": 0, "index": 0}, counters={"bad_evals": 0})
-    best_path = out_dir / "best" / "model.pt"
-    if tag:
-        state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=asdict(pre.model))
-        log.info("resumed from %s at step %d", ckpt_dir / tag, state.step)
-    history = json.loads((out_dir / "history.json").read_text()) if tag and (out_dir / "history.json").is_file() else []
-    history = [h for h in history if h["step"] <= state.step]
+    run = FinetuneRun.start(cfg, data, de, kernels, tag)
+    stopped = run.train()
+    summary = run.test_and_summarise(stopped)
+    run.close(shutdown)
+    return summary
 
-    writer = None
-    if de.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.telemetry.tensorboard:
-            from megamlm.telemetry import TensorBoardWriter
 
-            writer = TensorBoardWriter(str(out_dir / "tb"), dump_finetune_config(cfg))
-    dev = engine.device
-    metric = cfg.metric
-    val_eval = Evaluator(cfg, enc["validation"], splits["validation"], labels, dev, world, de.rank)
+class FinetuneRun:
+    """One fine-tuning on this rank once the process group is up: the engine, the run's position
+    (:class:`EpochPosition`) and evaluation record (:class:`EvalTrack`), kept typed and written into the
+    checkpoint's TrainState at :meth:`save` only; the TensorBoard writer (rank 0) and the evaluator."""
 
-    def barrier():
-        if world > 1:
+    def __init__(self, cfg: FinetuneConfig, data: TaskData, de, engine, state: ckpt.TrainState, history: list,
+                 writer, encoder_before: dict | None):
+        self.cfg, self.data, self.engine, self.state, self.history, self.writer = (
+            cfg, data, engine, state, history, writer)
+        self.rank, self.world = de.rank, de.world_size
+        self.pos = EpochPosition.from_state(state.loader)
+        self.track = EvalTrack.from_state(state.counters)
+        self.window = LossWindow()
+        self.saved_step = state.step  # the step of the newest checkpoint (the resumed one, or 0)
+        self.encoder_before = encoder_before  # train.freeze_encoder: to show it unchanged
+        self.out_dir, self.ckpt_dir = Path(cfg.train.output_dir), Path(cfg.checkpoint_dir)
+        self.best_path = self.out_dir / "best" / "model.pt"
+        self.model_meta = {"model": asdict(data.pre.model), "labels": data.labels}
+        self.steps_per_epoch = math.ceil(len(data.enc["train"]) / cfg.train.batch_size)
+        self.val_eval = self._evaluator("validation")
+
+    @classmethod
+    def start(cls, cfg: FinetuneConfig, data: TaskData, de, kernels, tag: str | None) -> FinetuneRun:
+        """The model on the ops backend ``kernels`` (backend, description), its engine, and the state of
+        checkpoint ``tag`` (None: fresh)."""
+        from megamlm import ops
+
+        backend, said = kernels
+        model = ops.use(build_model(cfg, data.pre, len(data.labels)), backend)
+        if de.rank == 0:
+            log.info("kernels: %s", said)
+        before = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.train.freeze_encoder else None
+        total = math.ceil(len(data.enc["train"]) / cfg.train.batch_size) * cfg.train.epochs
+        engine = build_ft_engine(model, cfg, ft_batch_plan(cfg, de.world_size), total)
+        torch.manual_seed(cfg.train.seed + 1 + de.rank)  # dropout stream per rank
+        state = ckpt.TrainState(loader=EpochPosition().to_state(), counters=EvalTrack().to_state())
+        history = []
+        if tag:
+            state = ckpt.load(engine, cfg.checkpoint_dir, tag, rank=de.rank, model_cfg=asdict(data.pre.model))
+            log.info("resumed from %s at step %d", Path(cfg.checkpoint_dir) / tag, state.step)
+            saved = Path(cfg.train.output_dir) / "history.json"
+            history = [h for h in (json.loads(saved.read_text()) if saved.is_file() else []) if h["step"] <= state.step]
+        return cls(cfg, data, de, engine, state, history, _writer(cfg, de.rank), before)
+
+    def _evaluator(self, split: str) -> Evaluator:
+        d = self.data
+        return Evaluator(self.cfg, d.enc[split], d.splits[split], d.labels, self.engine.device, self.world, self.rank)
+
+    def barrier(self) -> None:
+        if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
 
-    def evaluate_and_track() -> bool:
-        """Validation, best weights, history; True when early stopping says stop."""
-        m = val_eval(engine.module)
-        st = state.counters
-        if _better(metric, m, st.get("best"), st.get("best_loss")):
-            st.update(best=m[metric], best_loss=m["loss"], best_step=state.step, bad_evals=0)
-            if de.rank == 0:
-                _save_atomic({"state_dict": {k: v.detach().cpu().float() for k, v in engine.module.state_dict().items()},
-                              **model_meta, "task": asdict(cfg.task), "head": asdict(cfg.head), "step": state.step,
-                              "tokenizer": str(tok.path)}, best_path)
-        else:
-            st["bad_evals"] = st.get("bad_evals", 0) + 1
-        history.append({"step": state.step, "epoch": state.loader["epoch"], **m})
-        if writer is not None:
+    def train(self) -> bool:
+        """Epochs until ``train.epochs`` or early stopping, then a checkpoint of the end (always, also with
+        checkpoint.every_evals=0); True when early stopping ended it."""
+        t0 = time.perf_counter()
+        # a resumed run that had stopped early stays stopped (it would train on and replace the best weights)
+        stopped = self.track.exhausted(self.cfg.train.patience)
+        while self.pos.epoch < self.cfg.train.epochs and not stopped:
+            stopped = self.train_epoch()
+        self.state.elapsed_seconds += time.perf_counter() - t0
+        self.save()
+        if stopped and self.rank == 0:
+            log.info("early stop at step %d: %d evaluations without a better %s", self.state.step,
+                     self.track.bad_evals, self.cfg.metric)
+        return stopped
+
+    def train_epoch(self) -> bool:
+        """The rest of this epoch from its position, validating every ``train.eval_every`` steps (0: at the
+        epoch's end, once the position is the next epoch's start); True when early stopping says stop."""
+        t = self.cfg.train
+        order = D.epoch_order(len(self.data.enc["train"]), t.seed, self.pos.epoch)
+        while self.pos.index < self.steps_per_epoch:
+            self.train_step(order)
+            if t.eval_every and self.state.step % t.eval_every == 0 and self.evaluate_and_track():
+                return True
+        self.pos.next_epoch()
+        return not t.eval_every and self.evaluate_and_track()
+
+    def train_step(self, order) -> None:
+        """One optimizer step: this rank's share of the step's ``train.batch_size`` examples (the epoch's last
+        step wraps around to its start), the loss divided by the step's global target count."""
+        t, enc, engine = self.cfg.train, self.data.enc["train"], self.engine
+        micro, start = t.batch_size // self.world, self.pos.index * t.batch_size
+        step_idx = [int(order[(start + k) % len(enc)]) for k in range(t.batch_size)]
+        mine = step_idx[self.rank * micro: (self.rank + 1) * micro]
+        n_global = sum(int((enc[i].labels != IGNORE_INDEX).sum()) if enc[i].labels.ndim else 1 for i in step_idx)
+        out = engine(D.collate([enc[i] for i in mine]).to(engine.device))
+        engine.backward(out.loss_sum / n_global * self.world)  # DeepSpeed averages over ranks: undo it
+        engine.step()
+        self.state.step += 1
+        self.state.consumed_samples += t.batch_size
+        self.pos.index += 1
+        self.window.add(float(out.loss_sum.detach()) * self.world, n_global)
+        if self.state.step % t.log_every == 0 and self.writer is not None:
+            self.writer.add_scalar("train/loss", self.window.take(), self.state.step)
+            self.writer.add_scalar("train/lr_head", float(engine.get_lr()[-1]), self.state.step)
+
+    def evaluate_and_track(self) -> bool:
+        """Validation; the best weights when it is the best; history, log and TensorBoard; a checkpoint every
+        ``checkpoint.every_evals`` evaluations. True when early stopping says stop."""
+        m, step = self.val_eval(self.engine.module), self.state.step
+        if self.track.record(self.cfg.metric, m, step) and self.rank == 0:
+            self.save_best()
+        self.history.append({"step": step, "epoch": self.pos.epoch, **m})
+        if self.writer is not None:
             for k, v in m.items():
-                writer.add_scalar(f"eval/{k}", v, state.step)
-            writer.flush()
-        if de.rank == 0:
-            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-            log.info("step %d epoch %d | validation %s", state.step, state.loader["epoch"],
+                self.writer.add_scalar(f"eval/{k}", v, step)
+            self.writer.flush()
+        if self.rank == 0:
+            (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+            log.info("step %d epoch %d | validation %s", step, self.pos.epoch,
                      " ".join(f"{k} {v:.4f}" for k, v in m.items() if not k.startswith("entities")))
-        st["evals"] = st.get("evals", 0) + 1
-        every = cfg.checkpoint.every_evals
-        if every and st["evals"] % every == 0:
-            save()
-        return bool(cfg.train.patience) and st["bad_evals"] >= cfg.train.patience
+        every = self.cfg.checkpoint.every_evals
+        if every and self.track.evals % every == 0:
+            self.save()
+        return self.track.exhausted(self.cfg.train.patience)
 
-    saved = {"step": state.step}  # the step of the newest checkpoint (the resumed one, or 0)
+    def save_best(self) -> None:
+        """The best weights (rank 0), in fp32 on the host, with what export and the test need."""
+        weights = {k: v.detach().cpu().float() for k, v in self.engine.module.state_dict().items()}
+        _save_atomic({"state_dict": weights, **self.model_meta, "task": asdict(self.cfg.task),
+                      "head": asdict(self.cfg.head), "step": self.state.step, "tokenizer": str(self.data.tok.path)},
+                     self.best_path)
 
-    def save():
-        if state.step != saved["step"]:
-            ckpt.save(engine, ckpt_dir, state, rank=de.rank, config_yaml=dump_finetune_config(cfg, model_meta),
-                      tokenizer_path=tok.path, keep_last=cfg.checkpoint.keep_last, barrier=barrier)
-            saved["step"] = state.step
+    def save(self) -> None:
+        """A checkpoint of this step, unless the newest one is of it; the position and the evaluation record
+        go into the TrainState's ``loader`` and ``counters`` dicts here."""
+        if self.state.step == self.saved_step:
+            return
+        self.state.loader, self.state.counters = self.pos.to_state(), self.track.to_state()
+        ckpt.save(self.engine, self.ckpt_dir, self.state, rank=self.rank,
+                  config_yaml=dump_finetune_config(self.cfg, self.model_meta), tokenizer_path=self.data.tok.path,
+                  keep_last=self.cfg.checkpoint.keep_last, barrier=self.barrier)
+        self.saved_step = self.state.step
 
-    micro = cfg.train.batch_size // world
-    t0 = time.perf_counter()
-    # a resumed run that had stopped early stays stopped (it would train on and replace the best weights)
-    stopped = bool(cfg.train.patience) and state.counters.get("bad_evals", 0) >= cfg.train.patience
-    win_loss, win_n = 0.0, 0
-    while state.loader["epoch"] < cfg.train.epochs and not stopped:
-        ep = state.loader["epoch"]
-        order = D.epoch_order(n_train, cfg.train.seed, ep)
-        while state.loader["index"] < steps_per_epoch:
-            s = state.loader["index"] * cfg.train.batch_size
-            step_idx = [int(order[(s + k) % n_train]) for k in range(cfg.train.batch_size)]  # last step wraps
-            mine = step_idx[de.rank * micro: (de.rank + 1) * micro]
-            items = [enc["train"][i] for i in mine]
-            b = D.collate(items)
-            n_global = sum(int((enc["train"][i].labels != IGNORE_INDEX).sum()) if enc["train"][i].labels.ndim
-                           else 1 for i in step_idx)
-            out = engine(b.to(dev))
-            engine.backward(out.loss_sum / n_global * world)  # DeepSpeed averages over ranks: undo it
-            engine.step()
-            state.step += 1
-            state.consumed_samples += cfg.train.batch_size
-            state.loader["index"] += 1
-            win_loss += float(out.loss_sum.detach()) * world
-            win_n += n_global
-            if state.step % cfg.train.log_every == 0 and writer is not None:
-                writer.add_scalar("train/loss", win_loss / max(win_n, 1), state.step)
-                writer.add_scalar("train/lr_head", float(engine.get_lr()[-1]), state.step)
-                win_loss, win_n = 0.0, 0
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                if evaluate_and_track():
-                    stopped = True
-                    break
-        if not stopped:
-            state.loader = {"epoch": ep + 1, "index": 0}
-            if not cfg.train.eval_every:
-                stopped = evaluate_and_track()
-    state.elapsed_seconds += time.perf_counter() - t0
-    save()  # the end of the run is always checkpointed (checkpoint.every_evals=0: only here)
-    if stopped and de.rank == 0:
-        log.info("early stop at step %d: %d evaluations without a better %s", state.step,
-                 state.counters["bad_evals"], metric)
-    barrier()
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    engine.module.load_state_dict(best["state_dict"])
-    test = Evaluator(cfg, enc["test"], splits["test"], labels, dev, world, de.rank)(engine.module)
-    summary = {"task": cfg.task.type, "reader": cfg.task.reader, "pair_mode": cfg.task.pair_mode,
-               "init": "random" if cfg.init.random else pre.source, "freeze_encoder": cfg.train.freeze_encoder,
-               "seed": cfg.train.seed, "labels": labels, "metric": metric, "best_step": best["step"],
-               "steps": state.step, "early_stopped": stopped, "sizes": {s: len(enc[s]) for s in D.SPLITS},
-               "validation_best": state.counters.get("best"), "test": test, "history": history,
-               "seconds": state.elapsed_seconds}
-    if enc_before is not None:
-        after = engine.module.encoder.state_dict()
-        summary["encoder_unchanged"] = all(torch.equal(enc_before[k], after[k].cpu()) for k in enc_before)
-    if de.rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if writer is not None:
-            for k, v in test.items():
-                writer.add_scalar(f"test/{k}", v, state.step)
-            writer.close()
-    if shutdown:
-        shutdown(engine, world)
-    else:
-        barrier()
-        engine.destroy()
-    return summary
+    def test_and_summarise(self, stopped: bool) -> dict:
+        """The best weights on the test split; the summary (rank 0 writes summary.json and the test scalars)."""
+        self.barrier()
+        best = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        self.engine.module.load_state_dict(best["state_dict"])
+        test = self._evaluator("test")(self.engine.module)
+        cfg, d = self.cfg, self.data
+        summary = {"task": cfg.task.type, "reader": cfg.task.reader, "pair_mode": cfg.task.pair_mode,
+                   "init": "random" if cfg.init.random else d.pre.source, "freeze_encoder": cfg.train.freeze_encoder,
+                   "seed": cfg.train.seed, "labels": d.labels, "metric": cfg.metric, "best_step": best["step"],
+                   "steps": self.state.step, "early_stopped": stopped, "sizes": {s: len(d.enc[s]) for s in D.SPLITS},
+                   "validation_best": self.track.best, "test": test, "history": self.history,
+                   "seconds": self.state.elapsed_seconds}
+        if self.encoder_before is not None:
+            after = self.engine.module.encoder.state_dict()
+            summary["encoder_unchanged"] = all(torch.equal(v, after[k].cpu()) for k, v in self.encoder_before.items())
+        if self.rank == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if self.writer is not None:
+                for k, v in test.items():
+                    self.writer.add_scalar(f"test/{k}", v, self.state.step)
+                self.writer.close()
+        return summary
+
+    def close(self, shutdown: bool) -> None:
+        """The end on every rank: :func:`megamlm.engine.shutdown`, or (``shutdown=False``) the engine only,
+        keeping the process group for a next run in this process."""
+        from megamlm.engine import shutdown as shutdown_engine
+
+        if shutdown:
+            shutdown_engine(self.engine, self.world)
+        else:
+            self.barrier()
+            self.engine.destroy()
+
+
+def _writer(cfg: FinetuneConfig, rank: int):
+    """Rank 0 makes the run folder and, with telemetry.tensorboard, the TensorBoard writer."""
+    if rank != 0:
+        return None
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.telemetry.tensorboard:
+        return None
+    from megamlm.telemetry import TensorBoardWriter
+
+    return TensorBoardWriter(str(out_dir / "tb"), dump_finetune_config(cfg))
 
 
 def _save_atomic(obj, path: Path) -> None:

@@ -3,7 +3,7 @@ precision, the learning-rate schedule, GuardedAdamW (the ZeRO-0 optimizer: skip 
 clip, report the norm) and the ops backend a config selects.
 
 A failure here points at megamlm/engine.py (build_ds_config, batch_plan, WarmupDecay, GuardedAdamW,
-select_ops, device_problems). The engine with DeepSpeed and ranks is tests/distributed/test_engine_parity.py.
+build_optimizer, total_steps, select_ops, device_problems). The engine with DeepSpeed and ranks is tests/distributed/test_engine_parity.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megamlm.config import load_config
-from megamlm.engine import GuardedAdamW, WarmupDecay, batch_plan, build_ds_config, device_problems, select_ops
+from megamlm.engine import (AdamSettings, BatchPlan, GuardedAdamW, WarmupDecay, batch_plan, build_ds_config,
+                            build_optimizer, device_problems, lamb_settings, select_ops, total_steps)
 
 
 def test_ds_config_batch_arithmetic_and_precision():
@@ -22,7 +23,7 @@ def test_ds_config_batch_arithmetic_and_precision():
                                                 "engine.zero_stage=2", "engine.precision=bf16"], world_size=4)
     plan = batch_plan(cfg, 4)
     assert (plan.micro, plan.dp, plan.accumulation, plan.global_batch) == (4, 4, 2, 32)
-    ds = build_ds_config(cfg, 4)
+    ds = build_ds_config(cfg.engine, plan)
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
@@ -32,10 +33,10 @@ def test_ds_config_batch_arithmetic_and_precision():
     from megamlm.engine import EngineError
 
     if torch.cuda.is_available():
-        assert build_ds_config(cfg16, 1)["fp16"]["initial_scale_power"] == 12
+        assert build_ds_config(cfg16.engine, batch_plan(cfg16, 1))["fp16"]["initial_scale_power"] == 12
     else:
         with pytest.raises(EngineError, match="fp16' needs a CUDA device"):
-            build_ds_config(cfg16, 1)
+            build_ds_config(cfg16.engine, batch_plan(cfg16, 1))
 
 
 def test_lamb_needs_cuda_here():
@@ -44,11 +45,48 @@ def test_lamb_needs_cuda_here():
     from megamlm.engine import EngineError
 
     cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb"])
+    lamb = lamb_settings(cfg.optim)
+    assert lamb is cfg.optim and lamb_settings(load_config("configs/tiny-cpu.yaml").optim) is None
     if torch.cuda.is_available():
-        assert build_ds_config(cfg, 1)["optimizer"]["type"] == "Lamb"
+        assert build_ds_config(cfg.engine, batch_plan(cfg, 1), lamb)["optimizer"]["type"] == "Lamb"
     else:
         with pytest.raises(EngineError, match="needs CUDA"):
-            build_ds_config(cfg, 1)
+            build_ds_config(cfg.engine, batch_plan(cfg, 1), lamb)
+        assert any("optim.name='lamb'" in p for p in device_problems(cfg.engine, lamb))
+    assert "optimizer" not in build_ds_config(cfg.engine, batch_plan(cfg, 1))  # a client optimizer
+    # pretrain.py's call with the whole config (until it passes sections) reads optim.name from it
+    assert device_problems(cfg) == device_problems(cfg.engine, lamb)
+
+
+def test_a_plan_of_one_micro_batch_per_rank_is_fine_tunings_step():
+    """Fine-tuning's plan (train.batch_size over the ranks, no accumulation) through the same builder."""
+    engine = load_config("configs/tiny-cpu.yaml", ["engine.zero_stage=1", "engine.grad_clip=0.5"]).engine
+    ds = build_ds_config(engine, BatchPlan(micro=8, dp=4, accumulation=1))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (32, 8, 1)
+    assert ds["gradient_clipping"] == 0.5 and "optimizer" not in ds
+
+
+def test_total_steps_from_the_step_or_the_token_budget():
+    train = load_config("configs/tiny-cpu.yaml", ["train.max_steps=0", "train.max_tokens=100000"]).train
+    assert total_steps(train, BatchPlan(4, 2, 3), seq_len=64) == math.ceil(100000 / (24 * 64))
+    assert total_steps(load_config("configs/tiny-cpu.yaml", ["train.max_steps=7"]).train, BatchPlan(4, 2, 3), 64) == 7
+
+
+def test_build_optimizer_guards_at_zero_0_and_clips_only_in_fp32():
+    ps = [torch.nn.Parameter(torch.ones(3))]
+    groups = [{"params": ps, "lr": 0.5, "weight_decay": 0.0}]
+    adam = AdamSettings(lr=1e-3, betas=(0.8, 0.9), eps=1e-7)
+    fp32 = load_config("configs/tiny-cpu.yaml", ["engine.zero_stage=0", "engine.precision=fp32",
+                                                 "engine.grad_clip=2.0"]).engine
+    opt = build_optimizer(groups, fp32, adam, fused=False)
+    assert type(opt) is GuardedAdamW and opt.max_norm == 2.0
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
+    assert opt.defaults["foreach"] is True
+    bf16 = load_config("configs/tiny-cpu.yaml", ["engine.zero_stage=0", "engine.precision=bf16"]).engine
+    assert build_optimizer([{"params": ps}], bf16, adam).max_norm == 0.0  # DeepSpeed clips there
+    z1 = load_config("configs/tiny-cpu.yaml", ["engine.zero_stage=1"]).engine
+    assert type(build_optimizer([{"params": ps}], z1, adam)) is torch.optim.AdamW
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "polynomial"])
@@ -111,13 +149,13 @@ def test_the_config_selects_the_ops_backend_and_a_bad_choice_is_a_device_problem
     from megamlm.ops import cpu_kernels
 
     cfg = load_config("configs/tiny-cpu.yaml", ["engine.kernels=torch"])
-    backend, said = select_ops(cfg)
+    backend, said = select_ops(cfg.engine)
     assert type(backend) is ops.TorchOps and said == "torch (engine.kernels=torch)"
     previous = cpu_kernels.set_enabled(False)
     try:
-        problems = device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=cpu"]))
+        problems = device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=cpu"]).engine)
     finally:
         cpu_kernels.set_enabled(previous)
     if not torch.cuda.is_available():
         assert any(p.startswith("engine.kernels=cpu: the CPU kernels cannot be built here") for p in problems)
-    assert not device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=auto"]))
+    assert not device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=auto"]).engine)

@@ -275,3 +275,35 @@ def test_export_logits_equal_transformers(tmp_path, task_type):
         export_hf(tmp_path / "model.pt", out)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.pt"]
+
+
+# ------------------------------------------------------- the run's typed state and the checkpoint's dicts
+
+def test_position_and_eval_record_read_checkpoints_of_the_earlier_code():
+    """finetune keeps EpochPosition / EvalTrack and writes them into TrainState.loader / .counters with the
+    keys the earlier dict-based code wrote, so its checkpoints resume."""
+    from megamlm.finetune.state import EpochPosition, EvalTrack
+
+    old_loader = {"epoch": 2, "index": 7}
+    assert EpochPosition.from_state(old_loader) == EpochPosition(2, 7)
+    assert EpochPosition.from_state(old_loader).to_state() == old_loader
+    fresh = EvalTrack.from_state({"bad_evals": 0})  # what a run wrote before its first evaluation
+    assert fresh == EvalTrack() and fresh.to_state() == {"bad_evals": 0, "evals": 0}
+    old = {"best": 0.5, "best_loss": 1.25, "best_step": 40, "bad_evals": 1, "evals": 3}
+    assert EvalTrack.from_state(old).to_state() == old
+
+
+def test_eval_track_keeps_the_best_breaks_ties_on_loss_and_stops_on_patience():
+    from megamlm.finetune.state import EvalTrack
+
+    t = EvalTrack()
+    assert t.record("macro_f1", {"macro_f1": 0.5, "loss": 1.0}, step=10)  # the first is the best
+    assert not t.record("macro_f1", {"macro_f1": 0.5, "loss": 1.1}, step=20)  # a tie with a higher loss
+    assert t.record("macro_f1", {"macro_f1": 0.5, "loss": 0.9}, step=30)  # a tie with a lower loss
+    assert (t.best, t.best_loss, t.best_step, t.bad_evals, t.evals) == (0.5, 0.9, 30, 0, 3)
+    assert not t.record("macro_f1", {"macro_f1": 0.4, "loss": 0.1}, step=40) and not t.exhausted(2)
+    assert not t.record("macro_f1", {"macro_f1": 0.45, "loss": 0.1}, step=50) and t.exhausted(2)
+    assert not t.exhausted(0)  # patience 0: never
+    loss = EvalTrack()
+    assert loss.record("loss", {"loss": 2.0}, 1) and loss.record("loss", {"loss": 1.0}, 2)
+    assert not loss.record("loss", {"loss": 1.5}, 3) and loss.best == 1.0
