@@ -589,55 +589,26 @@ static void attention_tile_forward_f32(const float *q, const float *k, const flo
     }
 }
 
-/* probs [nh, B, T, T] and y [B, T, H] from qkv [B, T, 3H] (without its bias), bias [3H] (q | k | v,
-   or NULL) and mask_add [B, T] (or NULL). The bias enters without a pass over qkv:
+/* Attention over E sequences of qkv [N, 3H] (without its bias) held back to back, sequence s being rows
+   cu[s] .. cu[s+1]-1 (cu [E+1] int64: 0 first, N last, increasing; the longest maxT rows): each
+   (sequence, head) is one tile over its own rows, nothing computed across sequences or on padding.
+   A padded batch [B, T] is the case cu[s] = s T. The probabilities P [T_s, T_s] of head h and
+   sequence s are at h poff[E] + poff[s] of probs (poff [E+1] int64, poff[s] = sum_{r<s} T_r^2: for a
+   batch [nh, B, T, T]), which is also the offset of element (0, 0) in the dropout stream; y [N, H].
+   mask_add [N] additive (sequence s at mask_add + cu[s]) or NULL; bias [3H] (q | k | v) or NULL,
+   entering without a pass over qkv:
      k's bias adds q.bk to every score of a row: a constant the softmax removes (skipped, exactly);
      q's bias adds scale k_j.bq to every score of column j: added with the mask (a [T] vector);
      v's bias adds (rowsum D)_i bv to row i of D v (after the gemm, on the tile in cache).
+   Tiles t = s nh + h run round-robin over the threads (each writes only its own outputs).
    Returns 0, -1 when a thread's scratch could not be allocated, -2 without an sgemm. */
-int megamlm_attention_forward_f32(const float *qkv, const float *bias, const float *mask_add, float *probs,
-                                  float *y, int64_t B, int64_t T, int64_t nh, int64_t hd, float scale, uint64_t seed,
-                                  int32_t thr, float dscale) {
+int megamlm_attention_forward_f32(const float *qkv, const float *bias, const float *mask_add, const int64_t *cu,
+                                  const int64_t *poff, float *probs, float *y, int64_t E, int64_t maxT, int64_t nh,
+                                  int64_t hd, float scale, uint64_t seed, int32_t thr, float dscale) {
     if (!sgemm_fn) return -2;
-    int64_t H = nh * hd, TT = T * T, tiles = nh * B;
+    int64_t H = nh * hd, tiles = nh * E, P = poff[E];
     int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1 && tiles * TT / 4 >= parallel_words)")
-    {
-        float *d = (float *)malloc((size_t)(TT + T) * sizeof(float));
-        if (!d) {
-            _Pragma("omp atomic write")
-            failed = 1;
-        }
-        _Pragma("omp barrier")
-        if (!failed) {
-            _Pragma("omp for schedule(static)")
-            for (int64_t t = 0; t < tiles; t++) {
-                int64_t h = t / B, b = t % B;
-                const float *q = qkv + b * T * 3 * H + h * hd;
-                attention_tile_forward_f32(q, q + H, q + 2 * H, bias, h, mask_add ? mask_add + b * T : NULL, d + TT,
-                                           probs + t * TT, d, y + b * T * H + h * hd, T, H, hd, ld, scale, t * TT,
-                                           seed, thr, dscale);
-            }
-        }
-        free(d);
-    }
-    return failed ? -1 : 0;
-}
-
-/* Packed (segmented) attention: qkv [N, 3H] holds E segments back to back, segment s being rows
-   cu[s] .. cu[s+1]-1 (cu [E+1] int64, 0 first, N last, increasing; the longest has maxT rows); each
-   (segment, head) is one tile over its own rows, no padding: its probabilities P [T_s, T_s] are at
-   poff[s] + h T_s^2 of probs (poff [E+1] int64: poff[s] = nh sum_{r<s} T_r^2), and element (i, j) of
-   the dropout stream is that offset + i T_s + j. y [N, H]. Tiles t = s nh + h run round-robin over
-   the threads (deterministic). Returns as the batch kernel. */
-int megamlm_attention_segments_forward_f32(const float *qkv, const float *bias, const int64_t *cu,
-                                           const int64_t *poff, float *probs, float *y, int64_t E, int64_t maxT,
-                                           int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
-                                           float dscale) {
-    if (!sgemm_fn) return -2;
-    int64_t H = nh * hd, tiles = nh * E;
-    int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1 && poff[E] / 4 >= parallel_words)")
+    _Pragma("omp parallel if (tiles > 1 && nh * P / 4 >= parallel_words)")
     {
         float *d = (float *)malloc((size_t)(maxT * maxT + maxT) * sizeof(float));
         if (!d) {
@@ -648,10 +619,11 @@ int megamlm_attention_segments_forward_f32(const float *qkv, const float *bias, 
         if (!failed) {
             _Pragma("omp for schedule(static, 1)")
             for (int64_t t = 0; t < tiles; t++) {
-                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], start = poff[s] + h * T * T;
+                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], start = h * P + poff[s];
                 const float *q = qkv + cu[s] * 3 * H + h * hd;
-                attention_tile_forward_f32(q, q + H, q + 2 * H, bias, h, NULL, d + T * T, probs + start, d,
-                                           y + cu[s] * H + h * hd, T, H, hd, ld, scale, start, seed, thr, dscale);
+                attention_tile_forward_f32(q, q + H, q + 2 * H, bias, h, mask_add ? mask_add + cu[s] : NULL, d + T * T,
+                                           probs + start, d, y + cu[s] * H + h * hd, T, H, hd, ld, scale, start,
+                                           seed, thr, dscale);
             }
         }
         free(d);
@@ -729,67 +701,23 @@ static void attention_tile_backward_f32(const float *q, const float *k, const fl
     }
 }
 
-/* The per-thread scratch of the backward for tiles of up to T rows (NULL when out of memory). */
-static float *backward_scratch(int64_t T, int64_t hd) {
-    return (float *)malloc((size_t)(2 * T * T + 3 * T + 2 * hd) * sizeof(float));
-}
-
-/* gqkv [B, T, 3H] (every element written) from gy [B, T, H], qkv, bias (as the forward's) and the
-   forward's probs: D = dropout(P), dv = D^T gy, dD = gy (v + bv)^T; the softmax backward
-   dS = P (dP - rowsum(P dP)) with dP = keep scale dD, where P keep scale = D: dS = D dD - P rowsum(D dD)
-   (the mask once, not twice); dq = scale dS (k + bk) = scale dS k (rows of dS sum to 0),
-   dk = scale dS^T (q + bq). grad_bias [3H] (double, zeroed by the caller; NULL: skipped) +=
-   q: scale k^T colsum(dS); k: 0 (exactly: the softmax removes bk); v: gy^T rowsum(D).
-   Returns as the forward. */
-int megamlm_attention_backward_f32(const float *qkv, const float *bias, const float *probs, const float *gy,
-                                   float *gqkv, double *grad_bias, int64_t B, int64_t T, int64_t nh, int64_t hd,
-                                   float scale, uint64_t seed, int32_t thr, float dscale) {
+/* The backward of megamlm_attention_forward_f32 (the same sequences cu, poff, bias and the forward's
+   probs): gqkv [N, 3H] (every element written) from gy [N, H]: D = dropout(P), dv = D^T gy,
+   dD = gy (v + bv)^T; the softmax backward dS = P (dP - rowsum(P dP)) with dP = keep scale dD, where
+   P keep scale = D: dS = D dD - P rowsum(D dD) (the mask once, not twice); dq = scale dS (k + bk) =
+   scale dS k (rows of dS sum to 0), dk = scale dS^T (q + bq). grad_bias [3H] (double, zeroed by the
+   caller; NULL: skipped) += q: scale k^T colsum(dS); k: 0 (exactly: the softmax removes bk);
+   v: gy^T rowsum(D). Returns as the forward. */
+int megamlm_attention_backward_f32(const float *qkv, const float *bias, const int64_t *cu, const int64_t *poff,
+                                   const float *probs, const float *gy, float *gqkv, double *grad_bias, int64_t E,
+                                   int64_t maxT, int64_t nh, int64_t hd, float scale, uint64_t seed, int32_t thr,
+                                   float dscale) {
     if (!sgemm_fn) return -2;
-    int64_t H = nh * hd, TT = T * T, tiles = nh * B;
+    int64_t H = nh * hd, tiles = nh * E, P = poff[E];
     int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1 && tiles * TT / 4 >= parallel_words)")
+    _Pragma("omp parallel if (tiles > 1 && nh * P / 4 >= parallel_words)")
     {
-        float *d = backward_scratch(T, hd);
-        double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;
-        if (!d || (grad_bias && !acc)) {
-            _Pragma("omp atomic write")
-            failed = 1;
-        }
-        _Pragma("omp barrier")
-        if (!failed) {
-            float *dd = d + TT, *rowadd = dd + TT, *cs = rowadd + T, *rsd = cs + T, *fq = rsd + T, *fv = fq + hd;
-            _Pragma("omp for schedule(static)")
-            for (int64_t t = 0; t < tiles; t++) {
-                int64_t h = t / B, b = t % B;
-                const float *q = qkv + b * T * 3 * H + h * hd;
-                float *gq = gqkv + b * T * 3 * H + h * hd;
-                attention_tile_backward_f32(q, q + H, q + 2 * H, probs + t * TT, gy + b * T * H + h * hd, gq, gq + H,
-                                            gq + 2 * H, bias, h, acc, d, dd, rowadd, cs, rsd, fq, fv, T, H, hd, ld,
-                                            scale, t * TT, seed, thr, dscale);
-            }
-            if (acc) {
-                _Pragma("omp critical(megamlm_attention_bias_grad)")
-                for (int64_t c = 0; c < 3 * H; c++) grad_bias[c] += acc[c];
-            }
-        }
-        free(d);
-        free(acc);
-    }
-    return failed ? -1 : 0;
-}
-
-/* The backward of megamlm_attention_segments_forward_f32: gqkv [N, 3H] (every element written) from
-   gy [N, H], as the batch kernel's, tile (segment, head) by tile. */
-int megamlm_attention_segments_backward_f32(const float *qkv, const float *bias, const int64_t *cu,
-                                            const int64_t *poff, const float *probs, const float *gy, float *gqkv,
-                                            double *grad_bias, int64_t E, int64_t maxT, int64_t nh, int64_t hd,
-                                            float scale, uint64_t seed, int32_t thr, float dscale) {
-    if (!sgemm_fn) return -2;
-    int64_t H = nh * hd, tiles = nh * E;
-    int ld = (int)(3 * H), failed = 0;
-    _Pragma("omp parallel if (tiles > 1 && poff[E] / 4 >= parallel_words)")
-    {
-        float *d = backward_scratch(maxT, hd);
+        float *d = (float *)malloc((size_t)(2 * maxT * maxT + 3 * maxT + 2 * hd) * sizeof(float));
         double *acc = grad_bias ? (double *)calloc((size_t)(3 * H), sizeof(double)) : NULL;
         if (!d || (grad_bias && !acc)) {
             _Pragma("omp atomic write")
@@ -799,7 +727,7 @@ int megamlm_attention_segments_backward_f32(const float *qkv, const float *bias,
         if (!failed) {
             _Pragma("omp for schedule(static, 1)")
             for (int64_t t = 0; t < tiles; t++) {
-                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], TT = T * T, start = poff[s] + h * TT;
+                int64_t s = t / nh, h = t % nh, T = cu[s + 1] - cu[s], TT = T * T, start = h * P + poff[s];
                 float *dd = d + TT, *rowadd = dd + TT, *cs = rowadd + T, *rsd = cs + T, *fq = rsd + T, *fv = fq + hd;
                 const float *q = qkv + cu[s] * 3 * H + h * hd;
                 float *gq = gqkv + cu[s] * 3 * H + h * hd;
@@ -819,4 +747,4 @@ int megamlm_attention_segments_backward_f32(const float *qkv, const float *bias,
 }
 
 /* The ABI version the Python side checks (bump with any change of signature or stream). */
-int megamlm_kernels_version(void) { return 8; }
+int megamlm_kernels_version(void) { return 9; }

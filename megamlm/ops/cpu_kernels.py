@@ -13,8 +13,9 @@
   in cache, q/k/v read in place from the fused projection, y written with heads merged. Its small
   gemms call torch's own BLAS ``sgemm_`` (exported by x86 wheels, checked at load):
   :func:`attention_available` is False where there is none. The packed form
-  (:func:`attention_segments_forward`) runs one tile per (segment, head) over that segment's own rows
-  of a flat [N, 3H] stream: no padding is computed.
+  (:func:`attention_segments_forward`) is the same kernel: one tile per (segment, head) over that
+  segment's own rows of a flat [N, 3H] stream, no padding computed; a padded batch is the case of
+  equal segments.
 
 On CPU, torch's ``dropout`` draws ``bernoulli_`` from the serial mt19937 generator and the
 residual add is another pass: for the small bench model dropout was ~10% of the training step.
@@ -39,6 +40,7 @@ bit for bit): word ``w = mix64(seed + (w + 1)·G)``; element ``i`` is kept iff t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -55,7 +57,7 @@ __all__ = ["available", "set_enabled", "uses_openmp", "set_parallel_words", "dra
            "cross_entropy_backward", "attention_available", "attention_forward", "attention_backward",
            "segment_prob_offsets", "attention_segments_forward", "attention_segments_backward"]
 
-_VERSION = 8  # megamlm_kernels_version() of the source this module speaks to
+_VERSION = 9  # megamlm_kernels_version() of the source this module speaks to
 _GOLDEN = 0x9E3779B97F4A7C15
 
 _lock = threading.Lock()
@@ -317,6 +319,53 @@ def _attention_bias(bias: torch.Tensor | None, qkv: torch.Tensor) -> int:
     return bias.data_ptr()
 
 
+def _tiles_forward(qkv: torch.Tensor, bias_ptr: int, mask_add: torch.Tensor | None, cu: torch.Tensor,
+                   offs: torch.Tensor, max_seqlen: int, nh: int, hd: int, p: float, seed: int):
+    """The one attention kernel over the sequences ``cu`` of ``qkv`` [N, 3H] (a batch [B, T] is the
+    case of B sequences of T): (y [N, H], probs flat [nh · offs[-1]])."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    N = cu[-1].item()
+    y, probs = qkv.new_empty(N, nh * hd), qkv.new_empty(nh * int(offs[-1]))
+    rc = _lib_fn("attention_forward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, 0 if mask_add is None else mask_add.data_ptr(), cu.data_ptr(), offs.data_ptr(),
+        probs.data_ptr(), y.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5, seed, threshold(p),
+        1.0 / (1.0 - p))
+    _attention_rc(rc, max_seqlen)
+    return y, probs
+
+
+def _tiles_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, bias: torch.Tensor | None,
+                    bias_grad: bool, cu: torch.Tensor, offs: torch.Tensor, max_seqlen: int, nh: int, hd: int,
+                    p: float, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward of :func:`_tiles_forward`, for ``grad_y`` shaped as its y; ``what`` names the caller."""
+    _check("grad_y", grad_y)
+    _check("probs", probs)
+    H3 = qkv.shape[-1]
+    if grad_y.shape != qkv.shape[:-1] + (nh * hd,) or probs.numel() != nh * int(offs[-1]) \
+            or grad_y.dtype != qkv.dtype or probs.dtype != qkv.dtype:
+        raise ValueError(f"{what} backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do not "
+                         f"match qkv {tuple(qkv.shape)} with {nh} heads")
+    bias_ptr = _attention_bias(bias, qkv.view(1, -1, H3))
+    if bias_grad and bias is None:
+        raise ValueError(f"{what} backward: bias_grad=True needs the bias")
+    grad = torch.empty_like(qkv)
+    acc = torch.zeros(H3, dtype=torch.float64) if bias_grad else None
+    rc = _lib_fn("attention_backward", torch.float32)(
+        qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), grad_y.data_ptr(),
+        grad.data_ptr(), 0 if acc is None else acc.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5,
+        seed, threshold(p), 1.0 / (1.0 - p))
+    _attention_rc(rc, max_seqlen)
+    return grad, None if acc is None else acc.float()
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_sequences(B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch as the kernel's sequences: (cu = s·T, offs = s·T²), s = 0 … B."""
+    s = torch.arange(B + 1, dtype=torch.int64)
+    return s * T, s * (T * T)
+
+
 def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_heads: int, p: float, seed: int,
                       bias: torch.Tensor | None = None):
     """Multi-head attention with dropout from the fused projection: q, k, v = ``qkv`` [B, T, 3H]
@@ -325,19 +374,14 @@ def attention_forward(qkv: torch.Tensor, mask_add: torch.Tensor | None, num_head
     ``mask_add`` [B, T] additive (0 attend, -inf padding) or None; dropout ``p`` with the mask of
     stream ``seed`` over ``probs`` as one tensor; scale 1/√head_dim."""
     B, T, nh, hd = _attention_check(qkv, num_heads)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability {p} must be in [0, 1)")
     if mask_add is not None:
         _check("mask_add", mask_add)
         if mask_add.dtype != torch.float32 or mask_add.shape != (B, T):
             raise ValueError(f"mask_add: float32 [{B}, {T}], got {mask_add.dtype} {tuple(mask_add.shape)}")
     bias_ptr = _attention_bias(bias, qkv)
-    y, probs = qkv.new_empty(B, T, nh * hd), qkv.new_empty(nh, B, T, T)
-    rc = _lib_fn("attention_forward", torch.float32)(
-        qkv.data_ptr(), bias_ptr, 0 if mask_add is None else mask_add.data_ptr(), probs.data_ptr(), y.data_ptr(),
-        B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
-    _attention_rc(rc, T)
-    return y, probs
+    cu, offs = _batch_sequences(B, T)
+    y, probs = _tiles_forward(qkv, bias_ptr, mask_add, cu, offs, T, nh, hd, p, seed)
+    return y.view(B, T, nh * hd), probs.view(nh, B, T, T)
 
 
 def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, num_heads: int, p: float,
@@ -347,30 +391,20 @@ def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Ten
     given the forward's inputs, ``probs``, ``p`` and ``seed`` (the dropout mask is regenerated). The
     k part of the bias gradient is exactly 0 (the softmax removes a key bias)."""
     B, T, nh, hd = _attention_check(qkv, num_heads)
-    _check("grad_y", grad_y)
-    _check("probs", probs)
-    if grad_y.shape != (B, T, nh * hd) or probs.shape != (nh, B, T, T) or grad_y.dtype != qkv.dtype \
-            or probs.dtype != qkv.dtype:
-        raise ValueError(f"attention backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do not "
-                         f"match qkv {tuple(qkv.shape)} with {nh} heads")
-    bias_ptr = _attention_bias(bias, qkv)
-    if bias_grad and bias is None:
-        raise ValueError("attention backward: bias_grad=True needs the bias")
-    grad = torch.empty_like(qkv)
-    acc = torch.zeros(qkv.shape[2], dtype=torch.float64) if bias_grad else None
-    rc = _lib_fn("attention_backward", torch.float32)(
-        qkv.data_ptr(), bias_ptr, probs.data_ptr(), grad_y.data_ptr(), grad.data_ptr(),
-        0 if acc is None else acc.data_ptr(), B, T, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
-    _attention_rc(rc, T)
-    return grad, None if acc is None else acc.float()
+    if probs.shape != (nh, B, T, T):
+        raise ValueError(f"attention backward: probs {tuple(probs.shape)} do not match qkv {tuple(qkv.shape)} "
+                         f"with {nh} heads")
+    cu, offs = _batch_sequences(B, T)
+    return _tiles_backward(grad_y, qkv, probs, bias, bias_grad, cu, offs, T, nh, hd, p, seed, "attention")
 
 
-def segment_prob_offsets(cu_seqlens: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Where each segment's probabilities start in the packed kernels' ``probs``: int64 [E + 1],
-    ``nh · Σ_{r<s} L_r²`` (the last is the total); head h of segment s is at ``offs[s] + h · L_s²``."""
+def segment_prob_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Where each segment's probabilities start within a head's part of the packed kernels' ``probs``:
+    int64 [E + 1], ``Σ_{r<s} L_r²`` (the last, P, is the total); head h of segment s is at
+    ``h · P + offs[s]`` (for equal segments: the layout [nh, E, L, L] of a batch)."""
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
-    return torch.cat([lengths.new_zeros(1), (num_heads * lengths * lengths).cumsum(0)])
+    return torch.cat([lengths.new_zeros(1), (lengths * lengths).cumsum(0)])
 
 
 def _segments_check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int):
@@ -389,26 +423,20 @@ def _segments_check(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
                          f"max_seqlen={max_seqlen}")
     if max(max_seqlen, H3) >= 1 << 31 or max_seqlen * max_seqlen >= 1 << 40:
         raise ValueError(f"packed attention kernel: segment length {max_seqlen} or width {H3} is too large")
-    return N, num_heads, H3 // (3 * num_heads), cu, segment_prob_offsets(cu, num_heads)
+    return N, num_heads, H3 // (3 * num_heads), cu, segment_prob_offsets(cu)
 
 
 def attention_segments_forward(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int,
                                p: float, seed: int, bias: torch.Tensor | None = None):
     """Packed attention: qkv [N, 3H] (float32, columns q | k | v, without ``bias`` [3H] or None) holds the
     segments ``cu_seqlens`` [E + 1] (0 … N, increasing, none longer than ``max_seqlen``) back to back; a
-    token attends only to its segment's. Returns (y [N, H] with heads merged, probs: flat, segment s and
-    head h an [L, L] tile at ``offs[s] + h·L²`` (:func:`segment_prob_offsets`), which is also the tile's
-    place in the dropout stream of ``seed``)."""
+    token attends only to its segment's. The kernel of :func:`attention_forward` (a batch is the case of
+    equal segments). Returns (y [N, H] with heads merged, probs: flat, segment s and head h an [L, L]
+    tile at ``h · P + offs[s]`` (:func:`segment_prob_offsets`), which is also the tile's place in the
+    dropout stream of ``seed``)."""
     N, nh, hd, cu, offs = _segments_check(qkv, cu_seqlens, max_seqlen, num_heads)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability {p} must be in [0, 1)")
-    bias_ptr = _attention_bias(bias, qkv.view(1, N, -1))
-    y, probs = qkv.new_empty(N, nh * hd), qkv.new_empty(int(offs[-1]))
-    rc = _lib_fn("attention_segments_forward", torch.float32)(
-        qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), y.data_ptr(), cu.numel() - 1,
-        max_seqlen, nh, hd, hd ** -0.5, seed, threshold(p), 1.0 / (1.0 - p))
-    _attention_rc(rc, max_seqlen)
-    return y, probs
+    return _tiles_forward(qkv, _attention_bias(bias, qkv.view(1, N, -1)), None, cu, offs, max_seqlen, nh, hd, p,
+                          seed)
 
 
 def attention_segments_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor,
@@ -418,23 +446,10 @@ def attention_segments_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: 
     """(the gradient of ``qkv`` [N, 3H], and of ``bias`` [3H] or None) of :func:`attention_segments_forward`
     for ``grad_y`` [N, H], given its inputs, ``probs``, ``p`` and ``seed`` (the mask is regenerated)."""
     N, nh, hd, cu, offs = _segments_check(qkv, cu_seqlens, max_seqlen, num_heads)
-    _check("grad_y", grad_y)
-    _check("probs", probs)
-    if grad_y.shape != (N, nh * hd) or probs.shape != (int(offs[-1]),) or grad_y.dtype != qkv.dtype \
-            or probs.dtype != qkv.dtype:
-        raise ValueError(f"packed attention backward: grad_y {tuple(grad_y.shape)} / probs {tuple(probs.shape)} do "
-                         f"not match qkv {tuple(qkv.shape)} with {nh} heads and these segments")
-    bias_ptr = _attention_bias(bias, qkv.view(1, N, -1))
-    if bias_grad and bias is None:
-        raise ValueError("packed attention backward: bias_grad=True needs the bias")
-    grad = torch.empty_like(qkv)
-    acc = torch.zeros(qkv.shape[1], dtype=torch.float64) if bias_grad else None
-    rc = _lib_fn("attention_segments_backward", torch.float32)(
-        qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), grad_y.data_ptr(),
-        grad.data_ptr(), 0 if acc is None else acc.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5,
-        seed, threshold(p), 1.0 / (1.0 - p))
-    _attention_rc(rc, max_seqlen)
-    return grad, None if acc is None else acc.float()
+    if probs.dim() != 1:
+        raise ValueError(f"packed attention backward: probs must be flat, got {tuple(probs.shape)}")
+    return _tiles_backward(grad_y, qkv, probs, bias, bias_grad, cu, offs, max_seqlen, nh, hd, p, seed,
+                           "packed attention")
 
 
 def _attention_rc(rc: int, T: int) -> None:

@@ -72,12 +72,8 @@ def _declare(lib) -> None:
     lib.megamlm_ce_backward_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
     lib.megamlm_ce_backward_f32.restype = ctypes.c_int
     lib.megamlm_set_sgemm.argtypes = [ptr]
-    for name, n_ptr in (("forward", 5), ("backward", 6)):
+    for name, n_ptr in (("forward", 7), ("backward", 8)):
         fn = getattr(lib, f"megamlm_attention_{name}_f32")
-        fn.argtypes = [ptr] * n_ptr + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
-        fn.restype = ctypes.c_int
-    for name, n_ptr in (("forward", 6), ("backward", 8)):
-        fn = getattr(lib, f"megamlm_attention_segments_{name}_f32")
         fn.argtypes = [ptr] * n_ptr + [i64] * 4 + [ctypes.c_float, u64, i32, ctypes.c_float]
         fn.restype = ctypes.c_int
     c_int, c_char, c_float = ctypes.c_int, ctypes.c_char, ctypes.c_float

@@ -63,8 +63,10 @@ def test_each_segment_attends_as_if_alone(ops):
     (ref * w).sum().backward()
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gw, qkv.weight.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gb, qkv.bias.grad, atol=1e-5, rtol=1e-5)
+    # the parameter gradients are sums over all 34 rows, in float32 and in another order per backend
+    # and thread count (one thread: up to 1.8e-5 apart): 5e-5
+    torch.testing.assert_close(gw, qkv.weight.grad, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(gb, qkv.bias.grad, atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("ops", BACKENDS)
@@ -85,6 +87,25 @@ def test_dropout_stays_inside_each_segment(ops):
     keep[6:15] = False
     torch.testing.assert_close(y[:, keep], y2[:, keep], atol=0, rtol=0)  # the others never see it
     assert not torch.allclose(y[:, ~keep], y2[:, ~keep])
+
+
+@pytest.mark.skipif(not cpu_kernels.attention_available(), reason="the CPU attention kernel is not built here")
+def test_a_batch_is_the_packed_kernel_with_equal_segments():
+    """One kernel: a [B, T] batch and the same rows as B packed segments of T give the same outputs,
+    gradients and dropout (probabilities at the same places of the stream), bit for bit."""
+    B, T, nh = 3, 7, 4
+    torch.manual_seed(4)
+    qkv, bias, gy = torch.randn(B, T, 3 * H), torch.randn(3 * H), torch.randn(B, T, H)
+    y, probs = cpu_kernels.attention_forward(qkv, None, nh, 0.3, 11, bias)
+    g, gb = cpu_kernels.attention_backward(gy, qkv, probs, nh, 0.3, 11, bias, bias_grad=True)
+    cu = Segments.from_lengths([T] * B).cu_seqlens
+    ys, ps = cpu_kernels.attention_segments_forward(qkv.view(B * T, -1), cu, T, nh, 0.3, 11, bias)
+    gs, gbs = cpu_kernels.attention_segments_backward(gy.view(B * T, -1), qkv.view(B * T, -1), ps, cu, T, nh,
+                                                      0.3, 11, bias, bias_grad=True)
+    assert torch.equal(ys, y.view(B * T, -1)) and torch.equal(ps, probs.flatten())
+    assert torch.equal(gs, g.view(B * T, -1)) and torch.equal(gbs, gb)
+    assert probs.shape == (nh, B, T, T)
+    assert not torch.allclose(y, cpu_kernels.attention_forward(qkv, None, nh, 0.0, 11, bias)[0])  # dropout ran
 
 
 @pytest.mark.parametrize("ops", BACKENDS)
