@@ -50,7 +50,7 @@ from megamlm.flops import matmul_peak, sync as _sync, train_flops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchOptions", "random_batch", "train_flops", "matmul_peak", "run_bench", "format_report",
+__all__ = ["BenchOptions", "random_batch", "bench_batch", "train_flops", "matmul_peak", "run_bench", "format_report",
            "bench_model_main", "build_arg_parser", "main", "SMALL"]
 
 # The goal config: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, seq 128, batch 32.
@@ -81,6 +81,7 @@ class BenchOptions:
     threads: int = 0  # 0 = leave torch's default
     device: str = "cpu"
     seed: int = 0
+    data: str = ""  # a config: the first micro-batch of its training loader instead of random ids
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
@@ -110,6 +111,32 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability
     pair_labels = torch.randint(0, 2, (B,), generator=g) if pair else None
     batch = Batch(ids, types, mask, labels, positions, targets, pair_labels, n_tokens=int(mask.sum()))
     return batch.to(device) if device != "cpu" else batch
+
+
+def bench_batch(o: BenchOptions):
+    """The batch every model of the run trains on: random (:func:`random_batch`), or with ``o.data``
+    the first micro-batch of that config's training loader (its corpus, tokenizer and masking; seq_len,
+    batch_size, pair and seed from ``o``), padded; ``o.vocab_size`` becomes the tokenizer's padded size."""
+    if not o.data:
+        return random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
+                            o.pair != "none", o.seed, o.device)
+    from megamlm.config import load_config
+    from megamlm.data.loader import build_loader
+    from megamlm.distributed.topology import single_process_topology
+    from megamlm.tokenizer import Tokenizer
+
+    cfg = load_config(o.data, [f"data.seq_len={o.seq_len}", f"data.micro_batch_size={o.batch_size}",
+                               "data.num_workers=0", "data.packing=false", "data.micro_batch_tokens=0",
+                               f"objective.pair={o.pair}", f"objective.mlm_probability={o.mlm_probability}",
+                               f"model.max_position_embeddings={max(512, o.seq_len)}"])
+    tok = Tokenizer(cfg.tokenizer.model)
+    loader = build_loader(cfg.data, tok, single_process_topology(), o.seed, cfg.objective)
+    batch = next(iter(loader))
+    if batch.n_examples != o.batch_size:
+        raise ValueError(f"--data {o.data}: its first micro-batch holds {batch.n_examples} examples, not "
+                         f"--batch-size {o.batch_size} (a corpus too small for one batch)")
+    o.vocab_size = tok.padded_vocab_size
+    return batch.to(o.device) if o.device != "cpu" else batch
 
 
 def _model_cfgs(o: BenchOptions):
@@ -145,6 +172,14 @@ def _tune_malloc() -> bool:
 def _build_step(spec: str, o: BenchOptions, batch):
     """A zero-argument closure running one training step of model ``spec`` (name[:precision])."""
     name, precision = _split_spec(spec, o)
+    packed = name.endswith("+packed")
+    if packed:  # the same examples as one packed row (no padding computed)
+        from megamlm.data.batch import pack
+
+        if not name.startswith("megamlm"):
+            raise ValueError(f"{spec!r}: +packed runs megamlm models only (HF takes padded batches)")
+        name = name.removesuffix("+packed")
+        batch = pack(batch.to("cpu")).to(o.device)
     torch.manual_seed(o.seed)
     autocast = (torch.autocast(device_type=torch.device(o.device).type, dtype=torch.bfloat16)
                 if precision == "bf16" else None)
@@ -160,7 +195,7 @@ def _build_step(spec: str, o: BenchOptions, batch):
                                   torch.bfloat16 if precision == "bf16" else torch.float32)[0])
         fwd = torch.compile(model) if o.compile else model
         n_mlm = batch.mlm_positions.numel()
-        n_pair = batch.input_ids.shape[0]
+        n_pair = batch.n_examples
 
         def loss_fn():
             return combine(fwd(batch), n_mlm, n_pair)
@@ -223,8 +258,7 @@ def _reset_peak_rss() -> None:
 
 def _memory_child(name: str, o: BenchOptions) -> dict:
     """In a fresh process: RSS before building, peak RSS after warmup + a few steps."""
-    batch = random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
-                         o.pair != "none", o.seed, o.device)
+    batch = bench_batch(o)
     if name == "hf":
         import transformers  # noqa: F401  (import cost outside the measurement)
     if o.device.startswith("cuda"):
@@ -269,8 +303,7 @@ def run_bench(o: BenchOptions) -> dict:
     names = [n.strip() for n in o.models.split(",") if n.strip()]
     for n in names:
         _split_spec(n, o)
-    batch = random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
-                         o.pair != "none", o.seed, o.device)
+    batch = bench_batch(o)
     flops = train_flops(batch, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = sorted({_split_spec(n, o)[1] for n in names})
@@ -299,6 +332,7 @@ def run_bench(o: BenchOptions) -> dict:
         peaks[p].append(matmul_peak(dtypes[p], device=o.device))
     peak_of = {p: max(v) for p, v in peaks.items()}
     result = {"options": asdict(o), "n_tokens": batch.n_tokens, "n_masked": int(batch.mlm_positions.numel()),
+              "padding_share": 1.0 - batch.n_tokens / batch.input_ids.numel(),
               "flops_per_step": flops, "matmul_peak_flops": peak_of, "matmul_peaks_per_round": peaks, "models": {}}
     for n in names:
         tps = sorted(batch.n_tokens / t for t in times[n])
@@ -328,7 +362,9 @@ def format_report(r: dict) -> str:
              f"V={o['vocab_size']}; batch {o['batch_size']}x{o['seq_len']} ({r['n_tokens']} real tokens, "
              f"{r['n_masked']} masked); {o['precision']}{' +compile' if o['compile'] else ''}; "
              f"dropout {o['dropout']}; threads {torch.get_num_threads()}"
-             f"{'; malloc tuned' if o.get('malloc_tuned') else ''}{'; padded' if o['padding'] else ''}",
+             f"{'; malloc tuned' if o.get('malloc_tuned') else ''}{'; padded' if o['padding'] else ''}"
+             f"{'; examples of ' + o['data'] if o.get('data') else ''}"
+             f" ({r.get('padding_share', 0.0):.0%} of the padded batch is padding)",
              f"needed FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; matmul peak "
              + ", ".join(f"{p} {min(v) / 1e9:.0f}-{max(v) / 1e9:.0f} GFLOP/s"
                          for p, v in r["matmul_peaks_per_round"].items())
@@ -362,7 +398,11 @@ _HELP = {
     "warmup": "untimed steps per model before the rounds",
     "models": "comma list of megamlm | megamlm-torch | megamlm-cpu | hf, each optionally :fp32 or :bf16 (e.g. "
               "megamlm,megamlm-torch,hf:fp32; megamlm-X runs on the ops backend X, plain megamlm on "
-              "engine.kernels=auto); ratios are the first model's speed over each other's",
+              "engine.kernels=auto); a megamlm model with +packed runs the same examples packed into one "
+              "row (megamlm+packed,megamlm); ratios are the first model's speed over each other's",
+    "data": "a config file: train on the first micro-batch of its training loader (its corpus, tokenizer "
+            "and masking, real example lengths; --seq-len, --batch-size, --pair from here) instead of "
+            "random ids; sets the vocabulary to the tokenizer's",
     "memory": "peak memory of each model, in a fresh subprocess on CPU",
     "malloc_tuned": "glibc mallopt as `megamlm pretrain` does on CPU (engine.cpu_malloc=tuned), for both "
                     "models: blocks up to 32 MiB from the heap, never trimmed; removes the page faults that "

@@ -60,6 +60,12 @@ def cmd_check_config(args) -> int:
         print(f"# world size {args.world_size}: data-parallel {dp} x vocab-parallel "
               f"{cfg.parallel.vocab_parallel_size}; global batch {cfg.data.micro_batch_size * dp * ga} = "
               f"micro {cfg.data.micro_batch_size} x data-parallel {dp} x accumulation {ga}")
+        if cfg.data.packing:
+            from megamlm.data.stream import packed_token_budget
+
+            budget = packed_token_budget(cfg.data)
+            print(f"# packed: each micro-batch holds up to {budget} tokens of whole examples, "
+                  f"{budget * dp * ga} tokens a step")
     unchecked = files.unchecked + ([] if args.world_size else
                                    ["the batch and topology arithmetic (pass --world-size N)"])
     _say_unchecked(unchecked, "its tokenizer and shards too")

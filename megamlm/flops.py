@@ -24,16 +24,21 @@ __all__ = ["train_flops", "matmul_peak", "sync"]
 
 
 def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool) -> float:
-    """Needed training FLOPs of one step on ``batch`` (formula in the module docstring). Reads the
-    batch's attention mask: give it the host batch (on a device tensor it is a sync)."""
+    """Needed training FLOPs of one step on ``batch`` (formula in the module docstring), padded or
+    packed (a sequence is an example). Reads the batch's attention mask or its segments: give it the
+    host batch (on a device tensor it is a sync)."""
     H, F = hidden, ffn
-    lengths = batch.attention_mask.sum(dim=1).double()  # [B]
+    segments = getattr(batch, "segments", None)
+    if segments is not None:
+        lengths = segments.lengths().double()  # [E]
+    else:
+        lengths = batch.attention_mask.sum(dim=1).double()  # [B]
     n_tok = float(lengths.sum())
     n_masked = float(batch.mlm_positions.numel())
     fwd = num_layers * (n_tok * 2 * (4 * H * H + 2 * H * F) + float((4 * lengths ** 2 * H).sum()))
     fwd += n_masked * (2 * H * H + 2 * H * real_vocab)
     if pair:
-        fwd += batch.input_ids.shape[0] * (2 * H * H + 4 * H)
+        fwd += lengths.numel() * (2 * H * H + 4 * H)
     return 3.0 * fwd
 
 

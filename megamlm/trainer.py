@@ -138,7 +138,7 @@ class Trainer:
         n_mlm = sum(b.n_targets for b in micro_)
         n_pair = sum(int(b.pair_labels.numel()) for b in micro_ if b.pair_labels is not None)
         n_tok = sum(b.n_tokens for b in micro_)
-        n_seq = sum(int(b.input_ids.shape[0]) for b in micro_)
+        n_seq = sum(b.n_examples for b in micro_)
         # Global counts of this step + the stop flags, agreed by every rank in one tiny CPU all-reduce.
         # Ranks of one vocab-parallel group hold the same batch: divide their share out.
         vp = self.topo.vp_size
@@ -156,7 +156,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
             acc = _sum_terms(acc, terms)
-        return StepResult(acc, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0)
+        return StepResult(acc, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0,
+                          rank_tokens=float(n_tok), slots=float(sum(b.input_ids.numel() for b in micro_)))
 
     def _flops(self, micro) -> float:
         if not self.peak_flops:
@@ -327,6 +328,10 @@ class Trainer:
         dt = time.perf_counter() - window.start
         m["tokens_per_second"] = window.tokens / dt
         m["samples_per_second"] = window.sequences / dt
+        m["padding_share"] = window.padding_share()  # of this rank's slots; 0 with data.packing
+        m["tokens_per_step"] = window.tokens / max(window.steps, 1)  # real tokens, all ranks
+        if window.steps:  # global average: examples per micro-batch (data.micro_batch_size unless packed)
+            m["examples_per_micro_batch"] = window.sequences / (window.steps * self.plan.dp * self.plan.accumulation)
         if self.peak_flops:  # flops were counted on this rank's batches: scale by data-parallel size
             m["mfu"] = window.flops * self.plan.dp / dt / (self.peak_flops * self.env.world_size)
         m["lr"] = float(self.engine.get_lr()[0])
@@ -343,10 +348,12 @@ class Trainer:
         if self.env.rank == 0:
             rate = (st.step - clock.steps_at_start) / max(clock.this_process(), 1e-9)  # steps/s of this process
             eta = (t_cfg.max_steps - st.step) / rate if t_cfg.max_steps and rate > 0 else float("nan")
-            log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s%s | eta %s",
+            log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s, %.0f tok/step, "
+                     "%.1f ex/micro, %.0f%% pad%s | eta %s",
                      st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
                      f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
-                     m["grad_norm"], m["tokens_per_second"],
+                     m["grad_norm"], m["tokens_per_second"], window.tokens / max(window.steps, 1),
+                     m.get("examples_per_micro_batch", 0.0), 100 * m["padding_share"],
                      f" | mfu {m['mfu']:.1%}" if "mfu" in m else "", _fmt_eta(eta))
 
     def _scheduled_eval_and_save(self) -> None:
@@ -361,7 +368,9 @@ class Trainer:
 class StepResult:
     """What one optimizer step reports: this rank's summed loss terms (None when no step ran), the step's
     global real tokens and sequences, this rank's FLOPs, whether the update was applied (finite
-    gradients), whether any rank was signalled to stop, and whether a loader stopped (no step ran)."""
+    gradients), whether any rank was signalled to stop, and whether a loader stopped (no step ran);
+    ``rank_tokens`` / ``slots``: this rank's real tokens and the token slots its batches computed on
+    (padding included; equal when packed)."""
 
     terms: LossTerms | None = None
     tokens: float = 0.0
@@ -370,6 +379,8 @@ class StepResult:
     applied: bool = True
     stop: bool = False
     loader_stopped: bool = False
+    rank_tokens: float = 0.0
+    slots: float = 0.0
 
 
 @dataclass
@@ -380,6 +391,9 @@ class LogWindow:
     tokens: float = 0.0
     sequences: float = 0.0
     flops: float = 0.0
+    steps: int = 0
+    rank_tokens: float = 0.0
+    slots: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, step: StepResult) -> None:
@@ -387,6 +401,13 @@ class LogWindow:
         self.tokens += step.tokens
         self.sequences += step.sequences
         self.flops += step.flops
+        self.steps += 1
+        self.rank_tokens += step.rank_tokens
+        self.slots += step.slots
+
+    def padding_share(self) -> float:
+        """The share of this rank's token slots that held padding (0 when packed)."""
+        return 1.0 - self.rank_tokens / self.slots if self.slots else 0.0
 
 
 class RunClock:

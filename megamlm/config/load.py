@@ -199,6 +199,7 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
         p.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if need("data.seq_len", "model.max_position_embeddings") and d.seq_len > m.max_position_embeddings:
         p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    p += _packing_checks(d, need)
     if need("objective.mask_token_ratio", "objective.random_token_ratio") \
             and o.mask_token_ratio + o.random_token_ratio > 1.0 + 1e-9:
         p.append(f"objective.mask_token_ratio + objective.random_token_ratio = "
@@ -214,6 +215,25 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
     p += _vocab_checks(cfg, ok)
     if world_size is not None:
         p += _world_checks(cfg, world_size, ok)
+    return p
+
+
+def _packing_checks(d, need) -> list[str]:
+    """data.packing against the padding and the token budget."""
+    if not need("data.packing", "data.micro_batch_tokens"):
+        return []
+    if not d.packing:
+        if d.micro_batch_tokens:
+            return [f"data.micro_batch_tokens={d.micro_batch_tokens} applies to packed micro-batches only: "
+                    f"set data.packing=true, or leave data.micro_batch_tokens at 0"]
+        return []
+    p = []
+    if need("data.pad_to") and d.pad_to == "max":
+        p.append("data.pad_to=max pads every row to data.seq_len, and data.packing=true has no padding: "
+                 "use data.pad_to=longest (the default) with packing")
+    if need("data.seq_len") and d.micro_batch_tokens and d.micro_batch_tokens < d.seq_len:
+        p.append(f"data.micro_batch_tokens={d.micro_batch_tokens} is smaller than data.seq_len={d.seq_len}: a "
+                 f"packed micro-batch must hold the longest example")
     return p
 
 

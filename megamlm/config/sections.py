@@ -75,6 +75,12 @@ class DataConfig:
     micro_batch_size: int = opt(32, help="sequences per micro-batch on each data-parallel rank", min=1)
     pad_to: str = opt("longest", help="pad each batch to its longest sequence or always to seq_len",
                       choices=("longest", "max"))
+    packing: bool = opt(False, help="pack whole examples back to back into one row per micro-batch, no "
+                        "padding (attention stays inside each example); a micro-batch then holds "
+                        "data.micro_batch_tokens tokens of as many examples as fit")
+    micro_batch_tokens: int = opt(0, help="with data.packing: tokens per micro-batch on each data-parallel rank "
+                                  "(0 = micro_batch_size x seq_len, the padded batch's size at its longest)",
+                                  min=0)
     num_workers: int = opt(1, help="DataLoader worker processes per rank", min=0)
     shuffle_buffer: int = opt(2000, help="documents gathered into a window before its examples are shuffled "
                               "(1 = no shuffle: shards, documents and examples keep the manifest order)", min=1)

@@ -18,7 +18,8 @@ __all__ = ["bench_loader", "main"]
 def bench_loader(data_cfg, objective_cfg, tokenizer, *, pairs=("nsp", "sop", "none"),
                  maskings=("token", "whole_word", "span"), micro_batch_sizes=(16, 32), seed: int = 1234,
                  max_tokens: int = 0, repeats: int = 1) -> list[dict]:
-    """One row per (pair, masking, micro-batch): tokens/s, sequences/s, batches, seconds.
+    """One row per (pair, masking, micro-batch): tokens/s, sequences/s, batches, seconds, the padding
+    share of the batches' slots (0 with ``data.packing``).
 
     Each run streams one epoch of ``data_cfg``'s train split (or ``max_tokens`` real tokens) through a
     single worker; the best of ``repeats`` runs is kept (the first run also warms the page cache).
@@ -35,14 +36,15 @@ def bench_loader(data_cfg, objective_cfg, tokenizer, *, pairs=("nsp", "sop", "no
                 best = None
                 for _ in range(max(1, repeats)):
                     loader = build_loader(dcfg, tokenizer, single_process_topology(), seed, ocfg)
-                    tokens = seqs = batches = targets = 0
+                    tokens = seqs = batches = targets = slots = 0
                     t0 = time.perf_counter()
                     for pkt in loader.ds.stream(0):
                         if pkt.batch is None:
                             break
                         tokens += pkt.batch.n_tokens
-                        seqs += pkt.batch.input_ids.shape[0]
+                        seqs += pkt.batch.n_examples
                         targets += pkt.batch.n_targets
+                        slots += pkt.batch.input_ids.numel()
                         batches += 1
                         if max_tokens and tokens >= max_tokens:
                             break
@@ -50,7 +52,8 @@ def bench_loader(data_cfg, objective_cfg, tokenizer, *, pairs=("nsp", "sop", "no
                     row = {"pair": pair, "masking": masking, "micro_batch": mb, "seq_len": dcfg.seq_len,
                            "tokens": tokens, "sequences": seqs, "batches": batches, "seconds": round(dt, 3),
                            "tokens_per_s": round(tokens / dt), "sequences_per_s": round(seqs / dt),
-                           "target_share": round(targets / max(tokens, 1), 4)}
+                           "target_share": round(targets / max(tokens, 1), 4),
+                           "padding_share": round(1 - tokens / max(slots, 1), 4), "packing": bool(dcfg.packing)}
                     if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
                         best = row
                 rows.append(best)
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['pair']:>4} {r['masking']:>10} seq {r['seq_len']} mb {r['micro_batch']:>3}: "
               f"{r['tokens_per_s'] / 1e3:8.0f}k tokens/s  {r['sequences_per_s']:7d} seq/s  "
-              f"({r['tokens']} tokens in {r['seconds']}s, {r['target_share']:.1%} targets)")
+              f"({r['tokens']} tokens in {r['seconds']}s, {r['target_share']:.1%} targets, "
+              f"{r['padding_share']:.1%} padding{', packed' if r['packing'] else ''})")
     if a.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -30,6 +30,11 @@ documents, permutes the window's examples (``rng([seed, epoch, window's first un
 micro-batches from that stream (a batch may straddle two windows). ``shuffle_buffer: 1`` or
 ``shuffle=False`` (the default for ``split="val"``) keeps shard, document and example order.
 
+**Packing** (``data.packing``). The same stream of examples is cut by tokens instead of by count: a
+batch takes examples in window order until the next would pass ``data.micro_batch_tokens`` (a batch
+may still straddle two windows), and is one row [1, N] with ``Batch.segments`` instead of padding. The
+cursor and the state are the same ints; the examples and masks do not change, only the boundaries.
+
 **Epochs and equalisation.** Within a rank the workers' batches are interleaved round-robin (torch's
 DataLoader order; a worker that runs out drops out). Ranks make slightly different numbers of batches,
 so before yielding each batch every rank all-reduces (MIN) a tiny "I have a batch" flag on the
@@ -271,7 +276,7 @@ class Loader:
             dropped, dropped_ex = 0, 0
             while pkt is not None:  # another rank ran out first: drain, count, log
                 dropped += 1
-                dropped_ex += pkt.batch.input_ids.shape[0]
+                dropped_ex += pkt.batch.n_examples
                 self._count(pkt)
                 if include_dropped:
                     yield pkt.batch, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": True}
@@ -363,7 +368,8 @@ class Loader:
             dist.all_gather(out, t, group=self.group)
             ranks = [o.tolist() for o in out]
         return {"format": STATE_FORMAT, "epoch": epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
-                "num_workers": self.num_workers, "ranks": [
+                "num_workers": self.num_workers, "packing": self.ds.token_budget if self.ds.packing else 0,
+                "ranks": [
                     {"batches": r[0], "next_worker": r[1],
                      "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))],
                      "stats": dict(zip(STATS, r[n:n + len(STATS)])),
@@ -382,6 +388,10 @@ class Loader:
         if int(state["seed"]) != self.ds.seed:
             log.warning("loader state saved with seed %s, resumed with seed %s: the data order changes",
                         state["seed"], self.ds.seed)
+        saved, now = int(state.get("packing", 0)), self.ds.token_budget if self.ds.packing else 0
+        if saved != now:  # the cursors count examples, whatever the layout: the stream goes on exactly
+            log.info("loader state saved %s, resumed %s: the examples go on from where they stopped, only "
+                     "where micro-batches end changes", _layout(saved), _layout(now))
         mine = state["ranks"][self.topology.dp_rank]
         self.ds.epoch = epoch
         self.ds.cursors = [Cursor.from_list(c) for c in mine["workers"]]
@@ -391,6 +401,10 @@ class Loader:
             self._epoch_start.update({k: int(v) for k, v in mine["epoch_start"].items() if k in self._epoch_start})
         else:  # has none: they count from here
             log.info("loader state without counters (an older checkpoint): the data_* counters restart at 0")
+
+
+def _layout(budget: int) -> str:
+    return f"packed ({budget} tokens per micro-batch)" if budget else "padded (data.packing=false)"
 
 
 def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,
@@ -422,7 +436,7 @@ def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split:
     if state is not None:
         loader.load_state_dict(state)
     log.info("%s loader: %d shard(s), %d block(s), rank %d of %d data-parallel, %d worker(s), pair=%s, "
-             "masking=%s, seq_len=%d, micro-batch %d", split, len(shards), sum(ds.samples), topology.dp_rank,
+             "masking=%s, seq_len=%d, micro-batch %s", split, len(shards), sum(ds.samples), topology.dp_rank,
              topology.dp_size, data_cfg.num_workers, objective_cfg.pair, objective_cfg.masking,
-             data_cfg.seq_len, data_cfg.micro_batch_size)
+             data_cfg.seq_len, f"of {ds.token_budget} tokens, packed" if ds.packing else data_cfg.micro_batch_size)
     return loader

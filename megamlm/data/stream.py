@@ -18,12 +18,20 @@ from megamlm.data.batch import IGNORE_INDEX, Batch
 from megamlm.data.examples import COUNTERS, Examples, make_examples
 from megamlm.data.masking import concat_ranges, mask_sequences
 from megamlm.data.shard_format import ShardError
+from megamlm.ops import Segments
 from megamlm.data.units import (READER_COUNTERS, STREAM_EXAMPLES, STREAM_MASKS, STREAM_WINDOW, ShardReader,
                                 epoch_units, split_range)
 
-__all__ = ["RankDataset", "Packet", "WORKER_COUNTERS"]
+__all__ = ["RankDataset", "Packet", "WORKER_COUNTERS", "packed_token_budget"]
 
 WORKER_COUNTERS = COUNTERS + READER_COUNTERS
+
+
+def packed_token_budget(data_cfg) -> int:
+    """Tokens of a packed micro-batch: ``data.micro_batch_tokens``, or when 0 the padded batch's
+    ``micro_batch_size × seq_len`` (the same memory as the padded layout at its longest)."""
+    budget = int(getattr(data_cfg, "micro_batch_tokens", 0) or 0)
+    return budget or int(data_cfg.micro_batch_size) * int(data_cfg.seq_len)
 
 
 @dataclass
@@ -84,6 +92,8 @@ class RankDataset(torch.utils.data.IterableDataset):
         self.spec, self.pair, self.seed = mask_spec, pair, int(seed)
         self.max_len, self.micro_batch = data_cfg.seq_len, data_cfg.micro_batch_size
         self.pad_to_max = data_cfg.pad_to == "max"
+        self.packing = bool(getattr(data_cfg, "packing", False))
+        self.token_budget = packed_token_budget(data_cfg)
         self.buffer, self.short_seq_prob = data_cfg.shuffle_buffer, data_cfg.short_seq_prob
         self.verify, self.on_error = data_cfg.verify_checksums, data_cfg.on_error
         self.num_workers = data_cfg.num_workers
@@ -140,6 +150,36 @@ class RankDataset(torch.utils.data.IterableDataset):
                        np.concatenate([w.ident for w in ws]), [d for w in ws for d in w.docs], start, end)
 
     def _collate(self, segs: list[tuple[_Window, np.ndarray]]) -> tuple[Batch, dict | None]:
+        batch = self._collate_packed(segs) if self.packing else self._collate_padded(segs)
+        info = None
+        if self.with_info:
+            info = {"ident": [tuple(int(x) for x in w.ident[j]) for w, i in segs for j in i],
+                    "docs": [w.docs[j] for w, i in segs for j in i]}
+        return batch, info
+
+    @staticmethod
+    def _pair_labels(segs: list[tuple[_Window, np.ndarray]]) -> torch.Tensor | None:
+        if segs[0][0].pair is None:
+            return None
+        return torch.from_numpy(np.concatenate([w.pair[i] for w, i in segs]).astype(np.int64))
+
+    def _collate_packed(self, segs: list[tuple[_Window, np.ndarray]]) -> Batch:
+        """The examples back to back in one row [1, N]: no padding; ``segments`` marks where each starts."""
+        lens = np.concatenate([w.offsets[i + 1] - w.offsets[i] for w, i in segs])
+        parts = [(w, concat_ranges(w.offsets[i], w.offsets[i + 1])) for w, i in segs]
+        ids = np.concatenate([w.input[src] for w, src in parts]).astype(np.int64, copy=False)
+        labels = np.concatenate([w.labels[src] for w, src in parts]).astype(np.int64, copy=False)
+        types = np.concatenate([w.types[src] for w, src in parts]).astype(np.int64, copy=False)
+        cu = np.zeros(lens.size + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu[1:])
+        pos = np.flatnonzero(labels != IGNORE_INDEX)
+        return Batch(input_ids=torch.from_numpy(ids[None]), token_type_ids=torch.from_numpy(types[None]),
+                     attention_mask=None, mlm_labels=torch.from_numpy(labels[None]),
+                     mlm_positions=torch.from_numpy(pos), mlm_targets=torch.from_numpy(labels[pos]),
+                     pair_labels=self._pair_labels(segs), n_tokens=int(ids.size),
+                     segments=Segments(torch.from_numpy(cu), int(lens.max())))
+
+    def _collate_padded(self, segs: list[tuple[_Window, np.ndarray]]) -> Batch:
         lens = np.concatenate([w.offsets[i + 1] - w.offsets[i] for w, i in segs])
         B = lens.size
         T = self.max_len if self.pad_to_max else int(lens.max())
@@ -157,19 +197,11 @@ class RankDataset(torch.utils.data.IterableDataset):
             types[rows, cols] = w.types[src]
             row0 += i.size
         pos = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
-        pair = None
-        if segs[0][0].pair is not None:
-            pair = torch.from_numpy(np.concatenate([w.pair[i] for w, i in segs]).astype(np.int64))
-        batch = Batch(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types),
-                      attention_mask=torch.from_numpy(np.arange(T)[None, :] < lens[:, None]),
-                      mlm_labels=torch.from_numpy(labels), mlm_positions=torch.from_numpy(pos),
-                      mlm_targets=torch.from_numpy(labels.reshape(-1)[pos]), pair_labels=pair,
-                      n_tokens=int(lens.sum()))
-        info = None
-        if self.with_info:
-            info = {"ident": [tuple(int(x) for x in w.ident[j]) for w, i in segs for j in i],
-                    "docs": [w.docs[j] for w, i in segs for j in i]}
-        return batch, info
+        return Batch(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types),
+                     attention_mask=torch.from_numpy(np.arange(T)[None, :] < lens[:, None]),
+                     mlm_labels=torch.from_numpy(labels), mlm_positions=torch.from_numpy(pos),
+                     mlm_targets=torch.from_numpy(labels.reshape(-1)[pos]), pair_labels=self._pair_labels(segs),
+                     n_tokens=int(lens.sum()))
 
     def stream(self, worker: int) -> Iterator[Packet]:
         """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
@@ -214,12 +246,27 @@ class RankDataset(torch.utils.data.IterableDataset):
             if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
                 counters.update(dict.fromkeys(counters, 0))
                 skipped.clear()
+            # packed: examples in window order until the next would overflow the token budget (n_pending
+            # counts tokens); padded: micro_batch examples (n_pending counts examples)
+            csum = np.concatenate([[0], np.cumsum(np.diff(win.offsets)[order])]) if self.packing else None
             while j < n_ex:
-                take = min(self.micro_batch - n_pending, n_ex - j)
-                pending.append((win, order[j:j + take]))
-                n_pending += take
-                j += take
-                if n_pending == self.micro_batch:
+                if self.packing:
+                    k = int(np.searchsorted(csum, csum[j] + self.token_budget - n_pending, side="right")) - 1
+                    if k == j and not pending:
+                        raise ShardError(f"an example of {int(csum[j + 1] - csum[j])} tokens exceeds "
+                                         f"data.micro_batch_tokens={self.token_budget}")
+                    if k > j:
+                        pending.append((win, order[j:k]))
+                        n_pending += int(csum[k] - csum[j])
+                        j = k
+                    full = j < n_ex  # the next example does not fit
+                else:
+                    take = min(self.micro_batch - n_pending, n_ex - j)
+                    pending.append((win, order[j:j + take]))
+                    n_pending += take
+                    j += take
+                    full = n_pending == self.micro_batch
+                if full:
                     batch, info = self._collate(pending)
                     pending, n_pending = [], 0
                     yield packet(batch, (start, j) if j < n_ex else (u, 0), info)

@@ -23,6 +23,11 @@ from megamlm.model.terms import LossTerms, pair_terms, row_terms
 __all__ = ["PretrainingModel", "build_model", "attention_mask_or_none", "weight_decay_groups"]
 
 
+def _examples(batch) -> int:
+    segments = getattr(batch, "segments", None)
+    return segments.num_segments if segments is not None else int(batch.input_ids.shape[0])
+
+
 def attention_mask_or_none(batch) -> torch.Tensor | None:
     """The batch's [B, T] mask, or None when it certainly has no padding (then SDPA runs unmasked).
 
@@ -73,9 +78,10 @@ class PretrainingModel(nn.Module):
         if self.pair_head is not None:
             if batch.pair_labels is None:
                 raise ValueError(f"objective.pair={self.pair!r} but the batch has no pair_labels")
-            if batch.pair_labels.shape != ids.shape[:1]:
+            n = _examples(batch)
+            if batch.pair_labels.shape != (n,):
                 raise ValueError(f"pair_labels has shape {tuple(batch.pair_labels.shape)}; expected "
-                                 f"[{ids.shape[0]}] (one per sequence)")
+                                 f"[{n}] (one per example)")
         check_values = ops_layer.host_readable(pos) or (self.encoder.check_inputs and not torch.compiler.is_compiling())
         if check_values and pos.numel():
             lo, hi = int(pos.min()), int(pos.max())
@@ -91,15 +97,25 @@ class PretrainingModel(nn.Module):
                                      f"[0, {n}) (padded rows are never targets)")
 
     def hidden(self, batch) -> torch.Tensor:
-        """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch`."""
+        """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch` ([1, N, H] packed)."""
+        segments = getattr(batch, "segments", None)
+        if segments is not None:
+            return self.encoder(batch.input_ids, batch.token_type_ids, segments=segments)
         return self.encoder(batch.input_ids, batch.token_type_ids, attention_mask_or_none(batch))
+
+    def pair_logits(self, h: torch.Tensor, batch) -> torch.Tensor:
+        """The pair head on each example's [CLS]: logits [examples, 2] (packed: at ``cu_seqlens[:-1]``)."""
+        segments = getattr(batch, "segments", None)
+        if segments is not None:
+            h = h[0].index_select(0, segments.cu_seqlens[:-1].long()).unsqueeze(1)  # [E, 1, H]
+        return self.pair_head(h)
 
     def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None)."""
         self._check_batch(batch)
         h = self.hidden(batch)  # [B, T, H]
         mlm = self.mlm_head(h, batch.mlm_positions)  # [N, V_real]
-        pair = self.pair_head(h) if self.pair_head is not None else None  # [B, 2]
+        pair = self.pair_logits(h, batch) if self.pair_head is not None else None  # [examples, 2]
         return mlm, pair
 
     def forward(self, batch) -> LossTerms:
@@ -109,7 +125,7 @@ class PretrainingModel(nn.Module):
         terms = LossTerms()
         terms.add("mlm", *row_terms(per_row, pred, batch.mlm_targets))
         if self.pair_head is not None:
-            terms.add("pair", *pair_terms(self.pair_head(h), batch.pair_labels))  # logits [B, 2]
+            terms.add("pair", *pair_terms(self.pair_logits(h, batch), batch.pair_labels))  # logits [examples, 2]
         return terms
 
 

@@ -110,6 +110,10 @@ class Segments:
         cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
         return cls(cu.to(device) if device is not None else cu, max(lengths))
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Segments":
+        """The same segments with ``cu_seqlens`` on ``device`` (``max_seqlen`` stays a host int)."""
+        return Segments(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+
     @property
     def num_segments(self) -> int:
         return self.cu_seqlens.numel() - 1

@@ -78,6 +78,7 @@ def test_demo_run_trains_logs_and_checkpoints(reference):
     assert sorted(got) == list(range(1, STEPS + 1))
     for tag in ("train/mlm_loss", "train/pair_loss", "train/mlm_accuracy", "train/pair_accuracy", "train/lr",
                 "train/grad_norm", "train/loss_scale", "train/tokens_per_second", "train/samples_per_second",
+                "train/padding_share", "train/examples_per_micro_batch", "train/tokens_per_step",
                 "train/mfu", "train/memory_gb", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",
                 "eval/mlm_accuracy", "eval/pair_accuracy"):
         assert tb_scalars(tb, tag), f"no TensorBoard scalar {tag}"
@@ -189,13 +190,14 @@ def _run_until(cmd: list[str], trigger, sig: int, whole_group: bool, timeout: fl
 KILL_OVER = ("train.max_steps=12", "data.micro_batch_size=32", "train.eval_every=0")
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, cfg_file, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("stage,packing", [(1, False), (2, False), (3, False), (2, True)])
+def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, packing, cfg_file, tmp_path, tmp_path_factory):
     """Uninterrupted vs killed with SIGKILL (all ranks, the moment the step-6 checkpoint is complete, so in
     the middle of a later step) and resumed with --resume auto: the same loss at every step, the same final
-    weights, the same data position."""
-    over = (f"engine.zero_stage={stage}", *KILL_OVER)
-    full = tmp_path_factory.mktemp(f"full{stage}")
+    weights, the same data position; padded, and packed (data.packing: micro-batches of whole examples
+    in one row, no padding)."""
+    over = (f"engine.zero_stage={stage}", *KILL_OVER, f"data.packing={str(packing).lower()}")
+    full = tmp_path_factory.mktemp(f"full{stage}{'p' if packing else ''}")
     launch(pretrain_cmd("torchrun", cfg_file, full, *over))
     ck = tmp_path / "checkpoints"
     rc, log, sent = _run_until(pretrain_cmd("torchrun", cfg_file, tmp_path, *over),
@@ -212,8 +214,15 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, cfg_file, tmp_
     assert worst <= 1e-6, f"final weights differ by {worst}"
     sa = read_json(full / "checkpoints" / "step00000012" / "train_state.json")
     sb = read_json(ck / "step00000012" / "train_state.json")
-    assert sa["loader"] == sb["loader"] and sa["consumed_samples"] == sb["consumed_samples"] == 12 * 64
+    assert sa["loader"] == sb["loader"] and sa["consumed_samples"] == sb["consumed_samples"]
     assert sa["consumed_tokens"] == sb["consumed_tokens"]
+    pad, per_micro = tb_scalars(full / "tb", "train/padding_share"), tb_scalars(full / "tb", "train/examples_per_micro_batch")
+    if packing:  # no padding, and more examples than 32 rows fit in 32 x 64 tokens of short examples
+        assert sa["consumed_samples"] > 12 * 64 and set(pad.values()) == {0.0}
+        assert min(per_micro.values()) >= 32 and max(per_micro.values()) > 32
+        assert sa["loader"]["packing"] == 32 * 64
+    else:
+        assert sa["consumed_samples"] == 12 * 64 and min(pad.values()) > 0 and set(per_micro.values()) == {32.0}
     for name in ("batches", "tokens", "targets", "documents", "examples", "blocks"):  # continue across the resume
         da, db = tb_scalars(full / "tb", f"train/data_{name}"), tb_scalars(tmp_path / "tb", f"train/data_{name}")
         assert da[12] > 0 and [db[k] for k in range(1, 13)] == [da[k] for k in range(1, 13)], name

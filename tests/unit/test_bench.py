@@ -72,6 +72,27 @@ def test_bench_cli_times_both_models_and_reports_ratio_mfu_memory(tmp_path):
     assert "ratio: megamlm / hf" in res.stdout and "malloc tuned" in res.stdout
 
 
+def test_bench_on_a_corpus_batch_packed_against_padded(tmp_path):
+    """``--data``: the first micro-batch of a real loader (real lengths, so padding), and
+    ``megamlm+packed`` trains on the same examples in one row: the same real tokens, a ratio reported."""
+    from tests import data_fixtures as F
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"tokenizer:\n  model: {F.tokenizer_path()}\ndata:\n  shards_dir: {F.shards()}\n")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "megamlm", "bench", "model", "--hidden-size", "32", "--num-layers", "1",
+           "--num-heads", "2", "--ffn-size", "64", "--seq-len", "128", "--batch-size", "8", "--data", str(cfg),
+           "--models", "megamlm+packed,megamlm", "--rounds", "2", "--steps", "1", "--warmup", "1",
+           "--threads", "1", "--no-memory", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["options"]["vocab_size"] == F.tokenizer().padded_vocab_size
+    assert 0 < r["padding_share"] < 1 and r["n_tokens"] < 8 * 128
+    assert set(r["models"]) == {"megamlm+packed", "megamlm"} and "megamlm" in r["ratios"]
+    assert "ratio: megamlm+packed / megamlm" in res.stdout and "is padding" in res.stdout
+
+
 _FAULTS = textwrap.dedent("""
     import resource, sys
     if sys.argv[1] == "tuned":
