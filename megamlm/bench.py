@@ -50,7 +50,7 @@ from megamlm.flops import matmul_peak, sync as _sync, train_flops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchOptions", "random_batch", "bench_batch", "train_flops", "matmul_peak", "run_bench", "format_report",
+__all__ = ["BenchOptions", "random_batch", "bench_batches", "train_flops", "matmul_peak", "run_bench", "format_report",
            "bench_model_main", "build_arg_parser", "main", "SMALL"]
 
 # The goal config: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, seq 128, batch 32.
@@ -81,7 +81,8 @@ class BenchOptions:
     threads: int = 0  # 0 = leave torch's default
     device: str = "cpu"
     seed: int = 0
-    data: str = ""  # a config: the first micro-batch of its training loader instead of random ids
+    data: str = ""  # a config: the first micro-batches of its training loader instead of random ids
+    data_batches: int = 1  # with data: that many micro-batches, each timed step takes the next in turn
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
@@ -113,13 +114,18 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability
     return batch.to(device) if device != "cpu" else batch
 
 
-def bench_batch(o: BenchOptions):
-    """The batch every model of the run trains on: random (:func:`random_batch`), or with ``o.data``
-    the first micro-batch of that config's training loader (its corpus, tokenizer and masking; seq_len,
-    batch_size, pair and seed from ``o``), padded; ``o.vocab_size`` becomes the tokenizer's padded size."""
+def bench_batches(o: BenchOptions) -> list:
+    """The batches every model of the run trains on, in turn: one random batch (:func:`random_batch`),
+    or with ``o.data`` the first ``o.data_batches`` micro-batches of that config's training loader (its
+    corpus, tokenizer and masking; seq_len, batch_size, pair and seed from ``o``), padded;
+    ``o.vocab_size`` becomes the tokenizer's padded size."""
     if not o.data:
-        return random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
-                            o.pair != "none", o.seed, o.device)
+        if o.data_batches != 1:
+            raise ValueError(f"--data-batches {o.data_batches} needs --data (a corpus to take them from)")
+        return [random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
+                             o.pair != "none", o.seed, o.device)]
+    if o.data_batches < 1:
+        raise ValueError(f"--data-batches {o.data_batches} must be >= 1")
     from megamlm.config import load_config
     from megamlm.data.loader import build_loader
     from megamlm.distributed.topology import single_process_topology
@@ -131,12 +137,14 @@ def bench_batch(o: BenchOptions):
                                f"model.max_position_embeddings={max(512, o.seq_len)}"])
     tok = Tokenizer(cfg.tokenizer.model)
     loader = build_loader(cfg.data, tok, single_process_topology(), o.seed, cfg.objective)
-    batch = next(iter(loader))
-    if batch.n_examples != o.batch_size:
-        raise ValueError(f"--data {o.data}: its first micro-batch holds {batch.n_examples} examples, not "
-                         f"--batch-size {o.batch_size} (a corpus too small for one batch)")
+    it = iter(loader)
+    batches = [next(it) for _ in range(o.data_batches)]
+    for k, batch in enumerate(batches):
+        if batch.n_examples != o.batch_size:
+            raise ValueError(f"--data {o.data}: its micro-batch {k} holds {batch.n_examples} examples, not "
+                             f"--batch-size {o.batch_size} (a corpus too small for {o.data_batches} batches)")
     o.vocab_size = tok.padded_vocab_size
-    return batch.to(o.device) if o.device != "cpu" else batch
+    return [b.to(o.device) if o.device != "cpu" else b for b in batches]
 
 
 def _model_cfgs(o: BenchOptions):
@@ -169,8 +177,9 @@ def _tune_malloc() -> bool:
     return tune_cpu_malloc()
 
 
-def _build_step(spec: str, o: BenchOptions, batch):
-    """A zero-argument closure running one training step of model ``spec`` (name[:precision])."""
+def _build_step(spec: str, o: BenchOptions, batches: list):
+    """A closure ``step(k)`` running one training step of model ``spec`` (name[:precision]) on
+    ``batches[k % len(batches)]``."""
     name, precision = _split_spec(spec, o)
     packed = name.endswith("+packed")
     if packed:  # the same examples as one packed row (no padding computed)
@@ -179,7 +188,7 @@ def _build_step(spec: str, o: BenchOptions, batch):
         if not name.startswith("megamlm"):
             raise ValueError(f"{spec!r}: +packed runs megamlm models only (HF takes padded batches)")
         name = name.removesuffix("+packed")
-        batch = pack(batch.to("cpu")).to(o.device)
+        batches = [pack(b.to("cpu")).to(o.device) for b in batches]
     torch.manual_seed(o.seed)
     autocast = (torch.autocast(device_type=torch.device(o.device).type, dtype=torch.bfloat16)
                 if precision == "bf16" else None)
@@ -194,11 +203,9 @@ def _build_step(spec: str, o: BenchOptions, batch):
         ops.use(model, ops.select(kernels, torch.device(o.device).type,
                                   torch.bfloat16 if precision == "bf16" else torch.float32)[0])
         fwd = torch.compile(model) if o.compile else model
-        n_mlm = batch.mlm_positions.numel()
-        n_pair = batch.n_examples
-
-        def loss_fn():
-            return combine(fwd(batch), n_mlm, n_pair)
+        def loss_fn(k):
+            batch = batches[k]
+            return combine(fwd(batch), batch.mlm_positions.numel(), batch.n_examples)
     elif name == "hf":
         from transformers import BertConfig, BertForPreTraining
 
@@ -209,27 +216,30 @@ def _build_step(spec: str, o: BenchOptions, batch):
                          layer_norm_eps=1e-12)
         cfg._attn_implementation = "sdpa"
         model = BertForPreTraining(cfg).to(o.device).train()
-        kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                  token_type_ids=batch.token_type_ids, labels=batch.mlm_labels)
-        if o.pair != "none":
-            kw["next_sentence_label"] = batch.pair_labels
+        kws = []
+        for batch in batches:
+            kws.append(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                            token_type_ids=batch.token_type_ids, labels=batch.mlm_labels))
+            if o.pair != "none":
+                kws[-1]["next_sentence_label"] = batch.pair_labels
 
-        def loss_fn():
-            out = model(**kw)
+        def loss_fn(k):
+            out = model(**kws[k])
             if out.loss is not None:
                 return out.loss
             return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1).float(),
-                                                     batch.mlm_labels.view(-1))
+                                                     batches[k].mlm_labels.view(-1))
     else:
         raise ValueError(f"unknown model {name!r}; choose megamlm, megamlm-torch, megamlm-cpu or hf")
     opt = _optimizer(model.parameters(), o.device)
 
-    def step():
+    def step(k: int = 0):
+        k %= len(batches)
         if autocast is not None:
             with autocast:
-                loss = loss_fn()
+                loss = loss_fn(k)
         else:
-            loss = loss_fn()
+            loss = loss_fn(k)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -258,7 +268,7 @@ def _reset_peak_rss() -> None:
 
 def _memory_child(name: str, o: BenchOptions) -> dict:
     """In a fresh process: RSS before building, peak RSS after warmup + a few steps."""
-    batch = bench_batch(o)
+    batches = bench_batches(o)
     if name == "hf":
         import transformers  # noqa: F401  (import cost outside the measurement)
     if o.device.startswith("cuda"):
@@ -269,9 +279,9 @@ def _memory_child(name: str, o: BenchOptions) -> dict:
         _tune_malloc()
     _reset_peak_rss()
     before = _proc_status_kb("VmRSS")
-    step, _ = _build_step(name, o, batch)
-    for _ in range(max(2, o.warmup) + 1):
-        step()
+    step, _ = _build_step(name, o, batches)
+    for k in range(max(2, o.warmup, len(batches)) + 1):
+        step(k)
     _sync(o.device)
     # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
     peak = _proc_status_kb("VmHWM")
@@ -303,16 +313,19 @@ def run_bench(o: BenchOptions) -> dict:
     names = [n.strip() for n in o.models.split(",") if n.strip()]
     for n in names:
         _split_spec(n, o)
-    batch = bench_batch(o)
-    flops = train_flops(batch, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
+    batches = bench_batches(o)
+    K = len(batches)
+    flops = sum(train_flops(b, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
+                for b in batches) / K  # per step: the mean over the batches
+    n_tokens = sum(b.n_tokens for b in batches) / K
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = sorted({_split_spec(n, o)[1] for n in names})
     peaks = {p: [matmul_peak(dtypes[p], device=o.device)] for p in precisions}  # peaks[p][r]: before round r
     steps = {}
     for n in names:
-        steps[n], n_params = _build_step(n, o, batch)
-        for _ in range(o.warmup):
-            steps[n]()
+        steps[n], n_params = _build_step(n, o, batches)
+        for k in range(max(o.warmup, K if K > 1 else 0)):
+            steps[n](k)
         _sync(o.device)
         log.info("built %s (%d parameters)", n, n_params)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -323,19 +336,20 @@ def run_bench(o: BenchOptions) -> dict:
         for n in names:
             _sync(o.device)
             t = time.perf_counter()
-            for _ in range(o.steps):
-                steps[n]()
+            for k in range(o.steps * K):  # every batch o.steps times
+                steps[n](k)
             _sync(o.device)
-            times[n].append((time.perf_counter() - t) / o.steps)
+            times[n].append((time.perf_counter() - t) / (o.steps * K))
         log.info("round %d: %s", r, {n: round(times[n][-1], 4) for n in names})
     for p in precisions:  # and after the last round
         peaks[p].append(matmul_peak(dtypes[p], device=o.device))
     peak_of = {p: max(v) for p, v in peaks.items()}
-    result = {"options": asdict(o), "n_tokens": batch.n_tokens, "n_masked": int(batch.mlm_positions.numel()),
-              "padding_share": 1.0 - batch.n_tokens / batch.input_ids.numel(),
+    result = {"options": asdict(o), "n_tokens": n_tokens,
+              "n_masked": sum(b.n_targets for b in batches) / K,
+              "padding_share": 1.0 - n_tokens * K / sum(b.input_ids.numel() for b in batches),
               "flops_per_step": flops, "matmul_peak_flops": peak_of, "matmul_peaks_per_round": peaks, "models": {}}
     for n in names:
-        tps = sorted(batch.n_tokens / t for t in times[n])
+        tps = sorted(n_tokens / t for t in times[n])
         med_t = statistics.median(times[n])
         pk = peaks[_split_spec(n, o)[1]]
         # each round against the better of the peaks measured just before and just after it
@@ -359,11 +373,12 @@ def run_bench(o: BenchOptions) -> dict:
 def format_report(r: dict) -> str:
     o = r["options"]
     lines = [f"model: H={o['hidden_size']} L={o['num_layers']} heads={o['num_heads']} F={o['ffn_size']} "
-             f"V={o['vocab_size']}; batch {o['batch_size']}x{o['seq_len']} ({r['n_tokens']} real tokens, "
-             f"{r['n_masked']} masked); {o['precision']}{' +compile' if o['compile'] else ''}; "
+             f"V={o['vocab_size']}; batch {o['batch_size']}x{o['seq_len']} ({r['n_tokens']:.0f} real tokens, "
+             f"{r['n_masked']:.0f} masked); {o['precision']}{' +compile' if o['compile'] else ''}; "
              f"dropout {o['dropout']}; threads {torch.get_num_threads()}"
              f"{'; malloc tuned' if o.get('malloc_tuned') else ''}{'; padded' if o['padding'] else ''}"
              f"{'; examples of ' + o['data'] if o.get('data') else ''}"
+             f"{' (%d batches in turn, per-step means)' % o['data_batches'] if o.get('data_batches', 1) > 1 else ''}"
              f" ({r.get('padding_share', 0.0):.0%} of the padded batch is padding)",
              f"needed FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; matmul peak "
              + ", ".join(f"{p} {min(v) / 1e9:.0f}-{max(v) / 1e9:.0f} GFLOP/s"
@@ -400,9 +415,11 @@ _HELP = {
               "megamlm,megamlm-torch,hf:fp32; megamlm-X runs on the ops backend X, plain megamlm on "
               "engine.kernels=auto); a megamlm model with +packed runs the same examples packed into one "
               "row (megamlm+packed,megamlm); ratios are the first model's speed over each other's",
-    "data": "a config file: train on the first micro-batch of its training loader (its corpus, tokenizer "
+    "data": "a config file: train on the first micro-batch(es) of its training loader (its corpus, tokenizer "
             "and masking, real example lengths; --seq-len, --batch-size, --pair from here) instead of "
             "random ids; sets the vocabulary to the tokenizer's",
+    "data_batches": "with --data: the first N micro-batches, each timed step on the next in turn (a round "
+                    "runs each --steps times; tokens/s, MFU and the padding share are over all of them)",
     "memory": "peak memory of each model, in a fresh subprocess on CPU",
     "malloc_tuned": "glibc mallopt as `megamlm pretrain` does on CPU (engine.cpu_malloc=tuned), for both "
                     "models: blocks up to 32 MiB from the heap, never trimmed; removes the page faults that "

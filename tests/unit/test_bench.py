@@ -82,12 +82,12 @@ def test_bench_on_a_corpus_batch_packed_against_padded(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "megamlm", "bench", "model", "--hidden-size", "32", "--num-layers", "1",
            "--num-heads", "2", "--ffn-size", "64", "--seq-len", "128", "--batch-size", "8", "--data", str(cfg),
-           "--models", "megamlm+packed,megamlm", "--rounds", "2", "--steps", "1", "--warmup", "1",
+           "--models", "megamlm+packed,megamlm", "--data-batches", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
            "--threads", "1", "--no-memory", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["options"]["vocab_size"] == F.tokenizer().padded_vocab_size
+    assert r["options"]["vocab_size"] == F.tokenizer().padded_vocab_size and r["options"]["data_batches"] == 2
     assert 0 < r["padding_share"] < 1 and r["n_tokens"] < 8 * 128
     assert set(r["models"]) == {"megamlm+packed", "megamlm"} and "megamlm" in r["ratios"]
     assert "ratio: megamlm+packed / megamlm" in res.stdout and "is padding" in res.stdout
@@ -101,7 +101,7 @@ _FAULTS = textwrap.dedent("""
     from megamlm.bench import BenchOptions, _build_step, random_batch
     o = BenchOptions(hidden_size=128, num_layers=2, num_heads=2, ffn_size=512, vocab_size=8000, batch_size=16)
     batch = random_batch(o.batch_size, o.seq_len, o.vocab_size, seed=0)
-    step, _ = _build_step("megamlm", o, batch)
+    step, _ = _build_step("megamlm", o, [batch])
     for _ in range(3):
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
