@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from megamlm.config import ConfigError, EngineConfig, TelemetryConfig, opt
-from megamlm.config.load import _section_from_dict, _unknown, read_with_overrides
+from megamlm.config.load import read_with_overrides, section_from_dict, unknown_key
 
 __all__ = ["FinetuneConfig", "InitConfig", "TaskConfig", "HeadConfig", "FtOptimConfig", "FtTrainConfig",
            "FtCheckpointConfig", "load_finetune_config", "finetune_config_from_dict", "validate_finetune_dict",
@@ -107,6 +107,8 @@ class FtTrainConfig:
     seed: int = opt(1234, help="seed of the head initialisation, data order and dropout", min=0)
     log_every: int = opt(10, help="TensorBoard training scalars every N steps", min=1)
     eval_batch_size: int = opt(64, help="sequences per evaluation batch on each rank", min=1)
+    packing: bool = opt(False, help="run each rank's examples of a step (and of an evaluation batch) back to "
+                        "back in one row, no padding; the same examples, losses and predictions")
 
 
 @dataclass
@@ -184,8 +186,8 @@ def validate_finetune_dict(raw: dict) -> tuple[FinetuneConfig, list[str]]:
     problems: list[str] = []
     for key in raw:
         if key not in FT_SECTIONS:
-            problems.append(_unknown(str(key), list(FT_SECTIONS), "section "))
-    sections = {name: _section_from_dict(cls, name, raw.get(name), problems) for name, cls in FT_SECTIONS.items()}
+            problems.append(unknown_key(str(key), list(FT_SECTIONS), "section "))
+    sections = {name: section_from_dict(cls, name, raw.get(name), problems) for name, cls in FT_SECTIONS.items()}
     cfg = FinetuneConfig(**sections)
     try:
         problems.extend(cross_check(cfg))

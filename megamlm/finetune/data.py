@@ -36,6 +36,7 @@ import torch
 from megamlm.errors import MegamlmError
 from megamlm.data.encode import doc_hash_fraction
 from megamlm.finetune.heads import IGNORE_INDEX, FtBatch
+from megamlm.ops import Segments
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,16 @@ def _pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(items: list[Encoded], pad_id: int = 0) -> FtBatch:
+def _packed(rows: list[np.ndarray]) -> tuple[torch.Tensor, Segments]:
+    lengths = [len(r) for r in rows]
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))[None], Segments.from_lengths(lengths)
+
+
+def collate(items: list[Encoded], pad_id: int = 0, packed: bool = False) -> FtBatch:
+    """The examples as a padded batch [B, T], or ``packed``: back to back in one row [1, N], no padding
+    (see :class:`FtBatch`)."""
+    if packed:
+        return _collate_packed(items)
     ids = _pad([e.ids for e in items], pad_id)  # [B, T]
     mask = _pad([np.ones(len(e.ids), dtype=np.int64) for e in items], 0).bool()  # [B, T]
     types = _pad([e.types for e in items], 0)
@@ -327,6 +337,20 @@ def collate(items: list[Encoded], pad_id: int = 0) -> FtBatch:
     if items[0].ids_b is not None:
         b.input_ids_b = _pad([e.ids_b for e in items], pad_id)
         b.attention_mask_b = _pad([np.ones(len(e.ids_b), dtype=np.int64) for e in items], 0).bool()
+        b.token_type_ids_b = torch.zeros_like(b.input_ids_b)
+    return b
+
+
+def _collate_packed(items: list[Encoded]) -> FtBatch:
+    ids, seg = _packed([e.ids for e in items])  # [1, N]
+    types = torch.from_numpy(np.concatenate([e.types for e in items]).astype(np.int64))[None]
+    if items[0].labels.ndim == 1:
+        labels = torch.from_numpy(np.concatenate([e.labels for e in items]).astype(np.int64))[None]  # [1, N]
+    else:
+        labels = torch.tensor([int(e.labels) for e in items])  # [E]
+    b = FtBatch(ids, types, None, labels, segments=seg)
+    if items[0].ids_b is not None:
+        b.input_ids_b, b.segments_b = _packed([e.ids_b for e in items])
         b.token_type_ids_b = torch.zeros_like(b.input_ids_b)
     return b
 

@@ -29,13 +29,16 @@ class Evaluator:
         bs = self.cfg.train.eval_batch_size
         for s in range(0, len(idx), bs):
             chunk = idx[s: s + bs]
-            out = module(D.collate([self.enc[i] for i in chunk]).to(self.device))
+            batch = D.collate([self.enc[i] for i in chunk], packed=self.cfg.train.packing)
+            out = module(batch.to(self.device))
             loss_sum += float(out.loss_sum)
             n += int(out.n_targets)
             am = out.logits.argmax(-1).cpu().numpy()
+            starts = None if batch.segments is None else batch.segments.cu_seqlens.tolist()
             for j, i in enumerate(chunk):
                 if self.cfg.task.type == "token":
-                    preds[i] = am[j][self.enc[i].first_piece].tolist()
+                    row = am[j] if starts is None else am[0][starts[j]:starts[j + 1]]  # this example's pieces
+                    preds[i] = row[self.enc[i].first_piece].tolist()
                 else:
                     preds[i] = int(am[j])
         module.train(was)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamlm.model.encoder import Dropout, Encoder, init_bert_weights
+from megamlm.ops import Segments
 
 from megamlm.labels import IGNORE_INDEX  # noqa: E402
 
@@ -28,20 +29,26 @@ __all__ = ["IGNORE_INDEX", "ClsHead", "TokenHead", "FinetuneModel", "FtBatch", "
 @dataclass
 class FtBatch:
     """input_ids / token_type_ids / attention_mask [B, T]; labels [B] (sequence, pair) or [B, T] (token);
-    for pair ``concat`` the second text's tensors in ``*_b``."""
+    for pair ``concat`` the second text's tensors in ``*_b``.
+
+    Packed (``train.packing``): the E examples back to back in one row [1, N] (token labels [1, N]),
+    ``attention_mask`` None and ``segments`` where each starts (its [CLS]); ``*_b`` alike with
+    ``segments_b``."""
 
     input_ids: torch.Tensor
     token_type_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
     input_ids_b: torch.Tensor | None = None
     token_type_ids_b: torch.Tensor | None = None
     attention_mask_b: torch.Tensor | None = None
+    segments: Segments | None = None
+    segments_b: Segments | None = None
 
     def to(self, device) -> "FtBatch":
         return FtBatch(*[None if t is None else t.to(device) for t in (
             self.input_ids, self.token_type_ids, self.attention_mask, self.labels, self.input_ids_b,
-            self.token_type_ids_b, self.attention_mask_b)])
+            self.token_type_ids_b, self.attention_mask_b, self.segments, self.segments_b)])
 
     @property
     def n_targets(self) -> int:
@@ -74,13 +81,16 @@ class ClsHead(nn.Module):
         self.classifier = nn.Linear(n_inputs * hidden, num_labels)
         init_bert_weights(self, init_std)
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden[:, 0]  # [B, H]: h_CLS
+    def pool(self, hidden: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        """h_CLS of each example: column 0 of each row, or of a packed row [1, N, H] at ``cls`` [E]."""
+        h = hidden[:, 0] if cls is None else hidden[0].index_select(0, cls)  # [B, H]: h_CLS
         return torch.tanh(self.pooler(h)) if self.pooler is not None else h  # [B, H]
 
-    def forward(self, *hiddens: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] (one, or two for concat) → logits [B, K]."""
-        h = torch.cat([self.pool(x) for x in hiddens], dim=-1)  # [B, n_inputs * H]
+    def forward(self, *hiddens: torch.Tensor, cls: tuple | None = None) -> torch.Tensor:
+        """hidden [B, T, H] (one, or two for concat) → logits [B, K]; packed: ``cls`` the [CLS] indices
+        of each hidden (see :meth:`pool`)."""
+        cls = cls or (None,) * len(hiddens)
+        h = torch.cat([self.pool(x, c) for x, c in zip(hiddens, cls)], dim=-1)  # [B, n_inputs * H]
         return self.classifier(self.dropout(h))  # [B, K]
 
 
@@ -124,23 +134,29 @@ class FinetuneModel(nn.Module):
     def encoder_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters())
 
-    def _encode(self, ids, types, mask) -> torch.Tensor:
+    def _encode(self, ids, types, mask, segments=None) -> torch.Tensor:
         if self.encoder_frozen and self.training:
             # frozen: no graph through the encoder, and no dropout in it (its weights are fixed features)
             was = self.encoder.training
             self.encoder.eval()
             with torch.no_grad():
-                h = self.encoder(ids, types, mask)
+                h = self.encoder(ids, types, mask, segments=segments)
             self.encoder.train(was)
             return h
-        return self.encoder(ids, types, mask)  # [B, T, H]
+        return self.encoder(ids, types, mask, segments=segments)  # [B, T, H] (packed: [1, N, H])
 
     def logits(self, b: FtBatch) -> torch.Tensor:
-        h = self._encode(b.input_ids, b.token_type_ids, b.attention_mask)  # [B, T, H]
+        """[B, K] (sequence, pair; packed: [E, K]) or [B, T, K] (token; packed: [1, N, K])."""
+        h = self._encode(b.input_ids, b.token_type_ids, b.attention_mask, b.segments)  # [B, T, H]
+        cls = None if b.segments is None else (b.segments.cu_seqlens[:-1].long(),)
         if self.concat:
-            hb = self._encode(b.input_ids_b, b.token_type_ids_b, b.attention_mask_b)  # [B, T_b, H]
-            return self.head(h, hb)  # [B, K]
-        return self.head(h)  # [B, K] or [B, T, K]
+            hb = self._encode(b.input_ids_b, b.token_type_ids_b, b.attention_mask_b, b.segments_b)  # [B, T_b, H]
+            if cls is not None:
+                cls = cls + (b.segments_b.cu_seqlens[:-1].long(),)
+            return self.head(h, hb, cls=cls)  # [B, K]
+        if self.task_type == "token":
+            return self.head(h)  # [B, T, K]
+        return self.head(h, cls=cls)  # [B, K]
 
     def forward(self, b: FtBatch) -> Output:
         logits = self.logits(b)

@@ -224,7 +224,7 @@ class FinetuneRun:
         step_idx = [int(order[(start + k) % len(enc)]) for k in range(t.batch_size)]
         mine = step_idx[self.rank * micro: (self.rank + 1) * micro]
         n_global = sum(int((enc[i].labels != IGNORE_INDEX).sum()) if enc[i].labels.ndim else 1 for i in step_idx)
-        out = engine(D.collate([enc[i] for i in mine]).to(engine.device))
+        out = engine(D.collate([enc[i] for i in mine], packed=t.packing).to(engine.device))
         engine.backward(out.loss_sum / n_global * self.world)  # DeepSpeed averages over ranks: undo it
         engine.step()
         self.state.step += 1

@@ -99,3 +99,18 @@ def test_pretrained_encoder_beats_random_on_wiki_topic(pretrained, tmp_path):
     print("wiki-topic frozen test accuracy:", acc)
     assert acc["pretrained"] > acc["random"] + MARGIN, acc
     assert "| wiki-topic | frozen | accuracy |" in (tmp_path / "study.md").read_text()
+
+
+def test_packed_finetuning_trains_as_padded(pretrained, tmp_path):
+    """train.packing on WNUT-16 (token classification, 2 ranks' worth of examples in one process): with
+    the encoder frozen and no head dropout (so nothing random differs between layouts) the packed run
+    learns what the padded run learns: the same validation losses step by step and test metrics."""
+    fixed = [*FAST, "train.freeze_encoder=true", "head.dropout=0.0", "train.eval_every=25"]
+    padded = _finetune("configs/finetune/wnut16.yaml", pretrained, tmp_path / "padded", *fixed)
+    packed = _finetune("configs/finetune/wnut16.yaml", pretrained, tmp_path / "packed", *fixed, "train.packing=true")
+    assert packed["steps"] == padded["steps"] == 50
+    va, vb = tb_scalars(tmp_path / "padded" / "tb", "eval/loss"), tb_scalars(tmp_path / "packed" / "tb", "eval/loss")
+    assert sorted(va) == sorted(vb) and len(va) >= 2
+    assert [vb[k] for k in sorted(vb)] == pytest.approx([va[k] for k in sorted(va)], abs=1e-4)
+    for k in ("loss", "f1", "precision", "recall"):
+        assert packed["test"][k] == pytest.approx(padded["test"][k], abs=1e-3), k

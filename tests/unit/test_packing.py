@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +229,68 @@ def test_a_padded_state_resumes_packed_at_the_same_example(shards, tok, caplog):
     while len(got) < len(after) - 2 * MB:  # stop before the end of what the reference read
         got += examples_of(next(it))
     assert got == after[:len(got)] and seen[-1] != got[0]
+
+
+# ----------------------------------------------------------------------------- fine-tuning (train.packing)
+
+def _ft_items(task_type: str, pair_mode: str = "joint", n: int = 5, seed: int = 3):
+    from megamlm.finetune.data import Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for k in range(n):
+        L = int(torch.randint(3, 15, (1,), generator=g))
+        ids = torch.randint(5, 90, (L,), generator=g).numpy()
+        ids[0] = 2
+        types = (torch.arange(L) >= L // 2).long().numpy() if task_type == "pair" and pair_mode == "joint" \
+            else np.zeros(L, dtype=np.int64)
+        if task_type == "token":
+            labels = np.full(L, IGNORE_INDEX, dtype=np.int64)
+            first = np.arange(1, L - 1, 2)
+            labels[first] = torch.randint(0, 3, (first.size,), generator=g).numpy()
+            items.append(Encoded(ids, types, labels, first_piece=first, n_words=first.size))
+            continue
+        e = Encoded(ids, types, np.array(k % 3))
+        if pair_mode == "concat":
+            e.ids_b = torch.randint(5, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).numpy()
+            e.ids_b[0] = 2
+        items.append(e)
+    return items
+
+
+@pytest.mark.parametrize("task_type,pair_mode", [("sequence", "joint"), ("pair", "joint"), ("pair", "concat"),
+                                                 ("token", "joint")])
+def test_a_packed_finetuning_batch_gives_each_examples_logits_loss_and_gradients(task_type, pair_mode):
+    """train.packing: the examples in one row give, per example, the padded batch's logits (fp32, within
+    1e-5), the same loss sum and count and the same gradients, for every head."""
+    from megamlm.finetune.data import collate
+    from megamlm.finetune.heads import FinetuneModel
+    from megamlm.model.encoder import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(100, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, max_position_embeddings=16,
+                  dropout=0.0, attention_dropout=0.0)
+    model = FinetuneModel(enc, task_type, 3, pair_mode=pair_mode, dropout=0.0)
+    items = _ft_items(task_type, pair_mode)
+    padded, packed = collate(items), collate(items, packed=True)
+    assert packed.attention_mask is None and packed.input_ids.shape == (1, sum(len(e.ids) for e in items))
+    outs, grads = [], []
+    for b in (padded, packed):
+        model.zero_grad()
+        out = model(b)
+        out.loss_sum.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (a, p) = outs
+    if task_type == "token":  # per example: its rows of the packed logits against its padded row
+        cu = packed.segments.cu_seqlens.tolist()
+        for j, e in enumerate(items):
+            torch.testing.assert_close(p.logits[0, cu[j]:cu[j + 1]], a.logits[j, :len(e.ids)], atol=1e-5, rtol=1e-5)
+    else:
+        assert p.logits.shape == a.logits.shape == (len(items), 3)
+        torch.testing.assert_close(p.logits, a.logits, atol=1e-5, rtol=1e-5)
+    assert int(p.n_targets) == int(a.n_targets) > 0
+    torch.testing.assert_close(p.loss_sum, a.loss_sum, atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
