@@ -32,8 +32,10 @@ def cmd_check_config(args) -> int:
     """Validate a pretraining or a fine-tuning config (one with an ``init``, ``task`` or ``head`` section, or
     ``--finetune``) with the files it names and the engine on this machine (megamlm.preflight), print it
     resolved, and say on stderr what could not be checked."""
-    if args.describe:
-        print(describe_fields())
+    if args.describe:  # the fine-tuning config's keys with --finetune
+        from megamlm.finetune.config import FT_SECTIONS
+
+        print(describe_fields(FT_SECTIONS if args.finetune else None))
         return 0
     if not args.config:
         raise ConfigError(["check-config needs a CONFIG file (or --describe)"])
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="also check batch and topology arithmetic")
     p.add_argument("--finetune", action="store_true", help="a fine-tuning config (found by itself when it has "
                    "an init, task or head section)")
-    p.add_argument("--describe", action="store_true", help="list every section and key with help text")
+    p.add_argument("--describe", action="store_true", help="list every section and key with help text (with --finetune: of a fine-tuning config)")
     p.set_defaults(fn=cmd_check_config)
 
     p = sub.add_parser("train-tokenizer", help="train the SentencePiece tokenizer on the corpus")

@@ -106,16 +106,9 @@ def lamb_settings(optim_cfg):
     return optim_cfg if optim_cfg.name == "lamb" else None
 
 
-def _whole_config(cfg) -> bool:
-    # pretrain.py still passes its whole Config to device_problems / select_ops; it will pass sections
-    return hasattr(cfg, "engine") and hasattr(cfg, "optim")
-
-
 def device_problems(engine_cfg, lamb=None) -> list[str]:
     """Engine settings this machine cannot run, found before any process group exists. ``engine_cfg``: the
     ``engine`` section; ``lamb``: the optim settings when DeepSpeed's LAMB is the optimizer (else None)."""
-    if _whole_config(engine_cfg):
-        engine_cfg, lamb = engine_cfg.engine, lamb_settings(engine_cfg.optim)
     p = []
     if device_type() != "cuda":
         if lamb is not None:
@@ -137,8 +130,6 @@ def select_ops(engine_cfg):
     precision, at the ZeRO stage (:func:`megamlm.ops.select`); ValueError for a setting it cannot serve."""
     from megamlm import ops
 
-    if _whole_config(engine_cfg):
-        engine_cfg = engine_cfg.engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision, torch.float32)
     return ops.select(engine_cfg.kernels, device_type(), dtype, engine_cfg.zero_stage)
 

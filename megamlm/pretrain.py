@@ -25,10 +25,9 @@ def preflight(cfg: Config, world_size: int, with_files: bool = True) -> list[str
     tokenizer and shards (megamlm.preflight, the checks `check-config` runs too); ``with_files=False``
     leaves out the files (a run fed recorded batches instead of shards)."""
     from megamlm.config import cross_check
-    from megamlm.preflight import file_checks
-    from megamlm.engine import device_problems
+    from megamlm.preflight import engine_problems, pretrain_problems
 
-    return cross_check(cfg, world_size) + device_problems(cfg) + (file_checks(cfg) if with_files else [])
+    return pretrain_problems(cfg, world_size) if with_files else cross_check(cfg, world_size) + engine_problems(cfg)
 
 
 def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
@@ -168,7 +167,7 @@ def _build_model(cfg: Config, tok, topo, init_weights, rank: int):
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
-    kernels, kernels_said = select_ops(cfg)  # checked in preflight: it cannot fail here
+    kernels, kernels_said = select_ops(cfg.engine)  # checked in preflight: it cannot fail here
     ops.use(model, kernels)
     if rank == 0:
         log.info("kernels: %s", kernels_said)

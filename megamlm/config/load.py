@@ -97,13 +97,17 @@ def _check_range(value: Any, md: dict, where: str, problems: list[str]) -> None:
         problems.append(f"{where}={value!r} is out of range; it must be <= {hi}")
 
 
-def _unknown(key: str, valid: list[str], where: str) -> str:
+def unknown_key(key: str, valid: list[str], where: str) -> str:
+    """The problem line for an unknown ``key`` (``where`` prefixes it: "data." or "section "), with the
+    closest valid key and the list of valid ones (shared by the pretraining and fine-tuning configs)."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {where}{key!r}{hint}; valid keys: {', '.join(valid)}"
 
 
-def _section_from_dict(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
+def section_from_dict(cls: type, name: str, raw: Any, problems: list[str]) -> Any:
+    """Section dataclass ``cls`` named ``name`` from its raw mapping: unknown keys and values that break a
+    field's type or constraints go to ``problems`` (the defaults stand in), never an exception."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -114,7 +118,7 @@ def _section_from_dict(cls: type, name: str, raw: Any, problems: list[str]) -> A
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append(_unknown(str(key), list(fields), f"{name}."))
+            problems.append(unknown_key(str(key), list(fields), f"{name}."))
             continue
         where = f"{name}.{key}"
         before = len(problems)
@@ -135,8 +139,8 @@ def validate_dict(raw: dict, world_size: int | None = None) -> tuple[Config, lis
     problems: list[str] = []
     for key in raw:
         if key not in SECTIONS:
-            problems.append(_unknown(str(key), list(SECTIONS), "section "))
-    sections = {name: _section_from_dict(cls, name, raw.get(name), problems) for name, cls in SECTIONS.items()}
+            problems.append(unknown_key(str(key), list(SECTIONS), "section "))
+    sections = {name: section_from_dict(cls, name, raw.get(name), problems) for name, cls in SECTIONS.items()}
     cfg = Config(**sections)
     problems.extend(cross_check(cfg, world_size))
     return cfg, problems
@@ -354,10 +358,11 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def describe_fields() -> str:
-    """Every section and key with its type, default, constraint and help (``check-config --describe``)."""
+def describe_fields(sections: dict[str, type] | None = None) -> str:
+    """Every section and key with its type, default, constraint and help (``check-config --describe``):
+    of the pretraining config, or of ``sections`` (the fine-tuning config's ``FT_SECTIONS``)."""
     lines = []
-    for name, cls in SECTIONS.items():
+    for name, cls in (SECTIONS if sections is None else sections).items():
         lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

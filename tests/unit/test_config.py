@@ -207,6 +207,17 @@ def test_describe_lists_every_field_with_help():
     text = describe_fields()
     assert "mlm_probability: 0.15" in text and "share of non-special tokens" in text
     assert "zero_stage: 1  # int one of 0|1|2|3" in text
+    assert "packing: False  # bool." in text and "micro_batch_tokens: 0  # int >= 0." in text
+
+
+def test_describe_with_finetune_lists_the_finetuning_keys():
+    r = _run_cli("check-config", "--describe", "--finetune")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("init:") and "\ntask:" in r.stdout and "\nhead:" in r.stdout
+    assert "pair_mode:" in r.stdout and "freeze_encoder: False" in r.stdout and "packing: False" in r.stdout
+    assert "mlm_probability" not in r.stdout  # not the pretraining keys
+    plain = _run_cli("check-config", "--describe")
+    assert plain.stdout.startswith("tokenizer:") and "mlm_probability" in plain.stdout
 
 
 def _run_cli(*args, cwd=ROOT):
