@@ -108,17 +108,32 @@ class CrossEntropy(torch.autograd.Function):
             grad, grad_bias = cpu_kernels.cross_entropy_backward(x, bias, lse, g, safe, ctx.ignore_index, out=grad,
                                                                  bias_grad=ctx.bias_grad)
         else:
-            step = max(1, CHUNK_BYTES // (4 * max(V, 1)))
-            grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if ctx.bias_grad else None
-            for s in range(0, N, step):
-                e = s + step
-                torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
-                if grad_bias is not None:  # column sums while the chunk is in cache
-                    grad_bias += grad[s:e].sum(0)
-            grad[torch.arange(N, device=x.device), safe] -= g  # softmax - onehot, scaled
-            if grad_bias is not None:
-                grad_bias.index_add_(0, safe, -g)  # the onehot part of the column sums
+            grad_bias = softmax_minus_onehot(x, lse, g, safe, grad, bias_grad=ctx.bias_grad)
         return grad.to(ctx.input_dtype), None, None, None, None, grad_bias, None
+
+
+def softmax_minus_onehot(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
+                         out: torch.Tensor, onehot_weight: torch.Tensor | None = None,
+                         bias_grad: bool = False) -> torch.Tensor | None:
+    """The cross-entropy gradient of logits ``x`` [N, V] (fp32) into ``out`` (may be ``x``):
+    ``out = g · (exp(x - lse) - onehot(labels) · onehot_weight)``, row by row in chunks of
+    ``CHUNK_BYTES`` so each chunk stays in cache; ``lse`` [N] the rows' log-sum-exp, ``g`` [N] the row
+    weights (0 on ignored rows), ``onehot_weight`` [N] or None (1: a vocab-parallel rank passes 0 for
+    labels outside its slice). With ``bias_grad``: also the column sums of ``out`` [V] (the gradient of a
+    bias added to ``x``), taken while each chunk is in cache; else None."""
+    N, V = x.shape
+    step = max(1, CHUNK_BYTES // (4 * max(V, 1)))
+    grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if bias_grad else None
+    for s in range(0, N, step):
+        e = s + step
+        torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=out[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
+        if grad_bias is not None:
+            grad_bias += out[s:e].sum(0)
+    hot = g if onehot_weight is None else g * onehot_weight
+    out[torch.arange(N, device=x.device), labels] -= hot
+    if grad_bias is not None:
+        grad_bias.index_add_(0, labels, -hot)  # the onehot part of the column sums
+    return grad_bias
 
 
 def kernel_fits(x: torch.Tensor, labels: torch.Tensor) -> bool:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from megamlm.ops.cross_entropy import CHUNK_BYTES, IGNORE_INDEX, block_max, cross_entropy, first_argmax
+from megamlm.ops.cross_entropy import (CHUNK_BYTES, IGNORE_INDEX, block_max, cross_entropy, first_argmax,
+                                     softmax_minus_onehot)
 from megamlm.parallel.groups import all_reduce as _all_reduce, group_size_rank
 
 __all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
@@ -88,14 +89,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, *_):
         x, lse, local_label, in_slice, valid = ctx.saved_tensors
         # d loss_i / d logit_ij = softmax_ij - [j == label_i] on this rank's columns: no collective.
-        N, n_local = x.shape
         g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
         grad = x if ctx.inplace else torch.empty_like(x)  # [N, V/t]
-        step = max(1, CHUNK_BYTES // (4 * max(n_local, 1)))
-        for s in range(0, N, step):
-            e = s + step
-            torch.sub(x[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e]).exp_().mul_(g[s:e].unsqueeze(-1))
-        grad[torch.arange(N, device=x.device), local_label] -= g * in_slice
+        softmax_minus_onehot(x, lse, g, local_label, grad, onehot_weight=in_slice)
         return (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
