@@ -17,6 +17,7 @@ from megamlm.config import (
     ConfigError,
     config_from_dict,
     describe_fields,
+    cross_check,
     dump_config,
     grad_accumulation_steps,
     load_config,
@@ -28,8 +29,13 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # pretraining configs
 FINETUNE_CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
 
 
-def test_configs_folder_is_not_empty():
-    assert any(p.name == "tiny-cpu.yaml" for p in CONFIGS)
+def test_every_shipped_config_is_documented_in_the_readme():
+    """A config in configs/ that the README never names is one a user cannot find (the README's demo
+    names tiny-cpu.yaml; the glob is not empty)."""
+    readme = (ROOT / "README.md").read_text()
+    shipped = [p.relative_to(ROOT).as_posix() for p in CONFIGS + FINETUNE_CONFIGS]
+    assert "configs/tiny-cpu.yaml" in shipped and len(FINETUNE_CONFIGS) >= 3
+    assert [p for p in shipped if p not in readme] == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -45,15 +51,26 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_finetune_config_validates(path):
-    from megamlm.finetune.config import load_finetune_config
+    import yaml
 
-    assert load_finetune_config(path) is not None
+    from megamlm.finetune.config import dump_finetune_config, finetune_config_from_dict, load_finetune_config
+
+    cfg = load_finetune_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.task.type == raw["task"]["type"] and cfg.task.reader == raw["task"]["reader"]
+    assert cfg.train.output_dir == raw["train"]["output_dir"]  # the file's own values, not the defaults
+    assert finetune_config_from_dict(yaml.safe_load(dump_finetune_config(cfg))) == cfg  # resolved YAML round trip
 
 
-def test_defaults_are_valid():
-    cfg = load_config(None)
-    assert cfg.objective.mlm_probability == 0.15
-    assert cfg.data.seq_len <= cfg.model.max_position_embeddings
+def test_defaults_are_bert_base_and_valid_on_one_rank():
+    """No config file: BERT-base (Devlin et al.: 12 layers, 768 wide, 12 heads, FFN 3072, 512 positions,
+    15% of the tokens chosen, 80/10/10, NSP) at seq 128, valid on one rank, with nothing to cross-check."""
+    cfg = load_config(None, world_size=1)
+    m, o = cfg.model, cfg.objective
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.ffn_size, m.max_position_embeddings) == (12, 768, 12, 3072, 512)
+    assert (o.mlm_probability, o.mask_token_ratio, o.random_token_ratio, o.pair) == (0.15, 0.8, 0.1, "nsp")
+    assert cfg.data.seq_len == 128 and cfg.data.packing is False
+    assert cross_check(cfg, 1) == []
 
 
 def test_overrides_win_and_are_typed(tmp_path):
@@ -250,8 +267,13 @@ def test_import_megamlm_is_light():
 
 
 def test_python_dash_m_and_console_script_agree():
+    """``python -m megamlm`` and the installed ``megamlm`` script are one program: the same help."""
     r = _run_cli("--help")
     assert r.returncode == 0 and "check-config" in r.stdout and "make-shards" in r.stdout
+    script = Path(sys.executable).parent / "megamlm"
+    assert script.is_file(), f"{script}: the console script is not installed (pip install -e .)"
+    s = subprocess.run([str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and s.stdout == r.stdout, (s.stdout[:300], r.stdout[:300])
 
 
 def test_readme_cluster_examples_fit_their_allocations():

@@ -24,13 +24,31 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
-def test_shapes(norm):
+def test_parameters_are_hf_bert_models_and_the_output_is_deterministic(norm):
+    """The encoder holds exactly HF BertModel's parameters (no pooler; pre-LN adds the final LayerNorm,
+    2·H), its output is [B, T, H], and in eval mode the same input gives the same hidden states bit for
+    bit, whatever the batch around it (row 0 alone equals row 0 of the batch)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = tiny_cfg(norm_position=norm)
     torch.manual_seed(0)
-    enc = Encoder.from_config(tiny_cfg(norm_position=norm), V)
-    ids = torch.randint(0, V, (3, 10))
-    h = enc(ids, torch.zeros_like(ids), torch.ones(3, 10, dtype=torch.bool))
-    assert h.shape == (3, 10, 32)
+    enc = Encoder.from_config(cfg, V).eval()
+    hf = BertModel(BertConfig(vocab_size=V, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                              num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_size,
+                              max_position_embeddings=cfg.max_position_embeddings,
+                              type_vocab_size=cfg.type_vocab_size), add_pooling_layer=False)
+    n_ours = sum(p.numel() for p in enc.parameters())
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert n_ours == n_hf + (2 * cfg.hidden_size if norm == "pre" else 0)
     assert (enc.final_norm is not None) == (norm == "pre")
+    ids = torch.randint(0, V, (3, 10))
+    types = torch.randint(0, 2, (3, 10))
+    with torch.no_grad():
+        h = enc(ids, types)
+        assert h.shape == (3, 10, cfg.hidden_size) and torch.isfinite(h).all()
+        assert torch.equal(enc(ids, types), h)
+        torch.testing.assert_close(enc(ids[:1], types[:1]), h[:1], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(h[0], h[1])  # rows are not collapsed to one vector
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
