@@ -45,14 +45,21 @@ def rates(tok, tokens, m):
 
 
 def words_of(tok, tokens, offsets):
-    """Word id per candidate token (−1 elsewhere), as the docstring of masking.py defines words."""
-    cand = ~tok.special_mask[tokens]
-    starts = np.zeros(tokens.size, dtype=bool)
-    starts[offsets[:-1]] = True
-    prev = np.concatenate([[False], cand[:-1]]) & ~starts
-    new = cand & (tok.word_start[tokens] | ~prev)
-    wid = np.cumsum(new) - 1
-    wid[~cand] = -1
+    """Word id per candidate token (−1 elsewhere), from the piece strings themselves, one token at a time
+    (not the tokenizer's word_start arrays the masker reads): a word is a piece starting with "▁" (a
+    byte piece or any other continues the word before it), or the first candidate after [CLS], [SEP],
+    [MASK], [PAD] or a sequence start; those special ids are never in a word."""
+    special = {tok.special.pad, tok.special.cls, tok.special.sep, tok.special.mask}
+    starts = set(int(o) for o in offsets[:-1])
+    wid = np.full(tokens.size, -1, dtype=np.int64)
+    w, prev_in_word = -1, False
+    for i, t in enumerate(tokens.tolist()):
+        if t in special:
+            prev_in_word = False
+            continue
+        if i in starts or not prev_in_word or tok.id_to_piece(t).startswith("\u2581"):
+            w += 1
+        wid[i], prev_in_word = w, True
     return wid
 
 
