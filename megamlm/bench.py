@@ -177,6 +177,51 @@ def _tune_malloc() -> bool:
     return tune_cpu_malloc()
 
 
+def _megamlm_loss(name: str, precision: str, o: BenchOptions, batches: list):
+    """(model, loss_fn(k)) of megamlm on the ops backend its name says (megamlm = engine.kernels=auto)."""
+    from megamlm import ops
+    from megamlm.model import build_model
+    from megamlm.objectives import combine
+
+    mc, oc = _model_cfgs(o)
+    model = build_model(mc, oc, o.vocab_size).to(o.device).train()
+    kernels = name.partition("-")[2] or "auto"
+    ops.use(model, ops.select(kernels, torch.device(o.device).type,
+                              torch.bfloat16 if precision == "bf16" else torch.float32)[0])
+    fwd = torch.compile(model) if o.compile else model
+
+    def loss_fn(k):
+        batch = batches[k]
+        return combine(fwd(batch), batch.mlm_positions.numel(), batch.n_examples)
+    return model, loss_fn
+
+
+def _hf_loss(o: BenchOptions, batches: list):
+    """(model, loss_fn(k)) of HF BertForPreTraining (SDPA attention) on the padded batches."""
+    from transformers import BertConfig, BertForPreTraining
+
+    cfg = BertConfig(vocab_size=o.vocab_size, hidden_size=o.hidden_size, num_hidden_layers=o.num_layers,
+                     num_attention_heads=o.num_heads, intermediate_size=o.ffn_size,
+                     max_position_embeddings=max(512, o.seq_len), hidden_act="gelu",
+                     hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout, layer_norm_eps=1e-12)
+    cfg._attn_implementation = "sdpa"
+    model = BertForPreTraining(cfg).to(o.device).train()
+    kws = []
+    for batch in batches:
+        kws.append(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                        token_type_ids=batch.token_type_ids, labels=batch.mlm_labels))
+        if o.pair != "none":
+            kws[-1]["next_sentence_label"] = batch.pair_labels
+
+    def loss_fn(k):
+        out = model(**kws[k])
+        if out.loss is not None:
+            return out.loss
+        return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1).float(),
+                                                 batches[k].mlm_labels.view(-1))
+    return model, loss_fn
+
+
 def _build_step(spec: str, o: BenchOptions, batches: list):
     """A closure ``step(k)`` running one training step of model ``spec`` (name[:precision]) on
     ``batches[k % len(batches)]``."""
@@ -193,42 +238,9 @@ def _build_step(spec: str, o: BenchOptions, batches: list):
     autocast = (torch.autocast(device_type=torch.device(o.device).type, dtype=torch.bfloat16)
                 if precision == "bf16" else None)
     if name in ("megamlm", "megamlm-torch", "megamlm-cpu"):  # megamlm-X: on the ops backend X (engine.kernels)
-        from megamlm import ops
-        from megamlm.model import build_model
-        from megamlm.objectives import combine
-
-        mc, oc = _model_cfgs(o)
-        model = build_model(mc, oc, o.vocab_size).to(o.device).train()
-        kernels = name.partition("-")[2] or "auto"
-        ops.use(model, ops.select(kernels, torch.device(o.device).type,
-                                  torch.bfloat16 if precision == "bf16" else torch.float32)[0])
-        fwd = torch.compile(model) if o.compile else model
-        def loss_fn(k):
-            batch = batches[k]
-            return combine(fwd(batch), batch.mlm_positions.numel(), batch.n_examples)
+        model, loss_fn = _megamlm_loss(name, precision, o, batches)
     elif name == "hf":
-        from transformers import BertConfig, BertForPreTraining
-
-        cfg = BertConfig(vocab_size=o.vocab_size, hidden_size=o.hidden_size, num_hidden_layers=o.num_layers,
-                         num_attention_heads=o.num_heads, intermediate_size=o.ffn_size,
-                         max_position_embeddings=max(512, o.seq_len), hidden_act="gelu",
-                         hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout,
-                         layer_norm_eps=1e-12)
-        cfg._attn_implementation = "sdpa"
-        model = BertForPreTraining(cfg).to(o.device).train()
-        kws = []
-        for batch in batches:
-            kws.append(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                            token_type_ids=batch.token_type_ids, labels=batch.mlm_labels))
-            if o.pair != "none":
-                kws[-1]["next_sentence_label"] = batch.pair_labels
-
-        def loss_fn(k):
-            out = model(**kws[k])
-            if out.loss is not None:
-                return out.loss
-            return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1).float(),
-                                                     batches[k].mlm_labels.view(-1))
+        model, loss_fn = _hf_loss(o, batches)
     else:
         raise ValueError(f"unknown model {name!r}; choose megamlm, megamlm-torch, megamlm-cpu or hf")
     opt = _optimizer(model.parameters(), o.device)
@@ -349,16 +361,8 @@ def run_bench(o: BenchOptions) -> dict:
               "padding_share": 1.0 - n_tokens * K / sum(b.input_ids.numel() for b in batches),
               "flops_per_step": flops, "matmul_peak_flops": peak_of, "matmul_peaks_per_round": peaks, "models": {}}
     for n in names:
-        tps = sorted(n_tokens / t for t in times[n])
-        med_t = statistics.median(times[n])
-        pk = peaks[_split_spec(n, o)[1]]
-        # each round against the better of the peaks measured just before and just after it
-        round_mfu = sorted(flops / t / max(pk[r], pk[r + 1]) for r, t in enumerate(times[n]))
-        result["models"][n] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": tps[0],
-                               "tokens_per_s_max": tps[-1], "step_s_median": med_t, "step_s_rounds": times[n],
-                               "mfu": statistics.median(round_mfu), "mfu_min": round_mfu[0],
-                               "mfu_max": round_mfu[-1],
-                               "mfu_vs_best_peak": flops / med_t / peak_of[_split_spec(n, o)[1]]}
+        p = _split_spec(n, o)[1]
+        result["models"][n] = _model_numbers(times[n], n_tokens, flops, peaks[p], peak_of[p])
     result["ratios"] = {}  # the first model's speed over each other's, per round (same round = same machine state)
     for other in names[1:]:
         ratios = sorted(a / b for a, b in zip(times[other], times[names[0]]))
@@ -368,6 +372,17 @@ def run_bench(o: BenchOptions) -> dict:
         for n in names:
             result["models"][n].update(_measure_memory(n, o))
     return result
+
+
+def _model_numbers(times: list[float], n_tokens: float, flops: float, peaks: list[float], best_peak: float) -> dict:
+    """One model's tokens/s (median, min, max over rounds), step time and MFU from its per-round step times;
+    each round's MFU against the better of the peaks measured just before and just after it."""
+    tps = sorted(n_tokens / t for t in times)
+    med_t = statistics.median(times)
+    round_mfu = sorted(flops / t / max(peaks[r], peaks[r + 1]) for r, t in enumerate(times))
+    return {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": tps[0], "tokens_per_s_max": tps[-1],
+            "step_s_median": med_t, "step_s_rounds": times, "mfu": statistics.median(round_mfu),
+            "mfu_min": round_mfu[0], "mfu_max": round_mfu[-1], "mfu_vs_best_peak": flops / med_t / best_peak}
 
 
 def format_report(r: dict) -> str:

@@ -203,6 +203,21 @@ class RankDataset(torch.utils.data.IterableDataset):
                      mlm_targets=torch.from_numpy(labels.reshape(-1)[pos]), pair_labels=self._pair_labels(segs),
                      n_tokens=int(lens.sum()))
 
+    def _fill(self, csum: np.ndarray | None, j: int, n_ex: int, n_pending: int) -> tuple[int, int, bool]:
+        """How far the pending batch takes the window's examples from ``j`` (of ``n_ex``): (the end k,
+        n_pending after, whether the batch is full). Packed: in order until the next would pass the
+        token budget (``csum``: the window's cumulative lengths in order; n_pending counts tokens);
+        padded: up to micro_batch examples (n_pending counts examples)."""
+        if self.packing:
+            k = int(np.searchsorted(csum, csum[j] + self.token_budget - n_pending, side="right")) - 1
+            if k == j and not n_pending:  # the config refuses a budget below seq_len: never by construction
+                raise ShardError(f"an example of {int(csum[j + 1] - csum[j])} tokens exceeds "
+                                 f"data.micro_batch_tokens={self.token_budget}")
+            return k, n_pending + int(csum[k] - csum[j]), k < n_ex  # full: the next example does not fit
+        k = j + min(self.micro_batch - n_pending, n_ex - j)
+        n_pending += k - j
+        return k, n_pending, n_pending == self.micro_batch
+
     def stream(self, worker: int) -> Iterator[Packet]:
         """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
         c = self.cursors[worker]
@@ -246,26 +261,12 @@ class RankDataset(torch.utils.data.IterableDataset):
             if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
                 counters.update(dict.fromkeys(counters, 0))
                 skipped.clear()
-            # packed: examples in window order until the next would overflow the token budget (n_pending
-            # counts tokens); padded: micro_batch examples (n_pending counts examples)
             csum = np.concatenate([[0], np.cumsum(np.diff(win.offsets)[order])]) if self.packing else None
             while j < n_ex:
-                if self.packing:
-                    k = int(np.searchsorted(csum, csum[j] + self.token_budget - n_pending, side="right")) - 1
-                    if k == j and not pending:
-                        raise ShardError(f"an example of {int(csum[j + 1] - csum[j])} tokens exceeds "
-                                         f"data.micro_batch_tokens={self.token_budget}")
-                    if k > j:
-                        pending.append((win, order[j:k]))
-                        n_pending += int(csum[k] - csum[j])
-                        j = k
-                    full = j < n_ex  # the next example does not fit
-                else:
-                    take = min(self.micro_batch - n_pending, n_ex - j)
-                    pending.append((win, order[j:j + take]))
-                    n_pending += take
-                    j += take
-                    full = n_pending == self.micro_batch
+                k, n_pending, full = self._fill(csum, j, n_ex, n_pending)
+                if k > j:
+                    pending.append((win, order[j:k]))
+                    j = k
                 if full:
                     batch, info = self._collate(pending)
                     pending, n_pending = [], 0

@@ -294,3 +294,16 @@ def test_a_packed_finetuning_batch_gives_each_examples_logits_loss_and_gradients
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_an_example_longer_than_the_budget_is_a_named_error_not_a_hang(shards, tok):
+    """The config refuses data.micro_batch_tokens < data.seq_len; a loader built around that check (here
+    by replacing the field after validation) still stops with an error naming the key."""
+    import dataclasses
+
+    from megamlm.data.shard_format import ShardError
+
+    dcfg = dataclasses.replace(F.loader_config(shards, packing=True), micro_batch_tokens=16)
+    loader = build_loader(dcfg, tok, single_process_topology(), 5, F.objective())
+    with pytest.raises(ShardError, match="exceeds data.micro_batch_tokens=16"):
+        next(iter(loader))
