@@ -220,95 +220,113 @@ def _tell(e: BaseException, note: str) -> None:
         e.add_note(note)
 
 
+class _Consumer:
+    """Takes the encoded chunks in input order: numbers their documents, counts what was skipped, sends each
+    document to its split's writer (val by hash of its text) and moves the progress bar."""
+
+    def __init__(self, writers: dict, stats: ReadStats, val_fraction: float, bar):
+        self.writers, self.stats, self.val_fraction, self.bar = writers, stats, val_fraction, bar
+        self.counters = {"read": 0, "empty": 0, "no_tokens": 0, "text_bytes": 0}
+        self.n_tokens, self.t0 = 0, time.perf_counter()
+
+    def __call__(self, r: EncodedChunk) -> None:
+        c = self.counters
+        base = c["read"]  # global document numbering, in input order
+        c["read"] += r.n_read
+        c["text_bytes"] += r.text_bytes
+        self.stats.documents += r.n_read
+        self.stats.replacements += r.replacements
+        for _local, origin, kind in r.skipped:
+            c[kind] += 1
+            if c[kind] <= 5:
+                what = "empty document" if kind == "empty" else "document without tokens"
+                log.warning("%s skipped: %s", what, origin)
+        is_val = r.frac < self.val_fraction  # [D]
+        for split, m in (("train", ~is_val), ("val", is_val)):
+            if m.all():
+                self.writers[split].write_docs(base + r.local, r.ntok, r.nsent, r.sents, r.ids, r.tb)
+            elif m.any():
+                self.writers[split].write_docs(base + r.local[m], r.ntok[m], r.nsent[m],
+                                               r.sents[np.repeat(m, r.nsent)], r.ids[np.repeat(m, r.ntok)], r.tb[m])
+        self.n_tokens += int(r.ids.size)
+        self.bar.update(r.text_bytes)
+        rate = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+        self.bar.set_postfix_str(f"{rate:.2f}M tok/s", refresh=False)
+
+
+def _encode_all(chunks, consume, n_workers: int, init: tuple) -> None:
+    """Encode every chunk (in ``n_workers`` processes, or here) and consume the results in input order."""
+    if n_workers <= 1:
+        init_worker(init[0], init[1], -1, *init[3:])
+        for chunk in chunks:
+            consume(encode_chunk(chunk))
+        return
+    # Bounded window of in-flight chunks, consumed in order: memory stays flat on any corpus size and the
+    # output does not depend on the number of processes. This process only reads bytes and writes tars;
+    # parsing, sentence splitting and tokenizing run in the workers. (ProcessPoolExecutor, not
+    # multiprocessing.Pool: with forkserver, Pool's worker-handler thread polls in a busy loop, ~20% of a
+    # core taken from the writer.)
+    pool = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("forkserver"), initializer=init_worker,
+                               initargs=init)
+    try:
+        inflight: deque = deque()
+        for chunk in chunks:
+            inflight.append(pool.submit(encode_chunk, chunk))
+            if len(inflight) >= 3 * n_workers:
+                consume(inflight.popleft().result())
+        while inflight:
+            consume(inflight.popleft().result())
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the workers now, not after the queue
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _write_shards(data_cfg, tok, out_dir: Path, *, workers: int, progress: bool, block_tokens: int,
                   chunk_bytes: int) -> dict:
     """Encode the corpus into shards in ``out_dir``; the manifest (not yet written)."""
     from tqdm import tqdm
 
-    dtype = np.uint16 if tok.padded_vocab_size <= 65536 else np.int32
     target = int(data_cfg.shard_size_mb * 1e6)
     writers = {s: _SplitWriter(out_dir, s, target, block_tokens) for s in SPLITS}
     stats = ReadStats()
-    counters = {"read": 0, "empty": 0, "no_tokens": 0, "text_bytes": 0}
     chunks = iter_chunks(data_cfg.source, list(data_cfg.inputs), stats=stats, chunk_bytes=chunk_bytes)
     n_workers = workers or data_cfg.encode_workers or (os.cpu_count() or 1)
-    t0 = time.perf_counter()
     bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1000, desc="make-shards",
                disable=not progress, mininterval=0.5, dynamic_ncols=True)
-    n_tokens = 0
-
-    def consume(r: EncodedChunk) -> None:
-        nonlocal n_tokens
-        base = counters["read"]  # global document numbering, in input order
-        counters["read"] += r.n_read
-        counters["text_bytes"] += r.text_bytes
-        stats.documents += r.n_read
-        stats.replacements += r.replacements
-        for _local, origin, kind in r.skipped:
-            counters[kind] += 1
-            if counters[kind] <= 5:
-                what = "empty document" if kind == "empty" else "document without tokens"
-                log.warning("%s skipped: %s", what, origin)
-        is_val = r.frac < data_cfg.val_fraction  # [D]
-        for split, m in (("train", ~is_val), ("val", is_val)):
-            if m.all():
-                writers[split].write_docs(base + r.local, r.ntok, r.nsent, r.sents, r.ids, r.tb)
-            elif m.any():
-                writers[split].write_docs(base + r.local[m], r.ntok[m], r.nsent[m], r.sents[np.repeat(m, r.nsent)],
-                                          r.ids[np.repeat(m, r.ntok)], r.tb[m])
-        n_tokens += int(r.ids.size)
-        bar.update(r.text_bytes)
-        bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
-
-    pool = None
+    consume = _Consumer(writers, stats, data_cfg.val_fraction, bar)
     cpu0 = time.process_time()
     try:
-        init = (str(tok.path), data_cfg.sentences, 1, data_cfg.text_field, data_cfg.encoding_errors)
-        if n_workers > 1:
-            # Bounded window of in-flight chunks, consumed in order: memory stays flat on any corpus size
-            # and the output does not depend on the number of processes. This process only reads bytes
-            # and writes tars; parsing, sentence splitting and tokenizing run in the workers.
-            # (ProcessPoolExecutor, not multiprocessing.Pool: with forkserver, Pool's worker-handler thread
-            # polls in a busy loop, ~20% of a core taken from the writer.)
-            pool = ProcessPoolExecutor(n_workers, mp_context=mp.get_context("forkserver"),
-                                       initializer=init_worker, initargs=init)
-            inflight: deque = deque()
-            for chunk in chunks:
-                inflight.append(pool.submit(encode_chunk, chunk))
-                if len(inflight) >= 3 * n_workers:
-                    consume(inflight.popleft().result())
-            while inflight:
-                consume(inflight.popleft().result())
-        else:
-            init_worker(init[0], init[1], -1, *init[3:])
-            for chunk in chunks:
-                consume(encode_chunk(chunk))
+        _encode_all(chunks, consume, n_workers,
+                    (str(tok.path), data_cfg.sentences, 1, data_cfg.text_field, data_cfg.encoding_errors))
         for w in writers.values():
             w.close()
-    except BaseException:
-        if pool is not None:  # stop the workers now, not after the queued chunks
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-        raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    seconds = time.perf_counter() - t0
-    writer_cpu = time.process_time() - cpu0  # this process alone: the serial part of the job
+    counters = consume.counters
     written = sum(s.documents for w in writers.values() for s in w.shards)
     if written == 0:
         raise CorpusError(f"no documents with text in the input ({counters['read']} read, "
                           f"{counters['empty']} empty): nothing to shard")
+    assert written + counters["empty"] + counters["no_tokens"] == counters["read"]
+    return _manifest(data_cfg, tok, writers, stats, counters, block_tokens, n_workers,
+                     seconds=time.perf_counter() - consume.t0, writer_cpu=time.process_time() - cpu0)
+
+
+def _manifest(data_cfg, tok, writers: dict, stats: ReadStats, counters: dict, block_tokens: int, n_workers: int,
+              *, seconds: float, writer_cpu: float) -> dict:
+    """The manifest of the written shards (``writer_cpu``: this process alone, the serial part of the job)."""
     splits = {}
     for name, w in writers.items():
         shards = [vars(s) for s in w.shards]
         totals = {k: sum(s[k] for s in shards)
                   for k in ("documents", "sentences", "tokens", "samples", "text_bytes", "bytes")}
         splits[name] = {"shards": shards, "totals": totals}
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT,
-        "ids_dtype": np.dtype(dtype).name,
+        "ids_dtype": np.dtype(np.uint16 if tok.padded_vocab_size <= 65536 else np.int32).name,
         "block_tokens": block_tokens,
         "tokenizer": {**tok.identity(), "path": str(tok.path)},
         "source": {"reader": data_cfg.source, "inputs": list(data_cfg.inputs), "files": stats.files,
@@ -322,8 +340,6 @@ def _write_shards(data_cfg, tok, out_dir: Path, *, workers: int, progress: bool,
         "writer_cpu_seconds": round(writer_cpu, 3),
         "workers": n_workers,
     }
-    assert written + counters["empty"] + counters["no_tokens"] == counters["read"]
-    return manifest
 
 
 def _log_summary(man: dict, out_dir: Path) -> None:
