@@ -192,6 +192,47 @@ def train_tokenizer(sentences: Iterable[str], model_path: str | Path, *, vocab_s
         raise TokenizerError(f"tokenizer.vocab_size={vocab_size} is too small: byte fallback needs 256 pieces "
                              f"plus {n_special} special tokens; use at least {n_special + 256 + 64}")
     prefix = model_path.parent / f".{model_path.stem}.tmp-{os.getpid()}"
+    _run_trainer(sample, prefix, vocab_size=vocab_size, model_type=model_type,
+                 character_coverage=character_coverage, threads=threads, seed=seed)
+    tmp_model = Path(str(prefix) + ".model")
+    tmp_vocab = Path(str(prefix) + ".vocab")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_model))
+    for name, i in SPECIAL_IDS.items():
+        if sp.id_to_piece(i) != name:  # pragma: no cover - guarded by the trainer arguments
+            raise TokenizerError(f"trained model places {name} at {sp.piece_to_id(name)}, expected {i}")
+    real = sp.get_piece_size()
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "sha256": file_sha256(tmp_model),
+        "vocab_size": real,
+        "padded_vocab_size": padded_size(real, pad_multiple),
+        "pad_vocab_to_multiple": pad_multiple,
+        "special_ids": dict(SPECIAL_IDS),
+        "model_type": model_type,
+        "settings": {"character_coverage": character_coverage, "normalization_rule_name": "identity",
+                     "remove_extra_whitespaces": False, "byte_fallback": True, "split_digits": True,
+                     "input_sentence_size": input_sentence_size, "seed": seed},
+        "trained_on": {"sentences_seen": seen, "sentences_used": len(sample), **(provenance or {})},
+        "sentencepiece_version": getattr(spm, "__version__", "unknown"),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+    side_tmp = Path(str(prefix) + ".json")
+    side_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_vocab, model_path.with_suffix(".vocab"))
+    os.replace(tmp_model, model_path)
+    os.replace(side_tmp, sidecar_path(model_path))
+    log.info("trained %s tokenizer: %d pieces (padded to %d) on %d of %d sentences in %.1fs -> %s",
+             model_type, real, meta["padded_vocab_size"], len(sample), seen, meta["train_seconds"], model_path)
+    return Tokenizer(model_path)
+
+
+def _run_trainer(sample: list[str], prefix: Path, *, vocab_size: int, model_type: str, character_coverage: float,
+                 threads: int, seed: int) -> None:
+    """SentencePiece's trainer on ``sample`` into ``prefix``.model / .vocab with megamlm's fixed settings
+    (special ids, byte fallback, identity normalisation, split digits); TokenizerError on failure, with
+    the partial files removed."""
+    import sentencepiece as spm
+
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
@@ -218,33 +259,3 @@ def train_tokenizer(sentences: Iterable[str], model_path: str | Path, *, vocab_s
         for suffix in (".model", ".vocab"):
             Path(str(prefix) + suffix).unlink(missing_ok=True)
         raise TokenizerError(f"SentencePiece training failed: {e}") from None
-    tmp_model = Path(str(prefix) + ".model")
-    tmp_vocab = Path(str(prefix) + ".vocab")
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_model))
-    for name, i in SPECIAL_IDS.items():
-        if sp.id_to_piece(i) != name:  # pragma: no cover - guarded by the trainer arguments above
-            raise TokenizerError(f"trained model places {name} at {sp.piece_to_id(name)}, expected {i}")
-    real = sp.get_piece_size()
-    meta = {
-        "format": SIDECAR_FORMAT,
-        "sha256": file_sha256(tmp_model),
-        "vocab_size": real,
-        "padded_vocab_size": padded_size(real, pad_multiple),
-        "pad_vocab_to_multiple": pad_multiple,
-        "special_ids": dict(SPECIAL_IDS),
-        "model_type": model_type,
-        "settings": {"character_coverage": character_coverage, "normalization_rule_name": "identity",
-                     "remove_extra_whitespaces": False, "byte_fallback": True, "split_digits": True,
-                     "input_sentence_size": input_sentence_size, "seed": seed},
-        "trained_on": {"sentences_seen": seen, "sentences_used": len(sample), **(provenance or {})},
-        "sentencepiece_version": getattr(spm, "__version__", "unknown"),
-        "train_seconds": round(time.perf_counter() - t0, 2),
-    }
-    side_tmp = Path(str(prefix) + ".json")
-    side_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_vocab, model_path.with_suffix(".vocab"))
-    os.replace(tmp_model, model_path)
-    os.replace(side_tmp, sidecar_path(model_path))
-    log.info("trained %s tokenizer: %d pieces (padded to %d) on %d of %d sentences in %.1fs -> %s",
-             model_type, real, meta["padded_vocab_size"], len(sample), seen, meta["train_seconds"], model_path)
-    return Tokenizer(model_path)
