@@ -197,7 +197,16 @@ def _move_old_run_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megamlm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _data_verbs(sub)
+    _run_verbs(sub)
+    p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loader --help`", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
 
+
+def _data_verbs(sub) -> None:
+    """check-config, train-tokenizer, make-shards, prepare."""
     p = sub.add_parser("check-config", help="validate a pretraining or fine-tuning config, the files it names and "
                        "its engine on this machine, and print it resolved")
     p.add_argument("config", nargs="?", help="YAML config file")
@@ -205,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="also check batch and topology arithmetic")
     p.add_argument("--finetune", action="store_true", help="a fine-tuning config (found by itself when it has "
                    "an init, task or head section)")
-    p.add_argument("--describe", action="store_true", help="list every section and key with help text (with --finetune: of a fine-tuning config)")
+    p.add_argument("--describe", action="store_true", help="list every section and key with help text "
+                   "(with --finetune: of a fine-tuning config)")
     p.set_defaults(fn=cmd_check_config)
 
     p = sub.add_parser("train-tokenizer", help="train the SentencePiece tokenizer on the corpus")
@@ -231,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_prepare)
 
+
+def _run_verbs(sub) -> None:
+    """pretrain, convert, finetune."""
     p = sub.add_parser("pretrain", help="pretrain (under deepspeed, torchrun, mpirun, srun, or alone)")
     _config_args(p)
     p.add_argument("--resume", default=None,
@@ -262,11 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory (BertForSequenceClassification / BertForTokenClassification)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_finetune)
-
-    p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loader --help`", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
