@@ -68,6 +68,8 @@ def test_a_plan_of_one_micro_batch_per_rank_is_fine_tunings_step():
 def test_total_steps_from_the_step_or_the_token_budget():
     train = load_config("configs/tiny-cpu.yaml", ["train.max_steps=0", "train.max_tokens=100000"]).train
     assert total_steps(train, BatchPlan(4, 2, 3), seq_len=64) == math.ceil(100000 / (24 * 64))
+    # packed: at the micro-batch's token budget (here 300 tokens), x data-parallel 2 x accumulation 3
+    assert total_steps(train, BatchPlan(4, 2, 3), seq_len=64, packed_tokens=300) == math.ceil(100000 / (6 * 300))
     assert total_steps(load_config("configs/tiny-cpu.yaml", ["train.max_steps=7"]).train, BatchPlan(4, 2, 3), 64) == 7
 
 
