@@ -45,52 +45,57 @@ def _time_steps(step, batches, rounds: int) -> list[float]:
     return times
 
 
+def _bare_step(cfg, vocab: int, w: float):
+    """One training step of the model and its client optimizer, no engine."""
+    from megamlm.engine import AdamSettings, build_optimizer
+    from megamlm.model.pretraining import build_model, weight_decay_groups
+    from megamlm.objectives import combine
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objective, vocab)
+    opt = build_optimizer(weight_decay_groups(model, cfg.optim.weight_decay), cfg.engine, AdamSettings.of(cfg.optim))
+
+    def step(b):
+        loss = combine(model(b), b.n_targets, b.n_examples, w)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _engine_step(cfg, vocab: int, w: float, stage: int):
+    """(one training step through a DeepSpeed engine at ZeRO ``stage``, the engine)."""
+    from dataclasses import replace
+
+    from megamlm.engine import build_engine
+    from megamlm.model.pretraining import build_model
+    from megamlm.objectives import combine
+
+    c = replace(cfg, engine=replace(cfg.engine, zero_stage=stage))
+    torch.manual_seed(0)
+    engine, _ = build_engine(build_model(c.model, c.objective, vocab), c, 1)
+
+    def step(b):
+        loss = combine(engine(b), b.n_targets, b.n_examples, w)
+        engine.backward(loss)
+        engine.step()
+    return step, engine
+
+
 def engine_overhead(cfg, steps: int = 20, warmup: int = 3, stages=(0, 1, 2, 3)) -> dict:
     """Median step time of the bare model vs DeepSpeed engines (one process, this machine)."""
     from megamlm.distributed.env import DistEnv
-    from megamlm.engine import AdamSettings, build_engine, build_optimizer, init_distributed
-    from megamlm.model.pretraining import build_model, weight_decay_groups
-    from megamlm.objectives import combine
-    from megamlm.engine import disable_ds_shm_op
+    from megamlm.engine import disable_ds_shm_op, init_distributed
 
     vocab = cfg.model.vocab_size or 30592
     batches = _batches(cfg, 4, vocab)
     disable_ds_shm_op()
     init_distributed(DistEnv(master_port=29577), "gloo")
     w = cfg.objective.pair_loss_weight
-
-    def make_bare():
-        torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.objective, vocab)
-        opt = build_optimizer(weight_decay_groups(model, cfg.optim.weight_decay), cfg.engine, AdamSettings.of(cfg.optim))
-
-        def step(b):
-            terms = model(b)
-            loss = combine(terms, b.n_targets, b.input_ids.shape[0], w)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    def make_ds(stage):
-        from dataclasses import replace
-
-        c = replace(cfg, engine=replace(cfg.engine, zero_stage=stage))
-        torch.manual_seed(0)
-        model = build_model(c.model, c.objective, vocab)
-        engine, _ = build_engine(model, c, 1)
-
-        def step(b):
-            terms = engine(b)
-            loss = combine(terms, b.n_targets, b.input_ids.shape[0], w)
-            engine.backward(loss)
-            engine.step()
-        return step, engine
-
-    variants = {"bare": make_bare()}
+    variants = {"bare": _bare_step(cfg, vocab, w)}
     engines = []
     for s in stages:
-        step, eng = make_ds(s)
+        step, eng = _engine_step(cfg, vocab, w, s)
         variants[f"zero{s}"] = step
         engines.append(eng)
     for step in variants.values():  # warm-up

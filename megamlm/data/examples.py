@@ -111,6 +111,19 @@ class _Builder:
         return Examples(tokens, types, offsets, labels, self.docs)
 
 
+def _random_b(b: _Builder, docs, di: int, need: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """NSP's NotNext B: whole sentences of another document of the unit than ``di``, from a random one on,
+    until ``need`` tokens are reached (or the document ends); (start, end) in the builder's token stream
+    and the other document's index."""
+    r = int(rng.integers(0, len(docs) - 1))
+    r += r >= di
+    r_sl = docs[r][2]
+    rb = b.base[r] + np.concatenate([[0], np.cumsum(r_sl)])
+    start = int(rng.integers(0, r_sl.size))
+    stop = start + 1 + int(np.searchsorted(np.cumsum(r_sl[start:]), need, side="left"))
+    return int(rb[start]), int(rb[min(stop, r_sl.size)]), docs[r][0]
+
+
 def _pair_examples(b: _Builder, docs, order, mode: str, max_len: int, short_seq_prob: float,
                    rng: np.random.Generator, counters: dict) -> None:
     max_num = max_len - 3
@@ -154,15 +167,8 @@ def _pair_examples(b: _Builder, docs, order, mode: str, max_len: int, short_seq_
                     continue
                 pair_docs: tuple[int, ...] = (index,)
                 if mode == "nsp" and label:
-                    r = int(rng.integers(0, n_docs - 1))
-                    r += r >= di
-                    r_sl = docs[r][2]
-                    rb = b.base[r] + np.concatenate([[0], np.cumsum(r_sl)])
-                    start = int(rng.integers(0, r_sl.size))
-                    need = target - (a1 - a0)
-                    stop = start + 1 + int(np.searchsorted(np.cumsum(r_sl[start:]), need, side="left"))
-                    b0, b1 = int(rb[start]), int(rb[min(stop, r_sl.size)])
-                    pair_docs = (index, docs[r][0])
+                    b0, b1, other = _random_b(b, docs, di, target - (a1 - a0), rng)
+                    pair_docs = (index, other)
                     i = a_end - 1  # the unused sentences of the chunk go back
                 elif mode == "sop" and label:
                     a0, a1, b0, b1 = b0, b1, a0, a1

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,17 @@ def test_tuned_malloc_stops_page_faults_in_training_steps():
         assert res.returncode == 0, res.stderr[-2000:]
         per_step[mode] = float(res.stdout.split()[-1])
     assert per_step["tuned"] < 500, per_step
+
+
+def test_bench_engine_times_the_bare_model_against_each_zero_stage(tmp_path):
+    """``megamlm bench engine``: real DeepSpeed engines at ZeRO 0-3 beside the bare model, interleaved;
+    each variant's median and its ratio to bare."""
+    out = tmp_path / "engine.json"
+    cmd = [sys.executable, "-m", "megamlm", "bench", "engine", "configs/tiny-cpu.yaml", "model.num_layers=1",
+           "data.micro_batch_size=4", "data.seq_len=32", "--steps", "1", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())["engine"]
+    assert {"bare", "zero0", "zero1", "zero2", "zero3"} <= set(r) and r["bare"]["ratio_to_bare"] == 1.0
+    assert all(r[k]["median_ms"] > 0 for k in ("bare", "zero0", "zero3")) and r["tokens_per_step"] > 0
+    assert "zero3  median" in res.stdout
