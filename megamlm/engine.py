@@ -83,8 +83,8 @@ def batch_plan(cfg, world_size: int) -> BatchPlan:
     data-parallel ranks, accumulated up to ``engine.global_batch_size``."""
     dp = world_size // cfg.parallel.vocab_parallel_size
     micro = cfg.data.micro_batch_size
-    acc = cfg.engine.global_batch_size // (micro * dp) if cfg.engine.global_batch_size else 1
-    return BatchPlan(micro, dp, max(acc, 1))
+    accumulation = cfg.engine.global_batch_size // (micro * dp) if cfg.engine.global_batch_size else 1
+    return BatchPlan(micro, dp, max(accumulation, 1))
 
 
 @dataclass(frozen=True)
@@ -223,8 +223,9 @@ def own_clipping(engine_cfg) -> bool:
 
 def global_grad_norm(params: list, mpu=None) -> torch.Tensor:
     """The L2 norm of the full model's gradient, as DeepSpeed computes it for clipping: tensors sharded
-    over the model-parallel group (``tensor_model_parallel``) summed over it, replicated ones counted once
-    (on model-parallel rank 0). At ZeRO 0 the gradients are already averaged over data-parallel ranks."""
+    over the vocab-parallel group (DeepSpeed's model-parallel group; its ``tensor_model_parallel`` flag)
+    summed over it, replicated ones counted once (on vocab-parallel rank 0). At ZeRO 0 the gradients are
+    already averaged over data-parallel ranks."""
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
     mp = mpu.get_model_parallel_world_size() if mpu is not None else 1

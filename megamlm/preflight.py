@@ -211,7 +211,7 @@ def _tokenizer(cfg: Config, r: FileChecks) -> Tokenizer | None:
 def _vocab_problems(cfg: Config, tok: Tokenizer, ok: set[str]) -> list[str]:
     if not {"model.vocab_size", "parallel.vocab_parallel_size", "tokenizer.pad_vocab_to_multiple"} <= ok:
         return []
-    rows, tp, pad = cfg.model.vocab_size, cfg.parallel.vocab_parallel_size, cfg.tokenizer.pad_vocab_to_multiple
+    rows, vp, pad = cfg.model.vocab_size, cfg.parallel.vocab_parallel_size, cfg.tokenizer.pad_vocab_to_multiple
     if rows:  # its divisibility is cross_check's; the tokenizer must fit in it
         if rows < tok.padded_vocab_size:
             return [f"model.vocab_size={rows} is smaller than the padded vocabulary {tok.padded_vocab_size} of "
@@ -219,17 +219,17 @@ def _vocab_problems(cfg: Config, tok: Tokenizer, ok: set[str]) -> list[str]:
                     f"{tok.padded_vocab_size}"]
         return []
     padded = tok.padded_vocab_size
-    if padded % tp == 0:
+    if padded % vp == 0:
         return []
     trained = tok.meta.get("pad_vocab_to_multiple")
     note = ""
     if trained is not None and trained != pad:
         note = (f"; tokenizer.pad_vocab_to_multiple={pad} applies when a tokenizer is trained: this one was "
                 f"padded to a multiple of {trained}")
-    return [f"parallel.vocab_parallel_size={tp} does not divide the padded vocabulary of {padded} rows "
+    return [f"parallel.vocab_parallel_size={vp} does not divide the padded vocabulary of {padded} rows "
             f"(tokenizer.model {str(tok.path)!r}: {tok.vocab_size} pieces, padded to {padded}{note}): "
-            f"{vocab_parallel_hint(padded, tp, pad)}, or retrain the tokenizer (and remake the shards) with "
-            f"tokenizer.pad_vocab_to_multiple a multiple of {tp}"]
+            f"{vocab_parallel_hint(padded, vp, pad)}, or retrain the tokenizer (and remake the shards) with "
+            f"tokenizer.pad_vocab_to_multiple a multiple of {vp}"]
 
 
 def _manifest(cfg: Config, r: FileChecks) -> Manifest | None:

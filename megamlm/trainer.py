@@ -67,9 +67,9 @@ class StopFlag:
         self._old = {}
 
 
-def _sum_terms(acc: LossTerms | None, terms: LossTerms) -> LossTerms:
+def _sum_terms(summed: LossTerms | None, terms: LossTerms) -> LossTerms:
     terms = terms.detach()
-    return terms if acc is None else acc + terms
+    return terms if summed is None else summed + terms
 
 
 class Trainer:
@@ -147,7 +147,7 @@ class Trainer:
         if stopped:  # some rank has no micro-batches: nobody steps (their batches are read again on resume)
             return StepResult(stop=True, loader_stopped=True)
         scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
-        acc = None
+        summed = None
         w = self.cfg.objective.pair_loss_weight
         for b in micro:
             b = b.to(self.device)
@@ -155,8 +155,8 @@ class Trainer:
             loss = combine(terms, g_mlm, g_pair if g_pair else None, w) * scale
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
-            acc = _sum_terms(acc, terms)
-        return StepResult(acc, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0,
+            summed = _sum_terms(summed, terms)
+        return StepResult(summed, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0,
                           rank_tokens=float(n_tok), slots=float(sum(b.input_ids.numel() for b in micro_)))
 
     def _flops(self, micro) -> float:
@@ -183,17 +183,17 @@ class Trainer:
         if loader is None:
             return {}
         self.engine.eval()
-        acc = None
+        summed = None
         batches = loader.iter_with_info() if hasattr(loader, "iter_with_info") else ((b, {}) for b in loader)
         for i, (b, info) in enumerate(batches):
             if i >= self.cfg.train.eval_batches or info.get("epoch", 0) > 0:
                 break  # at most one pass over the validation split; every rank stops at the same batch
-            acc = _sum_terms(acc, self.engine(b.to(self.device)))
+            summed = _sum_terms(summed, self.engine(b.to(self.device)))
         batches.close()
         self.engine.train()
-        if acc is None:
+        if summed is None:
             return {}
-        return self._reduce_metrics(acc)
+        return self._reduce_metrics(summed)
 
     def _reduce_metrics(self, terms: LossTerms) -> dict[str, float]:
         """Sum terms over data-parallel ranks (on the device), then one host read."""

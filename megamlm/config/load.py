@@ -177,11 +177,11 @@ def valid_fields(cfg: Config) -> set[str]:
     return ok
 
 
-def vocab_parallel_hint(rows: int, tp: int, pad: int) -> str:
-    """The keys that make ``tp`` divide a vocabulary of ``rows`` rows (``pad``: tokenizer.pad_vocab_to_multiple)."""
-    step = math.lcm(tp, pad)
-    divisors = [d for d in range(tp - 1, 0, -1) if rows % d == 0]
-    return (f"set model.vocab_size to a multiple of {step} (a multiple of both parallel.vocab_parallel_size={tp} "
+def vocab_parallel_hint(rows: int, vp: int, pad: int) -> str:
+    """The keys that make ``vp`` divide a vocabulary of ``rows`` rows (``pad``: tokenizer.pad_vocab_to_multiple)."""
+    step = math.lcm(vp, pad)
+    divisors = [d for d in range(vp - 1, 0, -1) if rows % d == 0]
+    return (f"set model.vocab_size to a multiple of {step} (a multiple of both parallel.vocab_parallel_size={vp} "
             f"and tokenizer.pad_vocab_to_multiple={pad}), e.g. {-(-rows // step) * step}, or "
             f"parallel.vocab_parallel_size to a divisor of {rows} (e.g. {divisors[0]})")
 
@@ -245,14 +245,14 @@ def _vocab_checks(cfg: Config, ok: set[str]) -> list[str]:
     """model.vocab_size (when set) against the padding multiple and the vocab-parallel size."""
     if "model.vocab_size" not in ok or not cfg.model.vocab_size:
         return []
-    rows, pad, tp = cfg.model.vocab_size, cfg.tokenizer.pad_vocab_to_multiple, cfg.parallel.vocab_parallel_size
-    pad_ok, tp_ok = "tokenizer.pad_vocab_to_multiple" in ok, "parallel.vocab_parallel_size" in ok
+    rows, pad, vp = cfg.model.vocab_size, cfg.tokenizer.pad_vocab_to_multiple, cfg.parallel.vocab_parallel_size
+    pad_ok, vp_ok = "tokenizer.pad_vocab_to_multiple" in ok, "parallel.vocab_parallel_size" in ok
     p = []
     if pad_ok and rows % pad:
         p.append(f"model.vocab_size={rows} is not a multiple of tokenizer.pad_vocab_to_multiple={pad}")
-    if pad_ok and tp_ok and rows % tp:
-        p.append(f"parallel.vocab_parallel_size={tp} does not divide the padded vocabulary of {rows} rows "
-                 f"(model.vocab_size={rows}): {vocab_parallel_hint(rows, tp, pad)}")
+    if pad_ok and vp_ok and rows % vp:
+        p.append(f"parallel.vocab_parallel_size={vp} does not divide the padded vocabulary of {rows} rows "
+                 f"(model.vocab_size={rows}): {vocab_parallel_hint(rows, vp, pad)}")
     return p
 
 
@@ -263,13 +263,13 @@ def _world_checks(cfg: Config, world_size: int, ok: set[str]) -> list[str]:
         return [f"world size {world_size} must be >= 1"]
     if "parallel.vocab_parallel_size" not in ok:
         return []
-    tp = cfg.parallel.vocab_parallel_size
-    if world_size % tp:
-        return [f"world size {world_size} is not divisible by parallel.vocab_parallel_size={tp}"]
+    vp = cfg.parallel.vocab_parallel_size
+    if world_size % vp:
+        return [f"world size {world_size} is not divisible by parallel.vocab_parallel_size={vp}"]
     if not {"data.micro_batch_size", "engine.global_batch_size"} <= ok:
         return []
     d, e = cfg.data, cfg.engine
-    dp = world_size // tp
+    dp = world_size // vp
     per_step = d.micro_batch_size * dp
     if e.global_batch_size and e.global_batch_size % per_step:
         return [f"engine.global_batch_size={e.global_batch_size} is not a multiple of "

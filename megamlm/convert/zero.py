@@ -208,18 +208,18 @@ def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict
             layout = json.loads(layout_file.read_text())
         except json.JSONDecodeError as e:
             raise ConvertError(f"{layout_file}: not valid JSON ({e})") from None
-    t = int(layout.get("vocab_parallel_size", 1))
+    vp = int(layout.get("vocab_parallel_size", 1))
     sharded = {k: int(v) for k, v in (layout.get("sharded") or {}).items()}
     from megamlm.model.hf_keys import TIED_MEGAMLM
 
-    parts = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(t)]
+    parts = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(vp)]
     for p in parts:  # tied copies are rebuilt from their source after the merge (ranks differ in listing them)
         for k in TIED_MEGAMLM:
             p.pop(k, None)
-    if t > 1:
-        extra = sorted(p.name for p in folder.glob("*mp_rank_*") if int(re.search(r"mp_rank_(\d+)", p.name).group(1)) >= t)
+    if vp > 1:
+        extra = sorted(p.name for p in folder.glob("*mp_rank_*") if int(re.search(r"mp_rank_(\d+)", p.name).group(1)) >= vp)
         if extra:
-            raise ConvertError(f"{layout_file} says vocab_parallel_size={t} but {folder} also holds {extra[:3]}")
+            raise ConvertError(f"{layout_file} says vocab_parallel_size={vp} but {folder} also holds {extra[:3]}")
     full: dict[str, torch.Tensor] = {}
     for k, v in parts[0].items():
         if k in sharded:

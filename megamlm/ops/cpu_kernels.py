@@ -200,12 +200,12 @@ def mul_colsum(grad: torch.Tensor, deriv: torch.Tensor, colsum: bool = True) -> 
     rows, cols = _rows_cols("deriv", deriv, None)
     _check("grad", grad, deriv)
     out = torch.empty_like(deriv)
-    acc = torch.zeros(cols, dtype=torch.float64) if colsum else None
+    bias_sum = torch.zeros(cols, dtype=torch.float64) if colsum else None
     rc = _lib_fn("mul_colsum", deriv.dtype)(grad.data_ptr(), deriv.data_ptr(), out.data_ptr(),
-                                            0 if acc is None else acc.data_ptr(), rows, cols)
+                                            0 if bias_sum is None else bias_sum.data_ptr(), rows, cols)
     if rc:
         raise MemoryError(f"mul_colsum: no memory for the per-thread column sums ({cols} columns)")
-    return out, None if acc is None else acc.to(deriv.dtype)
+    return out, None if bias_sum is None else bias_sum.to(deriv.dtype)
 
 
 def residual_layer_norm(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -285,13 +285,13 @@ def cross_entropy_backward(x: torch.Tensor, bias: torch.Tensor | None, lse: torc
     N, V = x.shape
     out = torch.empty_like(x) if out is None else out
     _check("out", out, x)
-    acc = torch.zeros(V, dtype=torch.float64) if bias_grad else None
+    bias_sum = torch.zeros(V, dtype=torch.float64) if bias_grad else None
     rc = _lib_fn("ce_backward", torch.float32)(x.data_ptr(), bias_t.data_ptr(), lse.contiguous().data_ptr(),
                                                grad_rows.contiguous().data_ptr(), labels.data_ptr(), ignore_index,
-                                               out.data_ptr(), 0 if acc is None else acc.data_ptr(), N, V)
+                                               out.data_ptr(), 0 if bias_sum is None else bias_sum.data_ptr(), N, V)
     if rc:
         raise MemoryError(f"cross_entropy_backward: no memory for the per-thread column sums ({V} columns)")
-    return out, None if acc is None else acc.float()
+    return out, None if bias_sum is None else bias_sum.float()
 
 
 def attention_available() -> bool:
@@ -350,13 +350,13 @@ def _tiles_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor
     if bias_grad and bias is None:
         raise ValueError(f"{what} backward: bias_grad=True needs the bias")
     grad = torch.empty_like(qkv)
-    acc = torch.zeros(H3, dtype=torch.float64) if bias_grad else None
+    bias_sum = torch.zeros(H3, dtype=torch.float64) if bias_grad else None
     rc = _lib_fn("attention_backward", torch.float32)(
         qkv.data_ptr(), bias_ptr, cu.data_ptr(), offs.data_ptr(), probs.data_ptr(), grad_y.data_ptr(),
-        grad.data_ptr(), 0 if acc is None else acc.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5,
+        grad.data_ptr(), 0 if bias_sum is None else bias_sum.data_ptr(), cu.numel() - 1, max_seqlen, nh, hd, hd ** -0.5,
         seed, threshold(p), 1.0 / (1.0 - p))
     _attention_rc(rc, max_seqlen)
-    return grad, None if acc is None else acc.float()
+    return grad, None if bias_sum is None else bias_sum.float()
 
 
 @functools.lru_cache(maxsize=64)

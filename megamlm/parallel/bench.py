@@ -2,7 +2,7 @@
 logits and their gradient — for vocab-parallel sizes t, per rank.
 
 * :func:`vocab_memory`: bytes per rank from tensor sizes (fp32 training): parameters, gradients, AdamW
-  moments (unpartitioned; ZeRO 1–2 divide them by the data-parallel size) and the [N, V/t] logits — the
+  moments (unpartitioned; ZeRO 1–2 divide them by the data-parallel size) and the [N, V/vp] logits — the
   cross-entropy reads them in row chunks and writes their gradient in place, so they are allocated once.
 * :func:`measure`: t gloo processes on this machine (1 thread each) run the decoder + cross-entropy
   forward and backward on N masked rows (exactly what :class:`~megamlm.parallel.layers.VocabParallelDecoder`
@@ -94,7 +94,7 @@ def _run(rank: int, world: int, a: dict) -> dict:
         if group is not None:
             dist.barrier(group=group)
         t0 = time.perf_counter()
-        logits = dec(h)  # [N, V/t]
+        logits = dec(h)  # [N, V/vp]
         loss = vocab_parallel_cross_entropy(logits, labels, group, inplace_backward=True).sum()
         del logits
         loss.backward()

@@ -1,6 +1,6 @@
 """Vocab-parallel collectives and layers: the word embedding and the tied decoder split along the vocabulary.
 
-Each rank of a vocab-parallel group of size t holds the contiguous rows ``[r * V/t, (r + 1) * V/t)`` of
+Each rank of a vocab-parallel group of size vp holds the contiguous rows ``[r * V/vp, (r + 1) * V/vp)`` of
 the (padded) vocabulary. Everything else in the model is replicated over the group, and the ranks of a
 group see the same batch, so the hidden states are the same on each of them.
 
@@ -14,7 +14,7 @@ snake_case wrapper, the group always explicit, a size-1 group — or ``None`` �
 lookup; its backward needs no collective (each rank gets the full output gradient and scatters it into
 its own rows).
 
-:class:`VocabParallelDecoder`: [N, H] → local logits [N, V/t] with the (tied) local embedding rows and
+:class:`VocabParallelDecoder`: [N, H] → local logits [N, V/vp] with the (tied) local embedding rows and
 the local bias. Its input goes through the copy: the replicated layers below must receive the gradient
 of *all* vocabulary columns, each rank only computes that of its own. Padded rows (ids ≥ the real
 vocabulary size) are set to −inf in the logits: exactly zero probability, never the argmax, zero
@@ -104,7 +104,7 @@ def vocab_range(vocab_size: int, group) -> tuple[int, int]:
 
 def mask_padded_columns_(local_logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
     """Set the columns of global ids ≥ ``real_vocab_size`` to −inf, in place (autograd-safe on a fresh
-    tensor: their gradient becomes 0). local_logits [N, V/t] holds ids from ``vocab_start``."""
+    tensor: their gradient becomes 0). local_logits [N, V/vp] holds ids from ``vocab_start``."""
     n_real = min(max(real_vocab_size - vocab_start, 0), local_logits.shape[-1])
     if n_real < local_logits.shape[-1]:
         local_logits[:, n_real:] = float("-inf")
@@ -113,7 +113,7 @@ def mask_padded_columns_(local_logits: torch.Tensor, vocab_start: int, real_voca
 
 class VocabParallelEmbedding(nn.Module):
     """``nn.Embedding(num_embeddings, embedding_dim)`` whose rows are split over ``group``; this rank
-    holds ``weight`` [V/t, H] for ids ``[vocab_start, vocab_end)``. Same output as the full table."""
+    holds ``weight`` [V/vp, H] for ids ``[vocab_start, vocab_end)``. Same output as the full table."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group, weight: torch.Tensor | None = None):
         super().__init__()
@@ -155,8 +155,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelDecoder(nn.Module):
-    """[N, H] → local logits [N, V/t] with the tied local embedding rows ``weight`` [V/t, H] and the local
-    ``bias`` [V/t]; columns of ids ≥ ``n_predicted`` (vocabulary padding) are −inf. The counterpart of
+    """[N, H] → local logits [N, V/vp] with the tied local embedding rows ``weight`` [V/vp, H] and the local
+    ``bias`` [V/vp]; columns of ids ≥ ``n_predicted`` (vocabulary padding) are −inf. The counterpart of
     :class:`megamlm.model.heads.TiedDecoder` (same attribute names, so the same parameter names)."""
 
     def __init__(self, weight: nn.Parameter, bias: torch.Tensor, n_predicted: int, vocab_start: int, group):
@@ -164,7 +164,7 @@ class VocabParallelDecoder(nn.Module):
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias {tuple(bias.shape)} does not match the local weight {tuple(weight.shape)}")
         self.weight = weight  # the VocabParallelEmbedding's Parameter: same storage
-        self.bias = nn.Parameter(bias)  # [V/t]
+        self.bias = nn.Parameter(bias)  # [V/vp]
         self.n_predicted = n_predicted  # the real (global) vocabulary size
         self.vocab_start = vocab_start
         self.group = group
@@ -181,11 +181,11 @@ class VocabParallelDecoder(nn.Module):
         return dec
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
-        """h [N, H] → local logits [N, V/t]; with ``labels`` [N] (global ids) → their vocab-parallel training
+        """h [N, H] → local logits [N, V/vp]; with ``labels`` [N] (global ids) → their vocab-parallel training
         loss, as by :class:`~megamlm.model.heads.TiedDecoder`: (per-row loss fp32 [N], global argmax [N])."""
         h = copy_to_vocab_parallel_region(h, self.group)  # [N, H]; backward: sum over the vocabulary slices
-        logits = F.linear(h, self.weight, self.bias)  # [N, V/t]
-        logits = mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/t]
+        logits = F.linear(h, self.weight, self.bias)  # [N, V/vp]
+        logits = mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/vp]
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.group, inplace_backward=True, with_argmax=True)
@@ -203,7 +203,7 @@ class VocabParallelDecoder(nn.Module):
 VOCAB_SHARDED_PARAMS: dict[str, int] = {"encoder.embeddings.word_embeddings.weight": 0,
                                         "mlm_head.decoder.bias": 0}
 #: Tied aliases (not tensors of their own): rebuild them from their source after merging, as for t=1.
-#: In a checkpoint ``mlm_head.decoder.weight`` appears as each rank's [V/t, H] embedding rows in the stage
+#: In a checkpoint ``mlm_head.decoder.weight`` appears as each rank's [V/vp, H] embedding rows in the stage
 #: 0–2 ``module`` dict, and DeepSpeed records the tie in ``shared_params`` on global rank 0's file only.
 VOCAB_TIED_PARAMS: dict[str, str] = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"}
 

@@ -3,7 +3,7 @@ collectives and :func:`~megamlm.parallel.layers.parallelize_vocab`, which splits
 embedding and tied decoder, live in :mod:`megamlm.parallel.layers`).
 
 Each rank of a vocab-parallel group holds the logits of a contiguous slice of the vocabulary,
-``local_logits [N, V/t]`` for ids ``[rank * V/t, (rank + 1) * V/t)``; every rank holds the same labels.
+``local_logits [N, V/vp]`` for ids ``[rank * V/vp, (rank + 1) * V/vp)``; every rank holds the same labels.
 
 ``group=None`` means *no vocabulary parallelism* (not the default world group): the plain fp32
 log-softmax path (:func:`megamlm.ops.cross_entropy.cross_entropy`: row-chunked, equal to ``F.cross_entropy`` in fp32). A group of
@@ -13,7 +13,7 @@ The recipe (Megatron ``tensor_parallel/cross_entropy.py``): compute in fp32; all
 the sum of exponentials and the target logit over the group; the backward needs no collective
 (softmax minus the one-hot of the target, on the local slice). Both paths read the logits in row
 chunks and keep only the row log-sum-exp, so the peak is the logits themselves plus their gradient
-(or just the logits, with ``inplace_backward``): per rank [N, V/t]. ``ignore_index`` rows give loss 0 and
+(or just the logits, with ``inplace_backward``): per rank [N, V/vp]. ``ignore_index`` rows give loss 0 and
 gradient 0. The caller's logits are never mutated (unless ``inplace_backward``, then in backward only).
 The output is per row: the objective chooses the reduction. Columns of padded vocabulary rows arrive as −inf (the vocab-parallel decoder masks them):
 they get exactly zero probability and zero gradient, so the result equals the single-rank one over the
@@ -33,7 +33,7 @@ __all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "v
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-row CE over vocab-sharded logits; collectives in forward only. Same memory recipe as
-    :class:`megamlm.ops.cross_entropy.CrossEntropy`: forward reads the logits in row chunks (no [N, V/t] temporary besides the
+    :class:`megamlm.ops.cross_entropy.CrossEntropy`: forward reads the logits in row chunks (no [N, V/vp] temporary besides the
     saved reference to fp32 logits) and keeps the row log-sum-exp; backward writes
     exp(logits - lse) · g - onehot · g chunk by chunk, into the logits' storage when allowed.
     ``with_argmax``: also the global argmax id per row (ties to the smallest id, non-differentiable),
@@ -45,7 +45,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         import torch.distributed as dist
 
         size, rank = group_size_rank(group)
-        x = local_logits.float()  # [N, V/t] fp32 (a copy unless already fp32); not written to in forward
+        x = local_logits.float()  # [N, V/vp] fp32 (a copy unless already fp32); not written to in forward
         N, n_local = x.shape
         start = rank * n_local
 
@@ -90,7 +90,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         x, lse, local_label, in_slice, valid = ctx.saved_tensors
         # d loss_i / d logit_ij = softmax_ij - [j == label_i] on this rank's columns: no collective.
         g = (grad_loss * valid).to(torch.float32)  # [N], 0 on ignored rows
-        grad = x if ctx.inplace else torch.empty_like(x)  # [N, V/t]
+        grad = x if ctx.inplace else torch.empty_like(x)  # [N, V/vp]
         softmax_minus_onehot(x, lse, g, local_label, grad, onehot_weight=in_slice)
         return (grad.to(ctx.input_dtype),) + (None,) * (ctx.n_inputs - 1)
 
@@ -98,13 +98,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, group=None,
                                  ignore_index: int = IGNORE_INDEX, inplace_backward: bool = False,
                                  with_argmax: bool = False, bias: torch.Tensor | None = None):
-    """local_logits [N, V/t] (any float dtype), labels [N] global ids → per-row fp32 loss [N]
+    """local_logits [N, V/vp] (any float dtype), labels [N] global ids → per-row fp32 loss [N]
     (0 where ``labels == ignore_index``); with ``with_argmax`` → (loss [N], argmax [N]): the global
     argmax id of each row, equal to :func:`vocab_parallel_argmax` (ties to the smallest id), found from
     the loss's own row-max pass, so accuracy costs no extra pass over the logits.
 
     The logits are never written in forward. ``inplace_backward=True`` lets the backward (single-rank
-    or vocab-parallel) write the gradient into fp32 logits' storage (saves an [N, V/t] buffer); only for
+    or vocab-parallel) write the gradient into fp32 logits' storage (saves an [N, V/vp] buffer); only for
     logits that nothing reads after the loss, e.g. those the model makes for the loss alone. Columns
     set to −inf (padded vocabulary rows) get zero probability and zero gradient.
 
