@@ -96,6 +96,15 @@ def objective(**kw):
     return ObjectiveConfig(**kw)
 
 
+def make_loader(shards_dir: Path, tok, pair="nsp", masking="token", seed=5, split="train", state=None, **data):
+    """A single-process loader over ``shards_dir`` with :func:`loader_config`'s data section (+ ``data``)."""
+    from megamlm.data.loader import build_loader
+    from megamlm.distributed.topology import single_process_topology
+
+    return build_loader(loader_config(shards_dir, **data), tok, single_process_topology(), seed,
+                        objective(pair=pair, masking=masking), split=split, state=state)
+
+
 def loader_config(shards_dir: Path, **kw):
     """A DataConfig for the loader tests: keyword arguments are data.* fields."""
     over = [f"data.{k}={v}" for k, v in kw.items()]

@@ -3,6 +3,19 @@
 import pytest
 
 from megamlm.ops import cpu_kernels
+from tests import data_fixtures as F
+
+
+@pytest.fixture(scope="session")
+def shards():
+    """A small shard folder of generated documents (tests/data_fixtures.py), made once."""
+    return F.shards()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tests' SentencePiece model (tests/data_fixtures.py), trained once."""
+    return F.tokenizer()
 
 
 @pytest.fixture(params=[True, False], ids=["kernels", "torch-ops"])

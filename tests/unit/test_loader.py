@@ -30,19 +30,7 @@ from tests import data_fixtures as F
 FIELDS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "mlm_positions", "mlm_targets")
 
 
-@pytest.fixture(scope="module")
-def shards():
-    return F.shards()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return F.tokenizer()
-
-
-def make(shards_dir, tok, pair="nsp", masking="token", seed=5, split="train", state=None, **data):
-    return build_loader(F.loader_config(shards_dir, **data), tok, single_process_topology(), seed,
-                        F.objective(pair=pair, masking=masking), split=split, state=state)
+make = F.make_loader
 
 
 def one_epoch(loader, include_dropped=True):

@@ -14,11 +14,6 @@ from tests import data_fixtures as F
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return F.tokenizer()
-
-
-@pytest.fixture(scope="module")
 def corpus(tok):
     """~300k tokens of real SentencePiece ids as sequences of 20–126 tokens wrapped in [CLS] ... [SEP]."""
     sents = [s for d in F.fake_documents(2500, seed=5) for s in d]

@@ -28,19 +28,7 @@ from tests import data_fixtures as F
 SEQ, MB = 64, 8
 
 
-@pytest.fixture(scope="module")
-def shards():
-    return F.shards()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return F.tokenizer()
-
-
-def make(shards_dir, tok, pair="nsp", masking="token", state=None, **data):
-    return build_loader(F.loader_config(shards_dir, **data), tok, single_process_topology(), 5,
-                        F.objective(pair=pair, masking=masking), state=state)
+make = F.make_loader
 
 
 def epoch_batches(loader):
