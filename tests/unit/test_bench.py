@@ -105,10 +105,12 @@ _FAULTS = textwrap.dedent("""
     step, _ = _build_step("megamlm", o, [batch])
     for _ in range(3):
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    faults = []
+    for _ in range(9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(sorted(faults)[len(faults) // 2])
 """)
 
 
@@ -116,13 +118,15 @@ _FAULTS = textwrap.dedent("""
 def test_tuned_malloc_stops_page_faults_in_training_steps():
     """engine.cpu_malloc=tuned (the bench's default too): a training step re-allocates its activations
     and gradients from memory already faulted in. glibc's defaults fault ~9k pages per step of this
-    model here (the heap is trimmed and re-grown); tuned, almost none."""
+    model here (the heap is trimmed and re-grown); tuned, almost none. The median of 9 steps: a step now
+    and then still faults a few hundred pages when an allocation first outgrows the heap (measured
+    tuned: 0-3 pages in most steps, 65-260 in about one of five; untuned 1,000-12,600 in every step)."""
     per_step = {}
     for mode in ("default", "tuned"):
         res = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         per_step[mode] = float(res.stdout.split()[-1])
-    assert per_step["tuned"] < 500, per_step
+    assert per_step["tuned"] < 50 and per_step["default"] > 20 * per_step["tuned"], per_step
 
 
 def test_bench_engine_times_the_bare_model_against_each_zero_stage(tmp_path):
