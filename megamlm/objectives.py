@@ -64,10 +64,10 @@ def combine(terms: LossTerms, mlm_denominator, pair_denominator=None,
             denom = denom.to(torch.float32).clamp(min=1)
         else:
             denom = float(max(denom, 1))
-        part = terms.loss_sum[name] / denom
+        term = terms.loss_sum[name] / denom
         if w != 1.0:
-            part = part * w
-        total = part if total is None else total + part
+            term = term * w
+        total = term if total is None else total + term
     if total is None:
         raise ValueError("LossTerms is empty: no objective to combine")
     return total

@@ -297,8 +297,8 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
         key, _, text = item.partition("=")
-        parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        names = key.strip().split(".")
+        if len(names) != 2 or not all(names):
             problems.append(f"override {item!r}: the key must be section.key, e.g. data.seq_len=128")
             continue
         try:
@@ -306,7 +306,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
         except yaml.YAMLError as e:
             problems.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
             continue
-        out.setdefault(parts[0], {})[parts[1]] = value
+        out.setdefault(names[0], {})[names[1]] = value
     return out, problems
 
 

@@ -29,11 +29,11 @@ def is_hf_dir(p: Path) -> bool:
     return (p / "config.json").is_file()
 
 
-def hf_config(w: Weights, arch: str) -> dict:
-    m = w.model
+def hf_config(m: dict, real_vocab_size: int, arch: str, source: str) -> dict:
+    """HF BERT's config.json for the model section ``m`` (a dict) with ``real_vocab_size`` pieces."""
     if m.get("norm_position", "post") != "post":
-        raise ConvertError(f"{w.source}: model.norm_position={m['norm_position']!r}: HF BERT is post-LN only")
-    return {"architectures": [arch], "model_type": "bert", "vocab_size": w.real_vocab_size,
+        raise ConvertError(f"{source}: model.norm_position={m['norm_position']!r}: HF BERT is post-LN only")
+    return {"architectures": [arch], "model_type": "bert", "vocab_size": real_vocab_size,
             "hidden_size": m["hidden_size"], "num_hidden_layers": m["num_layers"],
             "num_attention_heads": m["num_heads"], "intermediate_size": m["ffn_size"],
             "hidden_act": _ACT_TO_HF[m.get("activation", "gelu")], "hidden_dropout_prob": m.get("dropout", 0.1),
@@ -58,7 +58,7 @@ def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_mode
     if arch == "BertModel" and w.pair == "none":
         raise ConvertError(f"{w.source} has no pooler (objective.pair=none): BertModel would load it newly "
                            "initialised; export BertForMaskedLM")
-    cfg = hf_config(w, arch)
+    cfg = hf_config(w.model, w.real_vocab_size, arch, w.source)
     try:
         tensors = to_hf_arch({k: v for k, v in w.state.items()}, arch)
     except ValueError as e:

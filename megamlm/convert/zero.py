@@ -212,8 +212,8 @@ def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict
     sharded = {k: int(v) for k, v in (layout.get("sharded") or {}).items()}
     from megamlm.model.hf_keys import TIED_MEGAMLM
 
-    parts = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(vp)]
-    for p in parts:  # tied copies are rebuilt from their source after the merge (ranks differ in listing them)
+    per_rank = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(vp)]
+    for p in per_rank:  # tied copies are rebuilt from their source after the merge (ranks differ in listing them)
         for k in TIED_MEGAMLM:
             p.pop(k, None)
     if vp > 1:
@@ -221,23 +221,23 @@ def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict
         if extra:
             raise ConvertError(f"{layout_file} says vocab_parallel_size={vp} but {folder} also holds {extra[:3]}")
     full: dict[str, torch.Tensor] = {}
-    for k, v in parts[0].items():
+    for k, v in per_rank[0].items():
         if k in sharded:
-            shapes = [tuple(p[k].shape) for p in parts]
+            shapes = [tuple(p[k].shape) for p in per_rank]
             try:
-                full[k] = torch.cat([materialize(p[k]) for p in parts], dim=sharded[k])
+                full[k] = torch.cat([materialize(p[k]) for p in per_rank], dim=sharded[k])
             except RuntimeError:
                 raise ConvertError(f"{folder}: vocab-sharded {k} has incompatible shards {shapes}") from None
             continue
-        for r, p in enumerate(parts[1:], 1):
+        for r, p in enumerate(per_rank[1:], 1):
             if k not in p:
                 raise ConvertError(f"{folder}: mp rank {r} lacks {k} (present on mp rank 0)")
             if p[k].shape != v.shape or not torch.equal(materialize(p[k]), materialize(v)):
                 raise ConvertError(f"{folder}: replicated tensor {k} differs between mp rank 0 {tuple(v.shape)} and "
                                    f"mp rank {r} {tuple(p[k].shape)}")
         full[k] = v
-    for r, p in enumerate(parts[1:], 1):
-        extra = sorted(set(p) - set(parts[0]))
+    for r, p in enumerate(per_rank[1:], 1):
+        extra = sorted(set(p) - set(per_rank[0]))
         if extra:
             raise ConvertError(f"{folder}: mp rank {r} has tensors mp rank 0 lacks: {extra[:5]}")
     for k, src in TIED_MEGAMLM.items():

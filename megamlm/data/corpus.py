@@ -55,7 +55,7 @@ def list_files(inputs: list[str], suffixes: tuple[str, ...] | None = None) -> li
             out.append(p)
         elif p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts):
+                if f.is_file() and not any(name.startswith(".") for name in f.relative_to(p).parts):
                     if suffixes is None or f.suffix in suffixes or "".join(f.suffixes[-2:]) in suffixes:
                         out.append(f)
         else:

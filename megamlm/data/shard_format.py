@@ -4,7 +4,7 @@
 checks read it. A folder holds ``train-%06d.tar`` / ``val-%06d.tar`` and ``manifest.json`` (format
 ``megamlm-shards/1``: per split the shards with their counts and sha256, totals, the tokenizer's
 identity, what was read and skipped). A tar's samples are blocks of documents: four ``.npy`` members per
-sample (``SAMPLE_PARTS``, described in shards.py). Every problem is a :class:`ShardError` naming the
+sample (``SAMPLE_MEMBERS``, described in shards.py). Every problem is a :class:`ShardError` naming the
 folder, shard or sample.
 """
 
@@ -22,13 +22,13 @@ import numpy as np
 
 from megamlm.errors import MegamlmError
 
-__all__ = ["MANIFEST", "MANIFEST_FORMAT", "SPLITS", "SAMPLE_PARTS", "STAGING", "ShardError", "Manifest", "existing_shards",
+__all__ = ["MANIFEST", "MANIFEST_FORMAT", "SPLITS", "SAMPLE_MEMBERS", "STAGING", "ShardError", "Manifest", "existing_shards",
            "iter_shard", "load_manifest", "npy_bytes", "npy_load", "unpack_block", "verify_shard"]
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "megamlm-shards/1"
 SPLITS = ("train", "val")
-SAMPLE_PARTS = ("ids.npy", "sents.npy", "docs.npy", "index.npy")
+SAMPLE_MEMBERS = ("ids.npy", "sents.npy", "docs.npy", "index.npy")
 STAGING = ".make-shards.staging"  # where a make-shards run writes before its swap into the folder (outdir.py)
 
 
@@ -108,9 +108,9 @@ def verify_shard(path: Path, entry: dict) -> None:
                          f"{entry['sha256'][:12]} (corrupt or replaced)")
 
 
-def unpack_block(parts: dict[str, np.ndarray], where: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def unpack_block(members: dict[str, np.ndarray], where: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """One WebDataset sample (a block) → (document index, ids, sentence lengths) per document."""
-    ids, sents, docs, index = (parts[k] for k in SAMPLE_PARTS)
+    ids, sents, docs, index = (members[k] for k in SAMPLE_MEMBERS)
     if docs.size != index.size or int(docs.sum()) != sents.size or int(sents.sum()) != ids.size:
         raise ShardError(f"{where}: inconsistent block ({index.size} documents, {docs.size} sentence counts, "
                          f"{sents.size} sentences adding to {int(sents.sum())} tokens, {ids.size} ids)")
@@ -134,11 +134,11 @@ def iter_shard(path: Path) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.partition(".")
-                if ext not in SAMPLE_PARTS:
+                if ext not in SAMPLE_MEMBERS:
                     raise ShardError(f"shard {path}: unexpected member {member.name!r}")
                 slot = pending.setdefault(key, {})
                 slot[ext] = npy_load(tar.extractfile(member).read())
-                if len(slot) == len(SAMPLE_PARTS):
+                if len(slot) == len(SAMPLE_MEMBERS):
                     del pending[key]
                     yield from unpack_block(slot, f"shard {path}, sample {key}")
     except ShardError:

@@ -42,14 +42,14 @@ from megamlm.data.corpus import CorpusError, ReadStats, iter_chunks
 from megamlm.errors import MegamlmError
 from megamlm.data.encode import EncodedChunk, encode_chunk, init_worker
 from megamlm.data.outdir import ShardOutput
-from megamlm.data.shard_format import (MANIFEST, MANIFEST_FORMAT, SAMPLE_PARTS, SPLITS, STAGING, Manifest,
+from megamlm.data.shard_format import (MANIFEST, MANIFEST_FORMAT, SAMPLE_MEMBERS, SPLITS, STAGING, Manifest,
                                        ShardError, existing_shards, iter_shard, load_manifest, npy_bytes,
                                        npy_load, unpack_block, verify_shard)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["make_shards", "ShardStats",  # the writer; the names below are shard_format.py's, re-exported
-           "MANIFEST", "MANIFEST_FORMAT", "SAMPLE_PARTS", "SPLITS", "STAGING", "Manifest", "ShardError",
+           "MANIFEST", "MANIFEST_FORMAT", "SAMPLE_MEMBERS", "SPLITS", "STAGING", "Manifest", "ShardError",
            "existing_shards", "iter_shard", "load_manifest", "npy_bytes", "npy_load", "unpack_block",
            "verify_shard"]
 

@@ -166,10 +166,10 @@ class RankDataset(torch.utils.data.IterableDataset):
     def _collate_packed(self, segs: list[tuple[_Window, np.ndarray]]) -> Batch:
         """The examples back to back in one row [1, N]: no padding; ``segments`` marks where each starts."""
         lens = np.concatenate([w.offsets[i + 1] - w.offsets[i] for w, i in segs])
-        parts = [(w, concat_ranges(w.offsets[i], w.offsets[i + 1])) for w, i in segs]
-        ids = np.concatenate([w.input[src] for w, src in parts]).astype(np.int64, copy=False)
-        labels = np.concatenate([w.labels[src] for w, src in parts]).astype(np.int64, copy=False)
-        types = np.concatenate([w.types[src] for w, src in parts]).astype(np.int64, copy=False)
+        spans = [(w, concat_ranges(w.offsets[i], w.offsets[i + 1])) for w, i in segs]
+        ids = np.concatenate([w.input[src] for w, src in spans]).astype(np.int64, copy=False)
+        labels = np.concatenate([w.labels[src] for w, src in spans]).astype(np.int64, copy=False)
+        types = np.concatenate([w.types[src] for w, src in spans]).astype(np.int64, copy=False)
         cu = np.zeros(lens.size + 1, dtype=np.int32)
         np.cumsum(lens, out=cu[1:])
         pos = np.flatnonzero(labels != IGNORE_INDEX)
@@ -240,18 +240,18 @@ class RankDataset(torch.utils.data.IterableDataset):
         pending: list[tuple[_Window, np.ndarray]] = []
         n_pending = 0
         while u < n_units:
-            start, parts, n_docs = u, [], 0
+            start, unit_windows, n_docs = u, [], 0
             for li, key, part, docs in reader:
-                parts.append(self._unit(key, part, docs, counters))
+                unit_windows.append(self._unit(key, part, docs, counters))
                 n_docs += len(docs)
                 u = li + 1
                 if not self.shuffle or n_docs >= self.buffer:
                     break
             else:
                 u = n_units  # the reader is exhausted (the rest may have been skipped as bad)
-            if not parts:
+            if not unit_windows:
                 break
-            win = self._concat(parts, start, u)
+            win = self._concat(unit_windows, start, u)
             n_ex = win.offsets.size - 1
             order = np.arange(n_ex)
             if self.shuffle:

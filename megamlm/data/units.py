@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from megamlm.data.masking import concat_ranges
-from megamlm.data.shard_format import SAMPLE_PARTS, ShardError, npy_load, unpack_block, verify_shard
+from megamlm.data.shard_format import SAMPLE_MEMBERS, ShardError, npy_load, unpack_block, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class ShardReader:
             if self.verify and s not in self._verified:
                 verify_shard(path, entry)
                 self._verified.add(s)
-            for blk, key, parts in self._blocks(path, int(units[i, 1]), int(units[j - 1, 1]) + 1, entry):
-                docs = list(unpack_block(parts, f"shard {path}, sample {key:010d}"))
+            for blk, key, members in self._blocks(path, int(units[i, 1]), int(units[j - 1, 1]) + 1, entry):
+                docs = list(unpack_block(members, f"shard {path}, sample {key:010d}"))
                 top = max((int(d[1].max()) for d in docs if d[1].size), default=0)
                 if top >= self.vocab_size:
                     raise ShardError(f"shard {path}, sample {key:010d}: token id {top} is outside the tokenizer's "
@@ -107,25 +107,25 @@ class ShardReader:
     def _blocks(path: Path, lo: int, hi: int, entry: dict):
         try:
             with tarfile.open(path, mode="r:") as tar:
-                blk, key, parts = -1, None, {}
+                blk, key, members = -1, None, {}
                 for m in tar:  # on a seekable file, members we do not extract are skipped, not read
                     if not m.isfile():
                         continue
                     k, _, ext = m.name.partition(".")
                     if k != key:
-                        if lo <= blk < hi and len(parts) != len(SAMPLE_PARTS):
+                        if lo <= blk < hi and len(members) != len(SAMPLE_MEMBERS):
                             raise ShardError(f"shard {path}: incomplete sample {key}")
-                        blk, key, parts = blk + 1, k, {}
+                        blk, key, members = blk + 1, k, {}
                         if blk >= hi:
                             return
                     if blk < lo:
                         continue
-                    if ext not in SAMPLE_PARTS:
+                    if ext not in SAMPLE_MEMBERS:
                         raise ShardError(f"shard {path}: unexpected member {m.name!r}")
-                    parts[ext] = npy_load(tar.extractfile(m).read())
-                    if len(parts) == len(SAMPLE_PARTS):
-                        yield blk, int(k), parts
-                if lo <= blk < hi and len(parts) != len(SAMPLE_PARTS):
+                    members[ext] = npy_load(tar.extractfile(m).read())
+                    if len(members) == len(SAMPLE_MEMBERS):
+                        yield blk, int(k), members
+                if lo <= blk < hi and len(members) != len(SAMPLE_MEMBERS):
                     raise ShardError(f"shard {path}: incomplete sample {key}")
         except ShardError:
             raise

@@ -60,13 +60,13 @@ def expand_nodelist(nodelist: str) -> list[str]:
         if not ranges:
             hosts.append(prefix)
             continue
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
+        for item in ranges.split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
                 width = len(lo)
                 hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
             else:
-                hosts.append(prefix + part)
+                hosts.append(prefix + item)
     return hosts
 
 

@@ -106,14 +106,14 @@ def read_conll(path: Path) -> list[Example]:
                 out.append(Example(f"{path}:{start}", tags, words=words))
             words, tags = [], []
             continue
-        parts = line.rstrip("\r").split("\t") if "\t" in line else line.split()
-        if len(parts) != 2 or not parts[0] or not parts[1].strip():
-            raise DataError(f"{path}:{n}: {len(parts)} field(s) {parts!r}; expected token<TAB>tag")
-        _check_tags([parts[1].strip()], f"{path}:{n}")
+        fields = line.rstrip("\r").split("\t") if "\t" in line else line.split()
+        if len(fields) != 2 or not fields[0] or not fields[1].strip():
+            raise DataError(f"{path}:{n}: {len(fields)} field(s) {fields!r}; expected token<TAB>tag")
+        _check_tags([fields[1].strip()], f"{path}:{n}")
         if not words:
             start = n
-        words.append(parts[0])
-        tags.append(parts[1].strip())
+        words.append(fields[0])
+        tags.append(fields[1].strip())
     if words:
         out.append(Example(f"{path}:{start}", tags, words=words))
     return out

@@ -45,10 +45,10 @@ class Evaluator:
         if self.world > 1:
             import torch.distributed as dist
 
-            parts = [None] * self.world
-            dist.all_gather_object(parts, (preds, loss_sum, n))
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (preds, loss_sum, n))
             preds, loss_sum, n = {}, 0.0, 0
-            for p, ls, c in parts:
+            for p, ls, c in gathered:
                 preds.update(p)
                 loss_sum += ls
                 n += c

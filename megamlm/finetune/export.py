@@ -4,7 +4,7 @@ config.json (``id2label`` / ``label2id``) and the tokenizer files. Pair ``concat
 sequence heads have no HF class: refused with the reason.
 
 The encoder goes through the key table of megamlm/model/hf_keys.py; the config through
-megamlm.convert.hf's ``hf_config`` when present.
+megamlm.convert.hf's ``hf_config``, as for a pretrained model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from megamlm.errors import MegamlmError
 from megamlm.convert import staged_output
+from megamlm.convert.hf import hf_config
 from megamlm.model.hf_keys import EMBEDDING_KEYS, LAYER_KEYS
 
 log = logging.getLogger(__name__)
@@ -35,31 +36,14 @@ def hf_state(state: dict[str, torch.Tensor], num_layers: int, task_type: str) ->
     out = {}
     for m, hs in rows:
         t = state[m]
-        for h, part in zip(hs, t.chunk(len(hs), 0) if len(hs) > 1 else (t,)):
-            out[h] = part.clone().contiguous()
+        for h, chunk in zip(hs, t.chunk(len(hs), 0) if len(hs) > 1 else (t,)):
+            out[h] = chunk.clone().contiguous()
     if task_type != "token":
         out["bert.pooler.dense.weight"] = state["head.pooler.weight"]
         out["bert.pooler.dense.bias"] = state["head.pooler.bias"]
     out["classifier.weight"] = state["head.classifier.weight"]
     out["classifier.bias"] = state["head.classifier.bias"]
     return out
-
-
-def _config(model: dict, arch: str, vocab: int) -> dict:
-    try:
-        from megamlm.convert.hf import hf_config
-        from types import SimpleNamespace
-
-        return hf_config(SimpleNamespace(model=model, real_vocab_size=vocab, source="fine-tuned model"), arch)
-    except ImportError:
-        act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[model["activation"]]
-        return {"architectures": [arch], "model_type": "bert", "vocab_size": vocab, "hidden_size": model["hidden_size"],
-                "num_hidden_layers": model["num_layers"], "num_attention_heads": model["num_heads"],
-                "intermediate_size": model["ffn_size"], "hidden_act": act, "hidden_dropout_prob": model["dropout"],
-                "attention_probs_dropout_prob": model["attention_dropout"],
-                "max_position_embeddings": model["max_position_embeddings"],
-                "type_vocab_size": model["type_vocab_size"], "layer_norm_eps": model["layer_norm_eps"],
-                "pad_token_id": 0, "initializer_range": model["init_std"]}
 
 
 def export_hf(best: str | Path, out: str | Path) -> Path:
@@ -83,7 +67,7 @@ def export_hf(best: str | Path, out: str | Path) -> Path:
     state = ck["state_dict"]
     vocab = state["encoder.embeddings.word_embeddings.weight"].shape[0]
     tensors = hf_state(state, model["num_layers"], task["type"])
-    cfg = _config(model, arch, vocab)
+    cfg = hf_config(model, vocab, arch, "fine-tuned model")
     cfg.update(id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
                num_labels=len(labels), classifier_dropout=head["dropout"],
                problem_type="single_label_classification" if task["type"] != "token" else None)

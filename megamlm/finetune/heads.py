@@ -168,9 +168,9 @@ def param_groups(model: FinetuneModel, encoder_lr: float, head_lr: float, weight
     """AdamW groups: encoder and head at their own learning rates, each split into decay (matrices) and
     no-decay (biases, LayerNorm); frozen parameters are left out."""
     groups = []
-    for part, lr in ((model.encoder, encoder_lr), (model.head, head_lr)):
-        decay = [p for p in part.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in part.parameters() if p.requires_grad and p.dim() < 2]
+    for module, lr in ((model.encoder, encoder_lr), (model.head, head_lr)):
+        decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd})

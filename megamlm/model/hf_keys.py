@@ -98,8 +98,8 @@ def to_hf(state: Mapping[str, torch.Tensor], tied: bool = True) -> dict[str, tor
     out: dict[str, torch.Tensor] = {}
     for m, hs in table:
         t = state[m]
-        parts = t.chunk(len(hs), dim=0) if len(hs) > 1 else (t,)
-        for h, p in zip(hs, parts):
+        chunks = t.chunk(len(hs), dim=0) if len(hs) > 1 else (t,)
+        for h, p in zip(hs, chunks):
             out[h] = p.clone()
     if tied:
         for h, src in TIED_HF.items():

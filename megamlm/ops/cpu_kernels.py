@@ -389,7 +389,7 @@ def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Ten
                        bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the gradient of ``qkv`` [B, T, 3H], and of ``bias`` [3H] or None) for ``grad_y`` [B, T, H],
     given the forward's inputs, ``probs``, ``p`` and ``seed`` (the dropout mask is regenerated). The
-    k part of the bias gradient is exactly 0 (the softmax removes a key bias)."""
+    k component of the bias gradient is exactly 0 (the softmax removes a key bias)."""
     B, T, nh, hd = _attention_check(qkv, num_heads)
     if probs.shape != (nh, B, T, T):
         raise ValueError(f"attention backward: probs {tuple(probs.shape)} do not match qkv {tuple(qkv.shape)} "
@@ -399,7 +399,7 @@ def attention_backward(grad_y: torch.Tensor, qkv: torch.Tensor, probs: torch.Ten
 
 
 def segment_prob_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Where each segment's probabilities start within a head's part of the packed kernels' ``probs``:
+    """Where each segment's probabilities start within a head's slice of the packed kernels' ``probs``:
     int64 [E + 1], ``Σ_{r<s} L_r²`` (the last, P, is the total); head h of segment s is at
     ``h · P + offs[s]`` (for equal segments: the layout [nh, E, L, L] of a batch)."""
     cu = cu_seqlens.to(torch.int64)

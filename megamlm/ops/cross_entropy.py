@@ -132,7 +132,7 @@ def softmax_minus_onehot(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, la
     hot = g if onehot_weight is None else g * onehot_weight
     out[torch.arange(N, device=x.device), labels] -= hot
     if grad_bias is not None:
-        grad_bias.index_add_(0, labels, -hot)  # the onehot part of the column sums
+        grad_bias.index_add_(0, labels, -hot)  # the onehot term of the column sums
     return grad_bias
 
 

@@ -98,8 +98,8 @@ def vocab_range(vocab_size: int, group) -> tuple[int, int]:
     size, rank = group_size_rank(group)
     if vocab_size % size:
         raise ValueError(f"the vocabulary ({vocab_size} rows) is not divisible by the vocab-parallel size {size}")
-    part = vocab_size // size
-    return rank * part, (rank + 1) * part
+    rows = vocab_size // size
+    return rank * rows, (rank + 1) * rows
 
 
 def mask_padded_columns_(local_logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
@@ -121,12 +121,12 @@ class VocabParallelEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.group = group
         self.vocab_start, self.vocab_end = vocab_range(num_embeddings, group)
-        part = self.vocab_end - self.vocab_start
+        rows = self.vocab_end - self.vocab_start
         if weight is None:
-            weight = torch.empty(part, embedding_dim)
+            weight = torch.empty(rows, embedding_dim)
             nn.init.normal_(weight)
-        if tuple(weight.shape) != (part, embedding_dim):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}; this rank holds [{part}, {embedding_dim}]")
+        if tuple(weight.shape) != (rows, embedding_dim):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}; this rank holds [{rows}, {embedding_dim}]")
         self.weight = nn.Parameter(weight)
         if group_size_rank(group)[0] > 1:
             mark_vocab_parallel(self.weight)
