@@ -7,10 +7,33 @@
 #   MEGAMLM_TORCH  "cpu" pins the CPU build torch==2.13.0 (see tools/constraints-cpu.txt);
 #                  "any" lets pip choose (a CUDA build on GPU machines). Default: cpu unless
 #                  nvidia-smi finds a GPU.
+#
+# Offline clusters (no package index on the compute nodes, a CUDA torch already in their Python):
+#   tools/setup.sh --build-wheels DIR [--python-version 3.12] [--extras mpi]
+#       where an index is reachable, after a plain set-up: DIR gets megamlm's wheel and every dependency
+#       besides torch, for the target Python (tools/wheels.py)
+#   PYTHON=/path/to/python tools/setup.sh --wheels DIR
+#       on the cluster: installs megamlm from DIR into that Python (default python3), no network, its torch
+#       kept; it must already have torch >= 2.4
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${MEGAMLM_VENV:-$root/.venv}
 py=${PYTHON:-python3}
+
+if [ "${1:-}" = "--build-wheels" ]; then
+  shift
+  [ -x "$venv/bin/python" ] || { echo "[setup] --build-wheels runs in megamlm's environment: run tools/setup.sh first" >&2; exit 2; }
+  exec "$venv/bin/python" "$root/tools/wheels.py" "$@"
+fi
+if [ "${1:-}" = "--wheels" ]; then
+  dir=${2:?"--wheels DIR: the folder tools/setup.sh --build-wheels wrote"}
+  [ -f "$dir/requirements.txt" ] || { echo "[setup] $dir has no requirements.txt: not a folder from --build-wheels" >&2; exit 2; }
+  "$py" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 4))' \
+    || { echo "[setup] $py needs torch >= 2.4 installed (megamlm keeps the site's CUDA build)" >&2; exit 2; }
+  "$py" -m pip install --disable-pip-version-check -q --no-index --find-links "$dir" megamlm
+  echo "[setup] megamlm installed into $("$py" -c 'import sys; print(sys.prefix)') from $dir (no network)" >&2
+  exit 0
+fi
 
 if [ -z "${MEGAMLM_TORCH:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

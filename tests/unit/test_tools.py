@@ -1,0 +1,57 @@
+"""tools/: the offline wheel folder (tools/wheels.py behind tools/setup.sh --build-wheels / --wheels) and the
+GPU check (tools/gpu_check.sh / gpu_check.py), whose stages run at toy size on this CPU.
+
+A failure points at tools/wheels.py (the dependency closure) or tools/gpu_check.py (a stage or the report).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import wheels  # noqa: E402
+
+
+def test_the_wheel_folder_holds_what_megamlm_needs_but_torch():
+    """Everything megamlm needs at run time, at the installed versions, and nothing only torch needs (the
+    cluster's CUDA build brings those)."""
+    got = wheels.closure(["megamlm"], set())
+    assert {"deepspeed", "webdataset", "sentencepiece", "tensorboard", "pyyaml", "safetensors", "braceexpand",
+            "hjson", "pydantic"} <= set(got)
+    assert not {"torch", "triton", "sympy", "networkx", "jinja2"} & set(got)
+    assert got["deepspeed"] == metadata.version("deepspeed")
+    assert "pytest" not in got and "transformers" not in got  # the test extra is not asked for
+    assert "transformers" in wheels.closure(["megamlm"], {"test"})
+
+
+def test_setup_refuses_a_folder_that_is_not_a_wheel_folder(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "tools/setup.sh"), "--wheels", str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "has no requirements.txt: not a folder from --build-wheels" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_stage_at_toy_size_on_cpu(tmp_path):
+    """--smoke: the same stages, commands and report as on a GPU, at a toy size on the CPU."""
+    out = tmp_path / "check"
+    r = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--smoke", "--no-tests", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    report = json.loads((out / "report.json").read_text())
+    assert r.returncode == 0, [(s["name"], s["rc"], s["tail"][-800:]) for s in report["stages"]]
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["env", "bench-128", "bench-512", "pretrain"]
+    b = next(s for s in report["stages"] if s["name"] == "bench-128")["result"]
+    assert set(b["models"]) == {"megamlm+packed", "megamlm", "hf"} and b["models"]["hf"]["tokens_per_s_median"] > 0
+    assert b["ratios"]["megamlm"] > 0 and b["padding_share"] > 0
+    pre = next(s for s in report["stages"] if s["name"] == "pretrain")["result"]
+    assert pre["train/loss"]["steps"] == 20 and pre["train/tokens_per_second"]["last"] > 0
+    md = (out / "report.md").read_text()
+    assert "| bench-512 | ok |" in md and "| megamlm+packed |" in md and "## pretrain" in md

@@ -1,0 +1,188 @@
+"""The GPU check's stages and report (tools/gpu_check.sh runs this after setting up the Python).
+
+Each stage is a command with its own time limit; a stage that fails or runs out of time is recorded with
+its exit status and the tail of its output, and the next one runs. ``OUT/report.json`` holds every
+stage's command, status, time and parsed results; ``OUT/report.md`` the same for a person (the README's
+GPU section is written from it).
+
+Stages (``--smoke`` runs each at a toy size on the CPU, to check the script itself anywhere):
+
+1. ``env``: the GPU (nvidia-smi), torch and CUDA versions, the libraries megamlm needs.
+2. ``tests``: the fast test subset (``pytest -m "not slow"``) on this machine.
+3. ``bench-128`` / ``bench-512``: ``megamlm bench model --device cuda``, BERT-base shape (H=768, 12 layers,
+   12 heads, FFN 3072, V=30522), bf16, rows padded to lengths in [T/2, T]: megamlm packed, megamlm padded
+   and HF ``BertForPreTraining`` (sdpa) in the same run, interleaved; MFU against the measured GEMM and
+   against the GPU's datasheet peak.
+4. ``bench-128-compile``: the same at seq 128 with ``--compile`` (megamlm's blocks under torch.compile).
+5. ``pretrain``: a few minutes of ``megamlm pretrain`` (NCCL, ZeRO 1, bf16) of a BERT-base-shaped model on
+   the default corpus's shards (made by ``megamlm prepare configs/tiny-cpu.yaml``: runs/wiki-vital), its
+   tokens/s, MFU and losses read back from TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BERT_BASE = ["--hidden-size", "768", "--num-layers", "12", "--num-heads", "12", "--ffn-size", "3072",
+             "--vocab-size", "30522"]
+TOY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "128", "--vocab-size", "1000"]
+
+
+def stages(out: Path, smoke: bool, tests: bool) -> list[dict]:
+    py = sys.executable
+    dev = "cpu" if smoke else "cuda"
+    shape, prec = (TOY, "fp32") if smoke else (BERT_BASE, "bf16")
+    timing = ["--rounds", "2", "--steps", "1", "--warmup", "1"] if smoke else ["--rounds", "5", "--steps", "5"]
+
+    def bench(name: str, seq: int, batch: int, *extra: str) -> dict:
+        cmd = [py, "-m", "megamlm", "bench", "model", *shape, "--seq-len", str(seq), "--batch-size", str(batch),
+               "--precision", prec, "--device", dev, "--padding", "--models", "megamlm+packed,megamlm,hf",
+               "--no-memory", *timing, "--json", str(out / f"{name}.json"), *extra]
+        return {"name": name, "cmd": cmd, "timeout": 300, "json": out / f"{name}.json"}
+
+    s = [{"name": "env", "cmd": [py, str(Path(__file__)), "--env"], "timeout": 60}]
+    if tests:
+        s.append({"name": "tests", "cmd": [py, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"],
+                  "timeout": 420})
+    s += [bench("bench-128", 128 if not smoke else 32, 64 if not smoke else 4),
+          bench("bench-512", 512 if not smoke else 64, 16 if not smoke else 2)]
+    if not smoke:
+        s.append(bench("bench-128-compile", 128, 64, "--compile"))
+    s.append(_pretrain_stage(out, smoke))
+    return s
+
+
+def _pretrain_stage(out: Path, smoke: bool) -> dict:
+    run = out / "pretrain"
+    over = [f"train.output_dir={run}", "train.eval_every=0", "checkpoint.every_steps=0", "train.log_every=10",
+            "objective.pair=nsp"]
+    if smoke:
+        over += ["model.num_layers=1", "train.max_steps=20", "engine.zero_stage=1"]
+    else:
+        over += ["model.hidden_size=768", "model.num_layers=12", "model.num_heads=12", "model.ffn_size=3072",
+                 "data.seq_len=128", "data.micro_batch_size=64", "engine.global_batch_size=64",
+                 "engine.precision=bf16", "engine.zero_stage=1", "train.max_steps=600", "data.num_workers=4"]
+    cmd = [sys.executable, "-m", "megamlm", "pretrain", str(ROOT / "configs/tiny-cpu.yaml"), *over]
+    return {"name": "pretrain", "cmd": cmd, "timeout": 240, "tb": run / "tb"}
+
+
+def run_stage(st: dict) -> dict:
+    t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        r = subprocess.run(st["cmd"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=st["timeout"])
+        rc, text = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = 124, f"{e.stdout or ''}{e.stderr or ''}"
+        text = text.decode() if isinstance(text, bytes) else text
+    res = {"name": st["name"], "cmd": " ".join(str(c) for c in st["cmd"]), "rc": rc,
+           "seconds": round(time.time() - t0, 1), "tail": text[-4000:]}
+    if rc == 0 and "json" in st:
+        res["result"] = _bench_summary(json.loads(Path(st["json"]).read_text()))
+    if "tb" in st and Path(st["tb"]).exists():
+        res["result"] = _tb_summary(Path(st["tb"]))
+    return res
+
+
+def _bench_summary(r: dict) -> dict:
+    models = {n: {k: m.get(k) for k in ("tokens_per_s_median", "step_s_median", "mfu", "mfu_datasheet")}
+              for n, m in r["models"].items()}
+    return {"models": models, "ratios": {k: v["median"] for k, v in r.get("ratios", {}).items()},
+            "padding_share": r.get("padding_share"), "matmul_peak_flops": r.get("matmul_peak_flops")}
+
+
+def _tb_summary(tb: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from megamlm.telemetry import read_scalars
+
+    want = ("train/loss", "train/tokens_per_second", "train/mfu", "train/mfu_datasheet", "train/memory_gb",
+            "train/host_syncs_per_step", "train/data_wait_ms_max", "train/step_ms_max")
+    out = {}
+    for tag in want:
+        vals = read_scalars(tb, tag)
+        if vals:
+            steps = sorted(vals)
+            out[tag] = {"first": vals[steps[0]], "last": vals[steps[-1]], "steps": steps[-1]}
+    return out
+
+
+def env_info() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpus": torch.cuda.device_count()}
+    for mod in ("deepspeed", "webdataset", "sentencepiece", "transformers", "tensorboard"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, the stages that need it fail on their own
+            info[mod] = f"missing ({e.__class__.__name__})"
+    return info
+
+
+def markdown(report: dict) -> str:
+    e = report["env"]
+    lines = [f"# megamlm GPU check, {report['date']}", "",
+             f"{e.get('gpu') or 'no GPU'} x{e.get('gpus')}, torch {e.get('torch')} (CUDA {e.get('cuda')}), "
+             f"DeepSpeed {e.get('deepspeed')}, Python {e.get('python')}", "",
+             "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {'ok' if s['rc'] == 0 else 'rc ' + str(s['rc'])} | {s['seconds']} |"
+              for s in report["stages"]]
+    for s in report["stages"]:
+        r = s.get("result")
+        if not r or "models" not in r:
+            continue
+        lines += ["", f"## {s['name']} ({100 * (r.get('padding_share') or 0):.0f}% padding)", "",
+                  "| model | tokens/s | step ms | MFU (measured GEMM) | MFU (datasheet) |", "|---|---|---|---|---|"]
+        for n, m in r["models"].items():
+            ds = m.get("mfu_datasheet")
+            lines.append(f"| {n} | {m['tokens_per_s_median']:.0f} | {1e3 * m['step_s_median']:.1f} | "
+                         f"{100 * m['mfu']:.1f}% | {'' if ds is None else f'{100 * ds:.1f}%'} |")
+        first = next(iter(r["models"]))
+        lines += [""] + [f"- {first} / {k}: {v:.2f}x (median of the per-round ratios)" for k, v in r["ratios"].items()]
+    pre = next((s for s in report["stages"] if s["name"] == "pretrain" and s.get("result")), None)
+    if pre:
+        lines += ["", "## pretrain", ""] + [f"- {k}: {v['first']:.4g} → {v['last']:.4g} (step {v['steps']})"
+                                             for k, v in pre["result"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="run the GPU check's stages and write OUT/report.{json,md}")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
+    p.add_argument("--smoke", action="store_true", help="every stage at a toy size on the CPU (checks the script)")
+    p.add_argument("--no-tests", action="store_true", help="skip the test stage")
+    p.add_argument("--only", default="", help="comma list of stage names to run")
+    p.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.env:
+        print(json.dumps(env_info()))
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": a.smoke, "stages": []}
+    only = {x for x in a.only.split(",") if x}
+    for st in stages(a.out, a.smoke, not a.no_tests):
+        if only and st["name"] not in only:
+            continue
+        res = run_stage(st)
+        if st["name"] == "env" and res["rc"] == 0:
+            report["env"] = json.loads(res["tail"].strip().splitlines()[-1])
+        report["stages"].append(res)
+        print(f"[gpu_check] {res['name']}: rc {res['rc']} in {res['seconds']} s", flush=True)
+        (a.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    report.setdefault("env", {})
+    (a.out / "report.md").write_text(markdown(report))
+    print((a.out / "report.md").read_text())
+    return 0 if all(s["rc"] == 0 for s in report["stages"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
