@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megamlm.flops import matmul_peak, sync as _sync, train_flops
+from megamlm.flops import device_datasheet_peak, matmul_peak, sync as _sync, train_flops
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +363,9 @@ def run_bench(o: BenchOptions) -> dict:
     for n in names:
         p = _split_spec(n, o)[1]
         result["models"][n] = _model_numbers(times[n], n_tokens, flops, peaks[p], peak_of[p])
+        sheet = device_datasheet_peak(o.device, p)
+        if sheet:  # the vendor's dense peak of this GPU: the denominator Megatron-LM and MosaicBERT use
+            result["models"][n]["mfu_datasheet"] = flops / result["models"][n]["step_s_median"] / sheet
     result["ratios"] = {}  # the first model's speed over each other's, per round (same round = same machine state)
     for other in names[1:]:
         ratios = sorted(a / b for a, b in zip(times[other], times[names[0]]))
@@ -409,7 +412,8 @@ def format_report(r: dict) -> str:
         lines.append(f"{n:>10}: {m['tokens_per_s_median']:8.0f} tok/s (min {m['tokens_per_s_min']:.0f}, max "
                      f"{m['tokens_per_s_max']:.0f})  step {m['step_s_median'] * 1e3:.0f} ms  MFU "
                      f"{100 * m['mfu']:.1f}% (rounds {100 * m['mfu_min']:.1f}-{100 * m['mfu_max']:.1f}; "
-                     f"median step vs best peak {100 * m['mfu_vs_best_peak']:.1f}%){mem}")
+                     f"median step vs best peak {100 * m['mfu_vs_best_peak']:.1f}%)"
+                     + (f", {100 * m['mfu_datasheet']:.1f}% of datasheet" if "mfu_datasheet" in m else "") + mem)
     first = next(iter(r["models"]), "")
     for other, q in r.get("ratios", {}).items():
         lines.append(f"   ratio: {first} / {other} = {q['median']:.2f}x (per-round min {q['min']:.2f}, "

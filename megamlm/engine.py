@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megamlm.errors import MegamlmError
+from megamlm.optim import Lamb
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +102,29 @@ class AdamSettings:
         return cls(optim_cfg.lr, tuple(optim_cfg.betas), optim_cfg.eps)
 
 
-def lamb_settings(optim_cfg):
-    """Pretraining's ``optim`` section when it names LAMB (DeepSpeed builds that optimizer), else None."""
-    return optim_cfg if optim_cfg.name == "lamb" else None
+def optimizer_problems(engine_cfg, optimizer: str = "adamw") -> list[str]:
+    """An optimizer the engine settings cannot run as it is meant: LAMB's trust ratio is per tensor, and
+    ZeRO stages 1-3 hand the optimizer flat partitions cut across tensors (megamlm/optim.py)."""
+    if optimizer == "lamb" and engine_cfg.zero_stage > 0:
+        return [f"optim.name='lamb' needs engine.zero_stage=0 (it is {engine_cfg.zero_stage}): LAMB's trust ratio "
+                "is per tensor, and ZeRO stages 1-3 hand the optimizer flat partitions that cut across tensors "
+                "(DeepSpeed's own Lamb then takes one ratio per partition, which is not LAMB); use "
+                "engine.zero_stage=0, or optim.name=adamw with ZeRO"]
+    return []
 
 
-def device_problems(engine_cfg, lamb=None) -> list[str]:
+def device_problems(engine_cfg, optimizer: str = "adamw") -> list[str]:
     """Engine settings this machine cannot run, found before any process group exists. ``engine_cfg``: the
-    ``engine`` section; ``lamb``: the optim settings when DeepSpeed's LAMB is the optimizer (else None)."""
-    p = []
+    ``engine`` section; ``optimizer``: the optimizer's name (``optim.name``)."""
+    p = optimizer_problems(engine_cfg, optimizer)
+    if getattr(engine_cfg, "compile", False):
+        if engine_cfg.zero_stage == 3:
+            p.append("engine.compile=true with engine.zero_stage=3: ZeRO-3 gathers and releases each block's "
+                     "parameters in hooks around its forward, which torch.compile does not trace; use stage 0-2")
+        if engine_cfg.kernels == "cpu":
+            p.append("engine.compile=true runs the torch code of the ops inside the compiled blocks, so "
+                     "engine.kernels='cpu' cannot apply there; use engine.kernels=auto or torch")
     if device_type() != "cuda":
-        if lamb is not None:
-            p.append("optim.name='lamb' uses DeepSpeed's fused LAMB, which needs CUDA; on this machine use "
-                     "optim.name=adamw")
         if engine_cfg.precision == "fp16":
             p.append("engine.precision='fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
         if engine_cfg.backend == "nccl":
@@ -134,10 +145,9 @@ def select_ops(engine_cfg):
     return ops.select(engine_cfg.kernels, device_type(), dtype, engine_cfg.zero_stage)
 
 
-def build_ds_config(engine_cfg, plan: BatchPlan, lamb=None) -> dict:
-    """The DeepSpeed config for the ``engine`` section and a step of ``plan``; ``lamb``: the optim settings
-    (lr, betas, eps, weight_decay) when DeepSpeed builds its LAMB, else None (a client optimizer).
-    EngineError for what this machine cannot run (:func:`device_problems`)."""
+def build_ds_config(engine_cfg, plan: BatchPlan, optimizer: str = "adamw") -> dict:
+    """The DeepSpeed config for the ``engine`` section and a step of ``plan``, with a client optimizer
+    (``optimizer``: its name). EngineError for what this machine cannot run (:func:`device_problems`)."""
     e = engine_cfg
     ds: dict = {
         "train_batch_size": plan.global_batch,
@@ -161,12 +171,9 @@ def build_ds_config(engine_cfg, plan: BatchPlan, lamb=None) -> dict:
     elif e.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": e.initial_loss_scale_power,
                       "loss_scale_window": e.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1}
-    problems = device_problems(e, lamb)
+    problems = device_problems(e, optimizer)
     if problems:
         raise EngineError("; ".join(problems))
-    if lamb is not None:
-        ds["optimizer"] = {"type": "Lamb", "params": {"lr": lamb.lr, "betas": list(lamb.betas), "eps": lamb.eps,
-                                                      "weight_decay": lamb.weight_decay}}
     return ds
 
 
@@ -241,23 +248,20 @@ def global_grad_norm(params: list, mpu=None) -> torch.Tensor:
     return sq.sqrt()
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``.
+class _Guarded:
+    """The guard of a client optimizer at ZeRO 0: skip a step whose gradients are not all finite and say so
+    in ``overflow``; ``_global_grad_norm`` (the norm before clipping) for ``engine.get_global_grad_norm()``.
 
-    DeepSpeed's ZeRO 1–3 optimizers already skip such steps (they check the global norm); at ZeRO 0
-    the client optimizer runs bare, so this one does the check (one device read per step, the same
-    DeepSpeed makes for its norm). The engine reads ``overflow`` and counts a skipped step, and
-    ``_global_grad_norm`` (the norm before clipping) for ``engine.get_global_grad_norm()``. With
-    ``max_norm`` > 0 it clips to it (fp32 at ZeRO 0, where DeepSpeed's own clipping is turned off:
-    :func:`build_ds_config`); ``mpu`` makes the norm that of the full vocab-parallel model.
+    DeepSpeed's ZeRO 1–3 optimizers already skip such steps (they check the global norm); at ZeRO 0 the
+    client optimizer runs bare, so this one does the check (one device read per step, the same DeepSpeed
+    makes for its norm). The engine reads ``overflow`` and counts a skipped step. With ``max_norm`` > 0 it
+    clips to it (fp32 at ZeRO 0, where DeepSpeed's own clipping is turned off: :func:`build_ds_config`);
+    ``mpu`` makes the norm that of the full vocab-parallel model.
     """
 
     overflow = False
     _global_grad_norm = None
-
-    def __init__(self, params, *, max_norm: float = 0.0, mpu=None, **kwargs):
-        super().__init__(params, **kwargs)
-        self.max_norm, self.mpu = float(max_norm), mpu
+    max_norm, mpu = 0.0, None
 
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -273,18 +277,42 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(groups: list[dict], engine_cfg, adam: AdamSettings, mpu=None, fused: bool | None = None):
-    """AdamW over the parameter groups: :class:`GuardedAdamW` at ZeRO 0 (it clips in fp32:
-    :func:`own_clipping`; ``mpu`` makes its norm the full vocab-parallel model's), torch's AdamW above.
-    ``fused``: None = the fused kernel on CUDA, foreach elsewhere; False = foreach everywhere."""
+class GuardedAdamW(_Guarded, torch.optim.AdamW):
+    """torch's AdamW with the ZeRO-0 guard (:class:`_Guarded`)."""
+
+    def __init__(self, params, *, max_norm: float = 0.0, mpu=None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self.mpu = float(max_norm), mpu
+
+
+class GuardedLamb(_Guarded, Lamb):
+    """:class:`megamlm.optim.Lamb` with the ZeRO-0 guard (:class:`_Guarded`)."""
+
+    def __init__(self, params, *, max_norm: float = 0.0, mpu=None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self.mpu = float(max_norm), mpu
+
+
+def build_optimizer(groups: list[dict], engine_cfg, adam: AdamSettings, mpu=None, fused: bool | None = None,
+                    name: str = "adamw"):
+    """The client optimizer over the parameter groups (each carries its weight decay). ``name`` adamw:
+    :class:`GuardedAdamW` at ZeRO 0 (it clips in fp32: :func:`own_clipping`; ``mpu`` makes its norm the
+    full vocab-parallel model's), torch's AdamW above; ``fused``: None = the fused kernel on CUDA, foreach
+    elsewhere; False = foreach everywhere. ``name`` lamb: :class:`GuardedLamb` (ZeRO 0 only:
+    :func:`optimizer_problems`)."""
+    problems = optimizer_problems(engine_cfg, name)
+    if problems:
+        raise EngineError("; ".join(problems))
+    max_norm = engine_cfg.grad_clip if own_clipping(engine_cfg) else 0.0
+    if name == "lamb":
+        return GuardedLamb(groups, max_norm=max_norm, mpu=mpu, lr=adam.lr, betas=tuple(adam.betas), eps=adam.eps)
     kwargs = dict(lr=adam.lr, betas=tuple(adam.betas), eps=adam.eps)
     if fused is None and device_type() == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
     if engine_cfg.zero_stage == 0:
-        return GuardedAdamW(groups, max_norm=engine_cfg.grad_clip if own_clipping(engine_cfg) else 0.0, mpu=mpu,
-                            **kwargs)
+        return GuardedAdamW(groups, max_norm=max_norm, mpu=mpu, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -309,27 +337,36 @@ def init_distributed(dist_env, backend: str) -> None:
     import deepspeed
 
     if device_type() == "cuda":
-        torch.cuda.set_device(dist_env.local_rank)
+        bind_cuda_device(dist_env.local_rank)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                rank=dist_env.rank, world_size=dist_env.world_size)
 
 
-def setup_engine(model: torch.nn.Module, params, schedule, engine_cfg, plan: BatchPlan, mpu=None, lamb=None):
+def bind_cuda_device(local_rank: int) -> int:
+    """Make this rank's GPU the current device; when the launcher bound one GPU per task, it is device 0 and
+    ``LOCAL_RANK`` is set to 0 too, since DeepSpeed takes ``LOCAL_RANK`` for the device index (its engine,
+    zero.Init and its process group's ``device_id``)."""
+    from megamlm.distributed.env import cuda_device_index
+
+    index = cuda_device_index(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    torch.cuda.set_device(index)
+    if index != local_rank:
+        log.info("local rank %d sees one GPU (CUDA_VISIBLE_DEVICES=%s): cuda:0, LOCAL_RANK=0 for DeepSpeed",
+                 local_rank, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        os.environ["LOCAL_RANK"] = "0"
+    return index
+
+
+def setup_engine(model: torch.nn.Module, params, schedule, engine_cfg, plan: BatchPlan, mpu=None):
     """deepspeed.initialize, for pretraining and fine-tuning alike. ``params``: the client optimizer
-    (:func:`build_optimizer`), or, with ``lamb`` (the optim settings of DeepSpeed's LAMB), the parameter
-    groups DeepSpeed builds it on. ``schedule``: the learning-rate multiplier of a step (LambdaLR over the
+    (:func:`build_optimizer`). ``schedule``: the learning-rate multiplier of a step (LambdaLR over the
     optimizer, so the checkpoint carries it). ``mpu``: the vocab-parallel topology's. Returns the engine."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    ds_config = build_ds_config(engine_cfg, plan, lamb)
-    if lamb is not None:  # DeepSpeed builds LAMB; the schedule wraps it afterwards
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                                       mpu=mpu)
-        engine.lr_scheduler = LambdaLR(optimizer, schedule)
-        return engine
     if not isinstance(params, torch.optim.Optimizer):
-        raise TypeError(f"setup_engine: without lamb, params is the optimizer, not {type(params).__name__}")
+        raise TypeError(f"setup_engine: params is the optimizer, not {type(params).__name__}")
+    ds_config = build_ds_config(engine_cfg, plan, "lamb" if isinstance(params, Lamb) else "adamw")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=params, lr_scheduler=LambdaLR(params, schedule),
                                            config=ds_config, mpu=mpu)
     return engine
@@ -343,13 +380,12 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
 
     plan = batch_plan(cfg, world_size)
     o = cfg.optim
-    lamb = lamb_settings(o)
     groups = weight_decay_groups(model, o.weight_decay)
-    params = groups if lamb is not None else build_optimizer(groups, cfg.engine, AdamSettings.of(o), mpu)
+    params = build_optimizer(groups, cfg.engine, AdamSettings.of(o), mpu, name=o.name)
     packed = packed_token_budget(cfg.data) if cfg.data.packing else 0
     horizon = total_steps(cfg.train, plan, cfg.data.seq_len, packed)
     schedule = WarmupDecay(o.lr, o.min_lr, o.warmup_steps, horizon, o.schedule, o.power)
-    return setup_engine(model, params, schedule, cfg.engine, plan, mpu=mpu, lamb=lamb), plan
+    return setup_engine(model, params, schedule, cfg.engine, plan, mpu=mpu), plan
 
 
 def current_lr(engine) -> float:

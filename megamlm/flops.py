@@ -10,8 +10,13 @@ Needed FLOPs (:func:`train_flops`) are 3 × the forward matmul FLOPs (backward =
     per sequence (pair head):   2·H·H + 2·H·2             (pooler, classifier)
 
 Embedding lookups, norms, activations and softmax count 0; padding counts 0 (it is not needed work),
-nor does a vocabulary projection of unmasked rows. The peak (:func:`matmul_peak`) is the best rate of
-a large square matmul in the training dtype, timed on the device the run trains on.
+nor does a vocabulary projection of unmasked rows. Two denominators:
+
+* :func:`matmul_peak`, the best rate of a large square matmul in the training dtype, timed on the device
+  the run trains on (``train/mfu``; the only one on a CPU). It is what this device reaches, so it reads
+  higher than the datasheet figure (an H100's 4096³ bf16 GEMM runs well below 989 TFLOP/s).
+* :func:`datasheet_peak`, the vendor's dense tensor-core figure for the detected GPU and precision
+  (``train/mfu_datasheet``), the denominator Megatron-LM, MosaicBERT and ModernBERT report against.
 """
 
 from __future__ import annotations
@@ -20,7 +25,40 @@ import time
 
 import torch
 
-__all__ = ["train_flops", "matmul_peak", "sync"]
+__all__ = ["train_flops", "matmul_peak", "sync", "datasheet_peak", "device_datasheet_peak", "DATASHEET_PEAKS"]
+
+# Dense (no structured sparsity) peaks per GPU from NVIDIA's datasheets, TFLOP/s, by the name torch reports
+# (torch.cuda.get_device_name). First match wins: the more specific names come first. fp32 is the plain
+# (non-tensor-core) rate; tf32 applies to fp32 training with TF32 matmuls allowed.
+DATASHEET_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.8, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),  # A10 and A10G
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2; no bf16
+)
+
+
+def datasheet_peak(device_name: str, precision: str, tf32: bool = False) -> float:
+    """The datasheet's dense FLOP/s of ``device_name`` (as torch names it) in ``precision`` (bf16, fp16,
+    fp32; ``tf32``: fp32 matmuls run as TF32); 0.0 for a device or precision the table does not know."""
+    key = "tf32" if precision == "fp32" and tf32 else precision
+    for pattern, peaks in DATASHEET_PEAKS:
+        if pattern in device_name:
+            return peaks.get(key, 0.0) * 1e12
+    return 0.0
+
+
+def device_datasheet_peak(device, precision: str) -> float:
+    """:func:`datasheet_peak` of a CUDA ``device`` (TF32 as torch is set to use it); 0.0 for any other."""
+    if not str(device).startswith("cuda"):
+        return 0.0
+    return datasheet_peak(torch.cuda.get_device_name(device), precision, tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool) -> float:

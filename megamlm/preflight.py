@@ -69,11 +69,11 @@ def file_checks(cfg: Config) -> list[str]:
 def engine_problems(cfg: Config) -> list[str]:
     """Pretraining's engine on this machine (:func:`megamlm.engine.device_problems`), when its engine and
     optim.name fields passed their own checks (the config reports those)."""
-    from megamlm.engine import device_problems, lamb_settings
+    from megamlm.engine import device_problems
 
     if not _engine_valid(cfg.engine) or "optim.name" not in valid_fields(cfg):
         return []
-    return device_problems(cfg.engine, lamb_settings(cfg.optim))
+    return device_problems(cfg.engine, cfg.optim.name)
 
 
 def pretrain_problems(cfg: Config, world_size: int) -> list[str]:

@@ -130,7 +130,7 @@ def _build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> 
     """Topology, tokenizer, model (with its ops backend, init weights, vocab parallelism), engine, state
     (resumed), loaders, TensorBoard writer, MFU peak → a Trainer."""
     from megamlm.distributed.topology import build_topology
-    from megamlm.engine import build_engine, resolve_backend
+    from megamlm.engine import build_engine
     from megamlm.parallel.layers import vocab_parallel_layout
     from megamlm.tokenizer import Tokenizer
     from megamlm.trainer import Trainer
@@ -151,9 +151,9 @@ def _build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> 
 
         writer = TensorBoardWriter(str(Path(cfg.train.output_dir) / "tb"), dump_config(cfg))
         writer.add_text("kernels", kernels_said)
-    meta_group = _host_world_group(resolve_backend(cfg.engine)) if de.world_size > 1 else None
+    measured_peak, datasheet_peak = _mfu_peaks(cfg, engine)
     trainer = Trainer(cfg, engine, plan, topo, de, tok, train_loader, make_eval, state, writer,
-                      _mfu_peak(cfg, engine), meta_group, vocab_parallel=vp_layout)
+                      measured_peak, vocab_parallel=vp_layout, datasheet_flops=datasheet_peak)
     return _Run(trainer, writer)
 
 
@@ -169,6 +169,9 @@ def _build_model(cfg: Config, tok, topo, init_weights, rank: int):
     model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
     kernels, kernels_said = select_ops(cfg.engine)  # checked in preflight: it cannot fail here
     ops.use(model, kernels)
+    if cfg.engine.compile:
+        model.encoder.compile_blocks()
+        kernels_said += "; encoder blocks under torch.compile (their ops run as torch code)"
     if rank == 0:
         log.info("kernels: %s", kernels_said)
     if init_weights is not None:
@@ -196,23 +199,27 @@ def _build_loaders(cfg: Config, tok, topo, state: ckpt.TrainState, batch_source)
         return batch_source(topo, state.loader), (lambda: None)
     from megamlm.data.loader import build_loader
 
+    pin = torch.cuda.is_available()  # the engine trains on CUDA: pinned batches copy asynchronously
     train = build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="train",
-                         state=state.loader or None)
+                         state=state.loader or None, pin_memory=pin)
 
-    def make_eval():
-        return build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="val")
+    def make_eval():  # reads at most train.eval_batches: no further ahead
+        return build_loader(cfg.data, tok, topo, cfg.train.seed, cfg.objective, split="val",
+                            agree_every=max(1, cfg.train.eval_batches), pin_memory=pin)
 
     return train, make_eval
 
 
-def _mfu_peak(cfg: Config, engine) -> float:
-    """The MFU denominator: this device's best matmul rate in the training precision, measured now."""
-    from megamlm.flops import matmul_peak
+def _mfu_peaks(cfg: Config, engine) -> tuple[float, float]:
+    """The MFU denominators: this device's best matmul rate in the training precision, measured now, and
+    the datasheet's for the detected GPU (0.0 on a CPU or an unlisted GPU)."""
+    from megamlm.flops import device_datasheet_peak, matmul_peak
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
     with torch.random.fork_rng(devices=[]):  # the measurement must not move the dropout stream
-        return matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
-                           device=engine.device.type)
+        measured = matmul_peak(dtype, n=1024 if engine.device.type == "cpu" else 4096, repeats=3,
+                               device=engine.device.type)
+    return measured, device_datasheet_peak(engine.device, cfg.engine.precision)
 
 
 def _load_init_weights(model, weights, real_vocab_size: int, rank: int) -> None:
@@ -240,13 +247,6 @@ def write_run_status(output_dir: Path, result: dict) -> None:
     tmp = output_dir / f".{RUN_STATUS}.tmp-{os.getpid()}"
     tmp.write_text(line)
     os.replace(tmp, output_dir / RUN_STATUS)
-
-
-def _host_world_group(backend: str):
-    """A gloo group over every rank for the step's host-side counts (never a device sync)."""
-    import torch.distributed as dist
-
-    return None if backend == "gloo" else dist.new_group(backend="gloo")
 
 
 def main_from_cli(config_path: str, overrides: list[str], resume: str | None,

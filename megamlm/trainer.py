@@ -2,26 +2,29 @@
 
 One optimizer step:
 
-1. take ``accumulation`` micro-batches from the loader (host tensors);
-2. one small all-reduce on a CPU (gloo) group of the host counts — MLM targets, pairs, real tokens,
-   sequences, and the stop flag (a preemption signal on any rank) — so every rank divides by the
-   step's *global* number of targets (megamlm/ARCHITECTURE.md, seam 6) and all ranks stop at the same step;
+1. take ``accumulation`` micro-batches from the loader (host tensors; the loader agrees with the other
+   ranks once per ``data.agree_every`` micro-batches, and a loader stop happens on every rank together);
+2. one small all-reduce of the host counts — MLM targets, pairs, real tokens, sequences, and the stop
+   flag (a preemption signal on any rank) — on the engine's device over every rank (NCCL on GPU: queued,
+   the host does not wait), so every rank divides by the step's *global* number of targets, a device
+   tensor (megamlm/ARCHITECTURE.md, seam 6), and all ranks stop at the same step;
 3. forward/backward of each micro-batch with loss = its share of the step's mean loss;
 4. ``engine.step()`` after each micro-batch (DeepSpeed updates at the accumulation boundary); it skips a step whose gradients are not finite (ZeRO 1–3 check the
-   global norm; at ZeRO 0 :class:`GuardedAdamW` does) and the trainer counts it.
+   global norm; at ZeRO 0 :class:`GuardedAdamW` does) and the trainer counts it;
+5. the counts' copy to the host, queued right after the all-reduce, is read (one host sync on GPU,
+   which waits for that copy only, not for the step's kernels).
 
-No host sync on the device inside a step: the metrics are summed on the device and read every
-``train.log_every`` steps.
+The metrics are summed on the device and read every ``train.log_every`` steps. ``train/collectives_per_step``
+and ``train/host_syncs_per_step`` count what the loop and the loader issue (DeepSpeed's own aside).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,6 +33,8 @@ from megamlm.errors import MegamlmError
 from megamlm import checkpoint as ckpt
 from megamlm.config import Config, dump_config
 from megamlm.objectives import LossTerms, combine
+from megamlm.steps import (LogWindow, RunClock, StepCounts, StepProfiler, StepResult, fmt_eta, fmt_mfu,
+                           peak_memory_gb, sum_terms)
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +72,27 @@ class StopFlag:
         self._old = {}
 
 
-def _sum_terms(summed: LossTerms | None, terms: LossTerms) -> LossTerms:
-    terms = terms.detach()
-    return terms if summed is None else summed + terms
-
-
 class Trainer:
     """Holds the engine, the loaders and the state; :meth:`run` trains until the budget or a stop."""
 
     def __init__(self, cfg: Config, engine, plan, topology, dist_env, tokenizer, train_loader, make_eval_loader,
-                 state: ckpt.TrainState, writer=None, peak_flops: float = 0.0, meta_group=None,
-                 vocab_parallel: dict | None = None):
+                 state: ckpt.TrainState, writer=None, peak_flops: float = 0.0,
+                 vocab_parallel: dict | None = None, datasheet_flops: float = 0.0):
         self.cfg, self.engine, self.plan, self.topo, self.env = cfg, engine, plan, topology, dist_env
         self.tok = tokenizer
         self.loader = train_loader
         self.make_eval_loader = make_eval_loader
         self.state = state
         self.writer = writer
-        self.peak_flops = peak_flops
+        self.peak_flops = peak_flops  # measured matmul peak per device (train/mfu)
+        self.datasheet_flops = datasheet_flops  # the GPU's datasheet peak (train/mfu_datasheet), 0: unknown
         self.device = engine.device
         self.stop = StopFlag()
         if cfg.checkpoint.save_on_signal:
             self.stop.install()  # before iter(train_loader) forks the workers
         self.losses: list[float] = []  # per-step total loss when log_every == 1 (tests, resume checks)
-        self.meta_group = meta_group  # gloo group over all ranks (None: the default group, when it is gloo)
+        self.host_group = topology.host_group  # gloo over every rank: the checkpoint's barrier and agreement
+        self._agreements_seen = 0  # the loader's agreements already counted in a step
         self.dp_group = topology.dp_group
         if cfg.checkpoint.save_on_signal and hasattr(train_loader, "should_stop"):
             # A loader that waits (skipping bad shards, between epochs) is told of a signal, and stops
@@ -108,14 +110,14 @@ class Trainer:
         if self.env.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(t, group=self.meta_group)
+            dist.all_reduce(t, group=self.host_group)
         return t.tolist()
 
     def _barrier(self) -> None:
         if self.env.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier(group=self.meta_group)
+            dist.barrier(group=self.host_group)
 
     # ------------------------------------------------------------------ one step
     def _next_micro_batches(self):
@@ -132,32 +134,41 @@ class Trainer:
             return None
 
     def train_step(self, micro) -> StepResult:
-        """One optimizer step; ``micro`` None (this rank's loader stopped): no step on any rank, and
+        """One optimizer step; ``micro`` None (the loader stopped, on every rank together): no step, and
         ``loader_stopped`` says to save the state from before the step (the loader's mark)."""
-        micro_ = micro or []
-        n_mlm = sum(b.n_targets for b in micro_)
-        n_pair = sum(int(b.pair_labels.numel()) for b in micro_ if b.pair_labels is not None)
-        n_tok = sum(b.n_tokens for b in micro_)
-        n_seq = sum(b.n_examples for b in micro_)
-        # Global counts of this step + the stop flags, agreed by every rank in one tiny CPU all-reduce.
+        if micro is None:
+            return StepResult(stop=True, loader_stopped=True)
         # Ranks of one vocab-parallel group hold the same batch: divide their share out.
         vp = self.topo.vp_size
-        g_mlm, g_pair, g_tok, g_seq, stop, stopped = self._all_reduce_host(
-            [n_mlm / vp, n_pair / vp, n_tok / vp, n_seq / vp, float(self.stop.signum != 0), float(micro is None)])
-        if stopped:  # some rank has no micro-batches: nobody steps (their batches are read again on resume)
-            return StepResult(stop=True, loader_stopped=True)
+        counts = StepCounts([sum(b.n_targets for b in micro) / vp,
+                             sum(int(b.pair_labels.numel()) for b in micro if b.pair_labels is not None) / vp,
+                             sum(b.n_tokens for b in micro) / vp, sum(b.n_examples for b in micro) / vp,
+                             float(self.stop.signum != 0)], self.device, self.env.world_size)
+        g_mlm, g_pair = counts.device_values[0], counts.device_values[1]
         scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
         summed = None
         w = self.cfg.objective.pair_loss_weight
-        for b in micro:
-            b = b.to(self.device)
+        pairs = self.cfg.objective.pair != "none"
+        for b in [self._to_device(b) for b in micro]:  # every copy queued before the first forward
             terms = self.engine(b)
-            loss = combine(terms, g_mlm, g_pair if g_pair else None, w) * scale
+            loss = combine(terms, g_mlm, g_pair if pairs else None, w) * scale
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
-            summed = _sum_terms(summed, terms)
+            summed = sum_terms(summed, terms)
+        _, _, g_tok, g_seq, stop = counts.host()
+        agreements = getattr(self.loader, "agreements", 0) - self._agreements_seen
+        self._agreements_seen += agreements
         return StepResult(summed, g_tok, g_seq, self._flops(micro), self.engine.was_step_applied(), stop > 0,
-                          rank_tokens=float(n_tok), slots=float(sum(b.input_ids.numel() for b in micro_)))
+                          rank_tokens=float(sum(b.n_tokens for b in micro)),
+                          slots=float(sum(b.input_ids.numel() for b in micro)),
+                          collectives=agreements + counts.collectives, host_syncs=agreements + counts.host_syncs)
+
+    def _to_device(self, b):
+        """A host batch's copy to the device, asynchronous on CUDA from pinned memory (pinned here when the
+        loader's thread did not: no workers, or another batch source)."""
+        if self.device.type == "cuda" and not b.input_ids.is_pinned():
+            b = b.pin_memory()
+        return b.to(self.device, non_blocking=True)
 
     def _flops(self, micro) -> float:
         if not self.peak_flops:
@@ -188,7 +199,7 @@ class Trainer:
         for i, (b, info) in enumerate(batches):
             if i >= self.cfg.train.eval_batches or info.get("epoch", 0) > 0:
                 break  # at most one pass over the validation split; every rank stops at the same batch
-            summed = _sum_terms(summed, self.engine(b.to(self.device)))
+            summed = sum_terms(summed, self.engine(b.to(self.device)))
         batches.close()
         self.engine.train()
         if summed is None:
@@ -215,6 +226,23 @@ class Trainer:
             out[f"{k}_targets"] = n
         out["loss"] = out.get("mlm_loss", 0.0) + self.cfg.objective.pair_loss_weight * out.get("pair_loss", 0.0)
         return out
+
+    def _rank_spread(self, window: "LogWindow", memory_gb: float) -> dict[str, float]:
+        """The slowest and fastest rank's step time and data wait (ms per step) and the largest peak memory,
+        gathered once per log line over the host group: a straggler or a starving loader shows here."""
+        n = max(window.steps, 1)
+        mine = torch.tensor([1e3 * window.step_s / n, 1e3 * window.data_wait_s / n, memory_gb], dtype=torch.float64)
+        ranks = mine[None]
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            out = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+            dist.all_gather(out, mine, group=self.host_group)
+            ranks = torch.stack(out)
+        step_ms, wait_ms, mem = ranks.unbind(1)
+        return {"step_ms_max": float(step_ms.max()), "step_ms_min": float(step_ms.min()),
+                "data_wait_ms_max": float(wait_ms.max()), "data_wait_ms_min": float(wait_ms.min()),
+                "slowest_rank": float(int((step_ms + wait_ms).argmax())), "memory_gb_max": float(mem.max())}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, at_mark: bool = False) -> str:
@@ -261,8 +289,16 @@ class Trainer:
             result["eval_start"] = self._evaluate_and_log()
         window = LogWindow()
         clock = RunClock(st.elapsed_seconds, st.step)
+        profiler = StepProfiler(cfg.train.profile_steps, Path(cfg.train.output_dir) / "profile", self.env.rank,
+                                self.device)
         while self._budget_left():
-            step = self.train_step(self._next_micro_batches())
+            profiler.before(st.step + 1)
+            t0 = time.perf_counter()
+            micro = self._next_micro_batches()
+            t1 = time.perf_counter()
+            step = self.train_step(micro)
+            step.data_wait_s, step.step_s = t1 - t0, time.perf_counter() - t1
+            profiler.after(st.step + 1)
             if step.loader_stopped:
                 st.elapsed_seconds = clock.elapsed()
                 result["preempted"] = True
@@ -280,6 +316,7 @@ class Trainer:
                 log.warning("preempted: checkpoint %s saved at step %d; resume with --resume auto", tag, st.step)
                 break
             self._scheduled_eval_and_save()
+        profiler.close()
         if not result["preempted"]:
             self.save()
             if cfg.train.eval_every:
@@ -332,8 +369,12 @@ class Trainer:
         m["tokens_per_step"] = window.tokens / max(window.steps, 1)  # real tokens, all ranks
         if window.steps:  # global average: examples per micro-batch (data.micro_batch_size unless packed)
             m["examples_per_micro_batch"] = window.sequences / (window.steps * self.plan.dp * self.plan.accumulation)
+            m["collectives_per_step"] = window.collectives / window.steps  # the loop's and the loader's
+            m["host_syncs_per_step"] = window.host_syncs / window.steps
         if self.peak_flops:  # flops were counted on this rank's batches: scale by data-parallel size
             m["mfu"] = window.flops * self.plan.dp / dt / (self.peak_flops * self.env.world_size)
+            if self.datasheet_flops:
+                m["mfu_datasheet"] = m["mfu"] * self.peak_flops / self.datasheet_flops
         m["lr"] = float(self.engine.get_lr()[0])
         gn = self.engine.get_global_grad_norm()
         m["grad_norm"] = float(gn) if gn is not None else float("nan")
@@ -341,7 +382,8 @@ class Trainer:
         m["skipped_steps"] = float(st.counters.get("skipped_steps", 0))
         for k, v in getattr(self.loader, "stats", {}).items():
             m[f"data_{k}"] = float(v)
-        m["memory_gb"] = _peak_memory_gb(self.device)
+        m["memory_gb"] = peak_memory_gb(self.device)
+        m.update(self._rank_spread(window, m["memory_gb"]))
         if t_cfg.log_every == 1:
             self.losses.append(m["loss"])
         self._log(m, "train")
@@ -354,7 +396,7 @@ class Trainer:
                      f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
                      m["grad_norm"], m["tokens_per_second"], window.tokens / max(window.steps, 1),
                      m.get("examples_per_micro_batch", 0.0), 100 * m["padding_share"],
-                     f" | mfu {m['mfu']:.1%}" if "mfu" in m else "", _fmt_eta(eta))
+                     fmt_mfu(m), fmt_eta(eta))
 
     def _scheduled_eval_and_save(self) -> None:
         cfg, step = self.cfg, self.state.step
@@ -362,79 +404,3 @@ class Trainer:
             self._evaluate_and_log()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and self._budget_left():
             self.save()
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step reports: this rank's summed loss terms (None when no step ran), the step's
-    global real tokens and sequences, this rank's FLOPs, whether the update was applied (finite
-    gradients), whether any rank was signalled to stop, and whether a loader stopped (no step ran);
-    ``rank_tokens`` / ``slots``: this rank's real tokens and the token slots its batches computed on
-    (padding included; equal when packed)."""
-
-    terms: LossTerms | None = None
-    tokens: float = 0.0
-    sequences: float = 0.0
-    flops: float = 0.0
-    applied: bool = True
-    stop: bool = False
-    loader_stopped: bool = False
-    rank_tokens: float = 0.0
-    slots: float = 0.0
-
-
-@dataclass
-class LogWindow:
-    """The steps since the last log line: their loss terms (detached sums) and counts, and when it began."""
-
-    terms: LossTerms | None = None
-    tokens: float = 0.0
-    sequences: float = 0.0
-    flops: float = 0.0
-    steps: int = 0
-    rank_tokens: float = 0.0
-    slots: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, step: StepResult) -> None:
-        self.terms = _sum_terms(self.terms, step.terms)
-        self.tokens += step.tokens
-        self.sequences += step.sequences
-        self.flops += step.flops
-        self.steps += 1
-        self.rank_tokens += step.rank_tokens
-        self.slots += step.slots
-
-    def padding_share(self) -> float:
-        """The share of this rank's token slots that held padding (0 when packed)."""
-        return 1.0 - self.rank_tokens / self.slots if self.slots else 0.0
-
-
-class RunClock:
-    """Wall time of the whole run across resumes (``elapsed_seconds`` of the checkpoint) and of this process."""
-
-    def __init__(self, elapsed_before: float, steps_at_start: int):
-        self.process_start = time.perf_counter()
-        self.run_start = self.process_start - elapsed_before
-        self.steps_at_start = steps_at_start
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.run_start
-
-    def this_process(self) -> float:
-        return time.perf_counter() - self.process_start
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource  # peak resident memory of this process (Linux reports KiB)
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

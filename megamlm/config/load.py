@@ -214,6 +214,9 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
         p.append(f"optim.betas={cfg.optim.betas!r} must be two numbers in [0, 1)")
     if need("optim.lr", "optim.min_lr") and cfg.optim.lr > 0 and cfg.optim.min_lr > cfg.optim.lr:
         p.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    steps = cfg.train.profile_steps
+    if need("train.profile_steps") and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps):
+        p.append(f"train.profile_steps={steps!r} must be a list of step numbers >= 1")
     if need("train.max_steps", "train.max_tokens") and cfg.train.max_steps == 0 and cfg.train.max_tokens == 0:
         p.append("train.max_steps and train.max_tokens are both 0: set a budget")
     p += _vocab_checks(cfg, ok)

@@ -82,6 +82,9 @@ class DataConfig:
                                   "(0 = micro_batch_size x seq_len, the padded batch's size at its longest)",
                                   min=0)
     num_workers: int = opt(1, help="DataLoader worker processes per rank", min=0)
+    agree_every: int = opt(16, help="micro-batches each rank reads ahead before the ranks agree, in one host "
+                           "collective, how many of them every rank has (1 = an agreement per micro-batch)",
+                           min=1)
     shuffle_buffer: int = opt(2000, help="documents gathered into a window before its examples are shuffled "
                               "(1 = no shuffle: shards, documents and examples keep the manifest order)", min=1)
     short_seq_prob: float = opt(0.1, help="probability of a shorter target length (NSP/SOP)", min=0.0, max=1.0)
@@ -172,6 +175,8 @@ class EngineConfig:
                        "(fused dropout, attention, GELU, residual LayerNorm, vocabulary), 'torch' = plain PyTorch "
                        "(SDPA; what runs on GPUs), 'auto' = cpu on a CPU, torch elsewhere; logged at start",
                        choices=("auto", "torch", "cpu"))
+    compile: bool = opt(False, help="torch.compile each encoder block for training (inductor: fuses bias + GELU "
+                        "and dropout + residual + LayerNorm); ZeRO stages 0-2")
 
 
 @dataclass
@@ -186,6 +191,8 @@ class TrainConfig:
     eval_batches: int = opt(20, help="validation micro-batches per evaluation", min=1)
     log_every: int = opt(10, help="progress line and TensorBoard scalars every N steps", min=1)
     max_nonfinite_steps: int = opt(5, help="stop after this many non-finite steps in a row", min=1)
+    profile_steps: list[int] = opt(default_factory=list, help="steps traced by the torch profiler on rank 0, e.g. "
+                                   "[20, 21, 22] (a Chrome trace in <output_dir>/profile; [] = none)")
 
 
 @dataclass

@@ -42,6 +42,15 @@ class Batch:
             out[f.name] = v
         return Batch(**out)
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked host memory (CUDA only), so that ``to(cuda, non_blocking=True)`` is
+        an asynchronous copy; the DataLoader's pinning thread calls it through :meth:`Packet.pin_memory`."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.pin_memory() if isinstance(v, (torch.Tensor, Segments)) else v
+        return Batch(**out)
+
     @property
     def n_targets(self) -> int:
         return int(self.mlm_positions.numel())

@@ -36,14 +36,19 @@ may still straddle two windows), and is one row [1, N] with ``Batch.segments`` i
 cursor and the state are the same ints; the examples and masks do not change, only the boundaries.
 
 **Epochs and equalisation.** Within a rank the workers' batches are interleaved round-robin (torch's
-DataLoader order; a worker that runs out drops out). Ranks make slightly different numbers of batches,
-so before yielding each batch every rank all-reduces (MIN) a tiny "I have a batch" flag on the
-host gloo group ``topology.host_dp_group``: one host collective per micro-batch, never on a device
+DataLoader order; a worker that runs out drops out). Ranks make slightly different numbers of batches
 (a deterministic count from the manifest is impossible: how many examples a block makes depends on the
-epoch's random draws). A rank that fails reading sends −1, so the others raise instead of hanging.
-When any rank runs out, all end the epoch together; the batches left on other ranks are drained,
-counted (``stats["dropped_batches"]``, ``stats["dropped_examples"]``) and logged; one more agreement
-closes the epoch. A worker's last batch of an epoch may hold fewer than ``micro_batch_size`` sequences.
+epoch's random draws), so they agree: each rank reads ``data.agree_every`` (W) batches ahead, then all
+ranks all-reduce (MIN) how many they hold, in one tiny collective on the host gloo group
+``topology.host_group`` (every rank: the ranks of a vocab-parallel group read the same batches, and
+they must stop together), never on a device: one host collective per W micro-batches, not per
+micro-batch. Every rank yields the agreed number; fewer than W means a rank ran out. A rank that fails
+reading sends −1, so the others raise instead of hanging. When any rank runs out, all end the epoch
+together; the batches left on other ranks are drained, counted (``stats["dropped_batches"]``,
+``stats["dropped_examples"]``) and logged; one more agreement closes the epoch. The batches yielded are
+exactly those of an agreement per batch (W = 1): the MIN over ranks of the batches they made. A packet
+read ahead changes the state only when it is taken, in stream order, so a checkpoint between batches
+holds the position of the last batch yielded. A worker's last batch of an epoch may hold fewer than ``micro_batch_size`` sequences.
 Iteration then goes on with the next epoch (new shard order, new examples, new masks). An epoch that
 yielded no batch (every rank yields the same number) would repeat for ever: every rank raises
 :class:`ShardError` instead, saying why this rank made none (every shard skipped, no document, no
@@ -73,6 +78,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
+from itertools import chain
 from typing import Callable, Iterator
 
 import torch
@@ -123,7 +130,7 @@ class Loader:
     """
 
     def __init__(self, dataset: RankDataset, topology, prefetch_factor: int = 4,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, agree_every: int = 16, pin_memory: bool = False):
         self.ds = dataset
         self.topology = topology
         self.num_workers = dataset.num_workers
@@ -133,14 +140,18 @@ class Loader:
         self.epoch_stats: dict = {}  # the counters of the last completed epoch (what was logged)
         self._epoch_start = dict(self.stats)
         self._skipped: list[str] = []  # this epoch's reasons for skipped shards (this rank)
-        self._pending: Packet | None = None  # a batch taken when another rank had run out (drained at the end)
+        if agree_every < 1:
+            raise ValueError(f"data.agree_every={agree_every}: must be >= 1")
+        self.agree_every = agree_every
+        self.pin_memory = pin_memory  # CUDA: the DataLoader pins each batch in its own thread
+        self.agreements = 0  # host collectives of this loader so far (telemetry: host syncs per step)
         self.batches_in_epoch = 0
         self._next_worker = 0
         self._mark: tuple[int, list[int]] | None = None  # see mark()
-        self.group = getattr(topology, "host_dp_group", None) or getattr(topology, "dp_group", None)
-        if topology.dp_size > 1 and self.group is None:
-            raise ValueError("a loader over several data-parallel ranks needs topology.host_dp_group "
-                             "(a gloo group) to agree on the batches per epoch")
+        self.group = topology.host_group
+        if topology.world_size > 1 and self.group is None:
+            raise ValueError("a loader over several ranks needs topology.host_group (a gloo group over every "
+                             "rank) to agree on the batches per epoch")
 
     @property
     def epoch(self) -> int:
@@ -177,7 +188,7 @@ class Loader:
         dl = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=self.num_workers,
                                          collate_fn=_identity, prefetch_factor=self.prefetch_factor,
                                          persistent_workers=False, multiprocessing_context=_worker_context(),
-                                         generator=gen)
+                                         generator=gen, pin_memory=self.pin_memory)
         return iter(dl)
 
     def _agree(self, status: int, *flags: int) -> tuple[int, int, int]:
@@ -185,12 +196,13 @@ class Loader:
         0 (I ran out, or: my epoch ended), -1 (I failed), -2 (I was asked to stop). Every agreement has
         the same three elements, so a rank that fails anywhere can answer the one the others wait in."""
         values = (status, *flags, 1, 1)[:3]
-        if self.topology.dp_size == 1:
+        if self.topology.world_size == 1:
             return values
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        self.agreements += 1
         return tuple(int(x) for x in t.tolist())
 
     @staticmethod
@@ -218,15 +230,37 @@ class Loader:
             self._agree(_FAILED)
             raise
 
-    def _next_agreed(self, it: Iterator[Packet]) -> Packet | None:
-        """The next batch packet when every rank has one, else None (the epoch is over)."""
-        pkt = self._told(self._next_batch, it)
-        status = self._agree(int(pkt is not None))[0]
+    def _read_ahead(self, it: Iterator[Packet], ahead: deque[Packet]) -> int:
+        """Read packets into ``ahead`` until it holds ``agree_every`` batches or this rank's epoch is over;
+        the batches it holds. Only an error packet is acted on here (raised); the others wait their turn."""
+        n = sum(p.batch is not None for p in ahead)
+        while n < self.agree_every:
+            pkt = next(it, None)
+            if pkt is None:
+                break
+            if pkt.error is not None:
+                raise ShardError(pkt.error)
+            ahead.append(pkt)
+            if pkt.batch is not None:
+                n += 1
+            else:
+                self._check_stop()  # a worker's end: reading on may take a while (shards skipped as bad)
+        return n
+
+    def _agreed_window(self, it: Iterator[Packet], ahead: deque[Packet]) -> int:
+        """How many batches every rank holds after reading ahead: one agreement per window."""
+        n = self._told(lambda it_: self._read_ahead(it_, ahead), it)
+        status, k, _ = self._agree(1, n)
         self._check_status(status)
-        if status == 0:
-            self._pending = pkt
-            return None
-        return pkt
+        return k
+
+    def _take_through_batch(self, ahead: deque[Packet]) -> Packet:
+        """Take the packets of ``ahead`` in order up to and including its first batch; that batch."""
+        while True:
+            pkt = ahead.popleft()
+            self._take(pkt)
+            if pkt.batch is not None:
+                return pkt
 
     def _count(self, pkt: Packet) -> None:
         for k, v in pkt.counters.items():
@@ -260,28 +294,33 @@ class Loader:
     def _run(self, include_dropped: bool) -> Iterator[tuple[Batch, dict]]:
         while True:
             it = self._packets()
-            self._pending, self._skipped = None, []
+            self._skipped = []
+            ahead: deque[Packet] = deque()  # read, not yet taken: the state moves only as batches are yielded
             while True:
-                pkt = self._next_agreed(it)
-                if pkt is None:
+                k = self._agreed_window(it, ahead)
+                for _ in range(k):
+                    pkt = self._take_through_batch(ahead)
+                    self.batches_in_epoch += 1
+                    b = pkt.batch
+                    self.stats["batches"] += 1
+                    self.stats["tokens"] += b.n_tokens
+                    self.stats["targets"] += b.n_targets
+                    yield b, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": False}
+                if k < self.agree_every:
                     break
-                self._take(pkt)
-                self.batches_in_epoch += 1
-                b = pkt.batch
-                self.stats["batches"] += 1
-                self.stats["tokens"] += b.n_tokens
-                self.stats["targets"] += b.n_targets
-                yield b, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": False}
-            pkt = self._pending
-            dropped, dropped_ex = 0, 0
-            while pkt is not None:  # another rank ran out first: drain, count, log
-                dropped += 1
-                dropped_ex += pkt.batch.n_examples
-                self._count(pkt)
-                if include_dropped:
-                    yield pkt.batch, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": True}
-                pkt = self._told(self._next_dropped, it)
-            self._end_epoch(dropped, dropped_ex)
+            yield from self._drain(chain(ahead, it), include_dropped)
+
+    def _drain(self, rest: Iterator[Packet], include_dropped: bool) -> Iterator[tuple[Batch, dict]]:
+        """Some rank ran out: the batches left on this one are counted and dropped (yielded with
+        ``include_dropped``), its workers' ends taken; then the epoch is closed."""
+        dropped, dropped_ex = 0, 0
+        while (pkt := self._told(self._next_dropped, rest)) is not None:
+            dropped += 1
+            dropped_ex += pkt.batch.n_examples
+            self._count(pkt)
+            if include_dropped:
+                yield pkt.batch, {**(pkt.info or {}), "worker": pkt.worker, "epoch": self.epoch, "dropped": True}
+        self._end_epoch(dropped, dropped_ex)
 
     def _end_epoch(self, dropped: int, dropped_ex: int) -> None:
         """Count and log the epoch, then one agreement: did any rank fail or get asked to stop, did the
@@ -360,13 +399,13 @@ class Loader:
         epoch, mine = self._mark if at_mark else self._position()
         n = 2 + 4 * len(self.ds.cursors)  # batches, next_worker, the cursors; then stats, epoch_start
         ranks = [mine]
-        if self.topology.dp_size > 1:
+        if self.topology.world_size > 1:  # over every rank; a vocab-parallel group's ranks hold one position
             import torch.distributed as dist
 
             t = torch.tensor(mine, dtype=torch.int64)
-            out = [torch.zeros_like(t) for _ in range(self.topology.dp_size)]
+            out = [torch.zeros_like(t) for _ in range(self.topology.world_size)]
             dist.all_gather(out, t, group=self.group)
-            ranks = [o.tolist() for o in out]
+            ranks = [o.tolist() for o in out[::self.topology.vp_size]]  # rank = dp_rank * vp_size + vp_rank
         return {"format": STATE_FORMAT, "epoch": epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
                 "num_workers": self.num_workers, "packing": self.ds.token_budget if self.ds.packing else 0,
                 "ranks": [
@@ -409,13 +448,16 @@ def _layout(budget: int) -> str:
 
 def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,
                  state: dict | None = None, shuffle: bool | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Loader:
+                 should_stop: Callable[[], bool] | None = None, agree_every: int = 0,
+                 pin_memory: bool = False) -> Loader:
     """The loader of one rank over ``data_cfg.shards_dir`` (see the module docstring).
 
     ``objective_cfg`` chooses the examples (``pair``) and the masking; ``topology`` the data-parallel rank,
     size and host group (``megamlm.distributed.topology``); ``seed`` with the epoch fixes every random
     choice. ``shuffle`` defaults to True for train and False for val. ``state`` from ``state_dict()``.
-    ``should_stop``: see :class:`Loader` (:class:`LoaderStopped`).
+    ``should_stop``: see :class:`Loader` (:class:`LoaderStopped`). ``agree_every``: at most this many batches
+    read ahead before each agreement (0: ``data.agree_every``; an evaluation reading few batches asks fewer).
+    ``pin_memory``: the DataLoader pins the batches (for a CUDA device; with workers only).
     """
     manifest = load_manifest(data_cfg.shards_dir)
     manifest.check_tokenizer(tokenizer)
@@ -432,7 +474,8 @@ def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split:
                      mask_spec=MaskSpec.build(objective_cfg, tokenizer), pair=objective_cfg.pair,
                      data_cfg=data_cfg, seed=seed, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
                      shuffle=(split == "train") if shuffle is None else shuffle)
-    loader = Loader(ds, topology, should_stop=should_stop)
+    loader = Loader(ds, topology, should_stop=should_stop,
+                    agree_every=min(data_cfg.agree_every, agree_every or data_cfg.agree_every), pin_memory=pin_memory)
     if state is not None:
         loader.load_state_dict(state)
     log.info("%s loader: %d shard(s), %d block(s), rank %d of %d data-parallel, %d worker(s), pair=%s, "

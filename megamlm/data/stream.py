@@ -8,6 +8,8 @@ the state. The whole design (units, examples and masks, shuffling, resume) is in
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -59,6 +61,10 @@ class Packet:
     info: dict | None = None  # each example's identity and documents (only when the loader asks for them)
     skipped: tuple[str, ...] = ()  # why shards were skipped (data.on_error=skip) since the last packet
     error: str | None = None  # a ShardError in the worker, raised by the Loader in the main process
+
+    def pin_memory(self) -> "Packet":
+        """The DataLoader's pinning thread (``pin_memory=True``, CUDA) pins the batch; the rest is host data."""
+        return self if self.batch is None else dataclasses.replace(self, batch=self.batch.pin_memory())
 
 
 @dataclass

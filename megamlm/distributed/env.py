@@ -131,7 +131,7 @@ def from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
         lsize = _slurm_tasks_on_node(env, world)
         addr = env.get("MASTER_ADDR") or _slurm_master(env)
         jobid = env.get("SLURM_JOB_ID", "0")
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 15000 + int(jobid) % 20000
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(int(jobid))
     else:
         return DistEnv()
     if not 0 <= rank < world:
@@ -139,6 +139,28 @@ def from_environ(env: Mapping[str, str] | None = None) -> DistEnv:
     if not 0 <= local < max(lsize, 1):
         raise DistEnvError(f"local rank {local} is outside local world size {lsize} ({launcher} environment)")
     return DistEnv(rank, world, local, lsize, addr, port, launcher)
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job without ``MASTER_PORT``: 10000 + job id mod 20000, in [10000, 30000),
+    below Linux's ephemeral range (32768-60999 by default), where an outgoing connection could hold it.
+    slurm/pretrain.sbatch derives the same."""
+    return 10000 + job_id % 20000
+
+
+def cuda_device_index(local_rank: int, visible: int, cuda_visible_devices: str | None = None) -> int:
+    """The CUDA device of this rank among the ``visible`` ones: its local rank when it sees the node's GPUs,
+    device 0 when the launcher bound one GPU to each task (Slurm ``--gpus-per-task=1`` or ``--gpu-bind``:
+    ``CUDA_VISIBLE_DEVICES`` holds one device, whatever the local rank)."""
+    where = f" (CUDA_VISIBLE_DEVICES={cuda_visible_devices!r})" if cuda_visible_devices is not None else ""
+    if visible < 1:
+        raise DistEnvError(f"no CUDA device is visible to local rank {local_rank}{where}")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise DistEnvError(f"local rank {local_rank} sees {visible} CUDA devices{where}: give each task one GPU "
+                       f"(srun --gpus-per-task=1) or every task all of the node's GPUs")
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str], world: int) -> int:

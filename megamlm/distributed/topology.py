@@ -7,10 +7,14 @@ Vocab-parallel groups are *consecutive* ranks (they share a node, where their co
 so with 4 ranks and ``vp_size=2``: vocab-parallel groups {0,1} {2,3}, data-parallel groups {0,2} {1,3}.
 Ranks of one vocab-parallel group hold the same ``dp_rank`` and therefore read the same batches.
 
-``dp_group`` / ``vp_group`` are the groups the model and engine use (NCCL on GPU). ``host_dp_group`` is a
-gloo group over the same ranks as ``dp_group`` for small host-side collectives (the data loader's
-"does every rank still have a batch" all-reduce): it never touches a device. With a gloo default backend
-it is simply ``dp_group``. In a single process every group is None.
+``dp_group`` / ``vp_group`` are the groups the model and engine use (NCCL on GPU); without vocabulary
+parallelism ``dp_group`` is the default group itself (no second full mesh of connections).
+``host_group`` is the one gloo group for small host-side collectives (the loader's agreement once per
+``data.agree_every`` micro-batches and its state, the checkpoint's barrier and agreement): over every
+rank, since the ranks of a vocab-parallel group must stop together; it never touches a device. With a
+gloo default backend it is the default group; otherwise one gloo group is created (about P−1
+connections per rank: 511 at 512 ranks, under the usual ``ulimit -n`` of 1024). In a single process
+every group is None.
 
 :meth:`Topology.mpu` is the object DeepSpeed takes as ``mpu`` so that ZeRO partitions and all-reduces
 over the data-parallel group only, counts vocab-sharded parameters once per shard in the gradient norm
@@ -34,8 +38,8 @@ class Topology:
     vp_rank: int = 0
     vp_size: int = 1
     dp_group: Any = None  # ranks with this vp_rank (torch.distributed ProcessGroup), None in one process
-    vp_group: Any = None  # ranks with this dp_rank
-    host_dp_group: Any = None  # gloo group over the dp_group's ranks, for host-side collectives
+    vp_group: Any = None  # ranks with this dp_rank (None without vocabulary parallelism)
+    host_group: Any = None  # gloo group over every rank, for host-side collectives (the default one on gloo)
 
     def __post_init__(self) -> None:
         problems = []
@@ -123,17 +127,18 @@ def build_topology(vp_size: int = 1) -> Topology:
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank, vp_rank = rank_layout(rank, world, vp_size)
     dp_size = world // vp_size
-    gloo = dist.get_backend() == "gloo"
-    dp_group = vp_group = host = None
-    for v in range(vp_size):  # data-parallel groups: same vp_rank
-        ranks = [d * vp_size + v for d in range(dp_size)]
-        g = dist.new_group(ranks)
-        h = g if gloo else dist.new_group(ranks, backend="gloo")
-        if v == vp_rank:
-            dp_group, host = g, h
-    for d in range(dp_size):  # vocab-parallel groups: consecutive ranks
+    host = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dp_group = vp_group = None
+    if vp_size == 1:
+        dp_group = dist.group.WORLD
+    else:
+        for v in range(vp_size):  # data-parallel groups: same vp_rank
+            g = dist.new_group([d * vp_size + v for d in range(dp_size)])
+            if v == vp_rank:
+                dp_group = g
+    for d in range(dp_size if vp_size > 1 else 0):  # vocab-parallel groups: consecutive ranks
         g = dist.new_group([d * vp_size + v for v in range(vp_size)])
         if d == dp_rank:
             vp_group = g
     return Topology(rank=rank, world_size=world, dp_rank=dp_rank, dp_size=dp_size, vp_rank=vp_rank,
-                    vp_size=vp_size, dp_group=dp_group, vp_group=vp_group, host_dp_group=host)
+                    vp_size=vp_size, dp_group=dp_group, vp_group=vp_group, host_group=host)

@@ -164,6 +164,9 @@ class FinetuneRun:
 
         backend, said = kernels
         model = ops.use(build_model(cfg, data.pre, len(data.labels)), backend)
+        if cfg.engine.compile:
+            model.encoder.compile_blocks()
+            said += "; encoder blocks under torch.compile"
         if de.rank == 0:
             log.info("kernels: %s", said)
         before = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.train.freeze_encoder else None

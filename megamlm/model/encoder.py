@@ -237,6 +237,13 @@ class Encoder(nn.Module):
     def vocab_size(self) -> int:
         return self.embeddings.word_embeddings.num_embeddings
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block in place (``nn.Module.compile``: parameter names, and so checkpoints
+        and conversion, unchanged); inside a compiled block the ops run their torch code, which inductor
+        fuses (bias + GELU, dropout + residual + LayerNorm)."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, segments=None) -> torch.Tensor:
         """input_ids [B, T] int64, token_type_ids [B, T] or None (all segment 0), attention_mask [B, T]

@@ -114,6 +114,9 @@ class Segments:
         """The same segments with ``cu_seqlens`` on ``device`` (``max_seqlen`` stays a host int)."""
         return Segments(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
 
+    def pin_memory(self) -> "Segments":
+        return Segments(self.cu_seqlens.pin_memory(), self.max_seqlen)
+
     @property
     def num_segments(self) -> int:
         return self.cu_seqlens.numel() - 1

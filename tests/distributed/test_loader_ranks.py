@@ -23,7 +23,7 @@ def _digest(b) -> str:
     return hashlib.sha1(b.input_ids.numpy().tobytes() + b.mlm_labels.numpy().tobytes()).hexdigest()
 
 
-def _rank_epoch(rank, world, shards_dir, tok_path, workers, vp):
+def _rank_epoch(rank, world, shards_dir, tok_path, workers, vp, agree_every=16):
     from megamlm.config import ObjectiveConfig
     from megamlm.data.loader import build_loader
     from megamlm.distributed.topology import build_topology
@@ -31,7 +31,7 @@ def _rank_epoch(rank, world, shards_dir, tok_path, workers, vp):
 
     topo = build_topology(vp)
     tok = Tokenizer(tok_path)
-    cfg = F.loader_config(shards_dir, num_workers=workers)
+    cfg = F.loader_config(shards_dir, num_workers=workers, agree_every=agree_every)
     obj = ObjectiveConfig(pair="nsp", masking="span")
     loader = build_loader(cfg, tok, topo, 11, obj)
     yielded, dropped = [], []
@@ -45,6 +45,7 @@ def _rank_epoch(rank, world, shards_dir, tok_path, workers, vp):
     again = build_loader(cfg, tok, topo, 11, obj, state=state)
     resumed = [_digest(b) for _, b in zip(range(4), again)]
     return {"yielded": yielded, "dropped": dropped, "stats": loader.epoch_stats, "state": state,
+            "agreements": loader.agreements,
             "ref": ref, "resumed": resumed, "dp_rank": topo.dp_rank}
 
 
@@ -68,6 +69,19 @@ def test_two_ranks_two_workers_every_document_once_equal_batches():
     assert len(idents) == len(set(idents))
     assert r0["state"] == r1["state"] and r0["state"]["dp_size"] == 2
     assert r0["ref"] == r0["resumed"] and r1["ref"] == r1["resumed"]
+
+
+def test_agreeing_once_per_window_yields_the_batches_of_an_agreement_per_batch():
+    """data.agree_every=W: one host collective per W micro-batches instead of one per micro-batch, and the
+    same batches on each rank, the same dropped at the epoch's end, the same state."""
+    shards_dir = F.shards()
+    runs = {w: spawn(_rank_epoch, 2, args=(str(shards_dir), str(F.tokenizer_path()), 2, 1, w), timeout=180)
+            for w in (1, 7)}
+    for r1, r7 in zip(runs[1], runs[7]):
+        assert r7["yielded"] == r1["yielded"] and r7["dropped"] == r1["dropped"] and r7["state"] == r1["state"]
+        n = len(r1["yielded"])
+        assert r1["agreements"] >= n + 2  # one per batch, the one that found a rank out, the epoch's closing one
+        assert r7["agreements"] <= n // 7 + 4, (n, r7["agreements"])
 
 
 def test_a_vocab_parallel_group_gets_the_same_batches():

@@ -8,9 +8,11 @@ variables), or at the loader's resumable state (megamlm/data/loader.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,9 +61,10 @@ def mpirun_missing() -> str:
 
 @pytest.fixture(scope="module")
 def reference(cfg_file, tmp_path_factory):
-    """The uninterrupted 2-rank run (torchrun, ZeRO 1): per-step losses and final weights."""
+    """The uninterrupted 2-rank run (torchrun, ZeRO 1): per-step losses and final weights; steps 2-3 traced
+    by the profiler (which changes nothing else)."""
     out = tmp_path_factory.mktemp("ref")
-    r = launch(pretrain_cmd("torchrun", cfg_file, out, "engine.zero_stage=1"))
+    r = launch(pretrain_cmd("torchrun", cfg_file, out, "engine.zero_stage=1", "train.profile_steps=[2,3]"))
     return out, r
 
 
@@ -80,9 +83,23 @@ def test_demo_run_trains_logs_and_checkpoints(reference):
                 "train/grad_norm", "train/loss_scale", "train/tokens_per_second", "train/samples_per_second",
                 "train/padding_share", "train/examples_per_micro_batch", "train/tokens_per_step",
                 "train/mfu", "train/memory_gb", "train/skipped_steps", "train/data_dropped_batches", "eval/mlm_loss",
+                "train/step_ms_max", "train/step_ms_min", "train/data_wait_ms_max", "train/data_wait_ms_min",
+                "train/slowest_rank", "train/memory_gb_max",
                 "eval/mlm_accuracy", "eval/pair_accuracy"):
         assert tb_scalars(tb, tag), f"no TensorBoard scalar {tag}"
     assert sorted(tb_scalars(tb, "eval/mlm_loss")) == [0, 4, 8]
+    # Per step: the counts' all-reduce, and the loader's agreement once per data.agree_every (16)
+    # micro-batches (was one per micro-batch + 1); gloo on CPU, so each is a host sync too.
+    coll, syncs = tb_scalars(tb, "train/collectives_per_step"), tb_scalars(tb, "train/host_syncs_per_step")
+    assert coll == syncs and sorted(coll) == list(range(1, STEPS + 1))
+    assert statistics.median(coll.values()) == 1 and sum(coll.values()) / STEPS <= 1.5, coll
+    # Across ranks, gathered at each log line: the spread is real (two processes never take equal time)
+    lo, hi = tb_scalars(tb, "train/step_ms_min"), tb_scalars(tb, "train/step_ms_max")
+    assert all(0 < lo[s] <= hi[s] for s in lo) and set(tb_scalars(tb, "train/slowest_rank").values()) <= {0.0, 1.0}
+    assert all(m >= n for m, n in zip(tb_scalars(tb, "train/memory_gb_max").values(),
+                                      tb_scalars(tb, "train/memory_gb").values()))
+    trace = json.loads((out / "profile" / "rank0_steps2-3.json").read_text())
+    assert len(trace["traceEvents"]) > 100 and not (out / "profile" / "rank1_steps2-3.json").exists()
     lr = tb_scalars(tb, "train/lr")
     assert lr[2] == pytest.approx(2e-3) and lr[8] < lr[3]  # warm-up then linear decay
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -296,6 +313,22 @@ def test_token_budget_in_a_single_process(cfg_file, tmp_path):
     per_step = st["consumed_tokens"] / st["step"]
     assert 3000 <= st["consumed_tokens"] < 3000 + per_step * 1.5, st
     assert sorted(losses(tmp_path)) == list(range(1, st["step"] + 1))
+
+
+def test_compiled_blocks_train_and_resume_exactly(cfg_file, tmp_path):
+    """engine.compile=true (inductor on this CPU, dropout on): a run resumed from its step-2 checkpoint logs
+    the losses of the run that went on (the compiled dropout's RNG is restored with the rest)."""
+    over = ["engine.compile=true", "engine.zero_stage=1", "train.max_steps=4", "train.eval_every=0",
+            "checkpoint.every_steps=2"]
+    full = tmp_path / "full"
+    r = launch(pretrain_cmd("single", cfg_file, full, *over), threads=2)
+    assert "encoder blocks under torch.compile" in r.stderr
+    part = tmp_path / "part"
+    shutil.copytree(full / "checkpoints" / "step00000002", part / "checkpoints" / "step00000002")
+    (part / "checkpoints" / "latest").write_text("step00000002")
+    launch(pretrain_cmd("single", cfg_file, part, *over) + ["--resume", "auto"], threads=2)
+    a, b = losses(full), losses(part)
+    assert sorted(b) == [3, 4] and [b[3], b[4]] == pytest.approx([a[3], a[4]], abs=1e-6)
 
 
 def test_bad_setups_fail_before_any_process_group(cfg_file, tmp_path):

@@ -141,3 +141,24 @@ def test_bench_engine_times_the_bare_model_against_each_zero_stage(tmp_path):
     assert {"bare", "zero0", "zero1", "zero2", "zero3"} <= set(r) and r["bare"]["ratio_to_bare"] == 1.0
     assert all(r[k]["median_ms"] > 0 for k in ("bare", "zero0", "zero3")) and r["tokens_per_step"] > 0
     assert "zero3  median" in res.stdout
+
+
+@pytest.mark.parametrize("name,precision,tf32,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4),  # SXM5
+    ("NVIDIA H100 PCIe", "bf16", False, 756.5),  # not the SXM figure
+    ("NVIDIA H100 NVL", "fp16", False, 835.5),
+    ("NVIDIA H200", "bf16", False, 989.4),
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0),  # TF32 matmuls
+    ("NVIDIA A100 80GB PCIe", "fp32", False, 19.5),
+    ("NVIDIA A10G", "bf16", False, 125.0),  # an A10, not an A100
+    ("NVIDIA L40S", "bf16", False, 362.1),  # not the L40 nor the L4
+    ("NVIDIA L4", "bf16", False, 121.0),
+    ("Tesla V100-SXM2-32GB", "bf16", False, 0.0),  # no bf16 on a V100
+    ("NVIDIA GeForce RTX 4090", "bf16", False, 0.0),  # not in the table: no datasheet MFU
+])
+def test_datasheet_peak_of_the_detected_gpu(name, precision, tf32, tflops):
+    """train/mfu_datasheet divides by the vendor's dense figure of the GPU torch names, the denominator
+    Megatron-LM and MosaicBERT use; an unknown GPU or precision gives 0 (the metric is left out)."""
+    from megamlm.flops import datasheet_peak
+
+    assert datasheet_peak(name, precision, tf32=tf32) == pytest.approx(tflops * 1e12)

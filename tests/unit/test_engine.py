@@ -1,6 +1,7 @@
 """The engine (megamlm/engine.py) without a process group: the DeepSpeed config's batch arithmetic and
 precision, the learning-rate schedule, GuardedAdamW (the ZeRO-0 optimizer: skip on non-finite gradients,
-clip, report the norm) and the ops backend a config selects.
+clip, report the norm), LAMB (against the paper's algorithm; refused under ZeRO) and the ops backend a
+config selects.
 
 A failure here points at megamlm/engine.py (build_ds_config, batch_plan, WarmupDecay, GuardedAdamW,
 build_optimizer, total_steps, select_ops, device_problems). The engine with DeepSpeed and ranks is tests/distributed/test_engine_parity.py.
@@ -9,13 +10,17 @@ build_optimizer, total_steps, select_ops, device_problems). The engine with Deep
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from megamlm.config import load_config
-from megamlm.engine import (AdamSettings, BatchPlan, GuardedAdamW, WarmupDecay, batch_plan, build_ds_config,
-                            build_optimizer, device_problems, lamb_settings, select_ops, total_steps)
+from megamlm.engine import (AdamSettings, BatchPlan, EngineError, GuardedAdamW, GuardedLamb, WarmupDecay, batch_plan,
+                            build_ds_config, build_optimizer, device_problems, optimizer_problems, select_ops,
+                            total_steps)
+from megamlm.optim import Lamb
+from tests.references import ReferenceLamb
 
 
 def test_ds_config_batch_arithmetic_and_precision():
@@ -39,21 +44,91 @@ def test_ds_config_batch_arithmetic_and_precision():
             build_ds_config(cfg16.engine, batch_plan(cfg16, 1))
 
 
-def test_lamb_needs_cuda_here():
-    import torch
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_lamb_is_refused_under_zero_with_the_reason(stage):
+    """ZeRO 1-3 hand the optimizer flat partitions cut across tensors: no per-tensor trust ratio there."""
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb", f"engine.zero_stage={stage}"])
+    said = f"optim.name='lamb' needs engine.zero_stage=0 (it is {stage}): LAMB's trust ratio is per tensor"
+    assert any(said in p for p in device_problems(cfg.engine, "lamb"))
+    assert not optimizer_problems(cfg.engine, "adamw")
+    with pytest.raises(EngineError, match="flat partitions that cut across tensors"):
+        build_ds_config(cfg.engine, batch_plan(cfg, 1), "lamb")
+    with pytest.raises(EngineError, match=r"needs engine.zero_stage=0"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2))]}], cfg.engine, AdamSettings.of(cfg.optim),
+                        name="lamb")
 
-    from megamlm.engine import EngineError
 
-    cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb"])
-    lamb = lamb_settings(cfg.optim)
-    assert lamb is cfg.optim and lamb_settings(load_config("configs/tiny-cpu.yaml").optim) is None
-    if torch.cuda.is_available():
-        assert build_ds_config(cfg.engine, batch_plan(cfg, 1), lamb)["optimizer"]["type"] == "Lamb"
-    else:
-        with pytest.raises(EngineError, match="needs CUDA"):
-            build_ds_config(cfg.engine, batch_plan(cfg, 1), lamb)
-        assert any("optim.name='lamb'" in p for p in device_problems(cfg.engine, lamb))
-    assert "optimizer" not in build_ds_config(cfg.engine, batch_plan(cfg, 1))  # a client optimizer
+def test_lamb_at_zero_0_is_the_guarded_client_optimizer():
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb", "engine.zero_stage=0", "engine.grad_clip=2.0"])
+    assert not device_problems(cfg.engine, "lamb")
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.01}], cfg.engine,
+                          AdamSettings.of(cfg.optim), name="lamb")
+    assert type(opt) is GuardedLamb and opt.max_norm == 2.0 and opt.defaults["eps"] == cfg.optim.eps
+    assert "optimizer" not in build_ds_config(cfg.engine, batch_plan(cfg, 1), "lamb")  # a client optimizer
+
+
+def test_lamb_matches_the_papers_algorithm_per_tensor():
+    """Five steps on tensors of different scales, two groups (decay and none): each tensor's update is
+    scaled by its own trust ratio ‖w‖/‖u‖; within 1e-6 of the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    shapes, scales = [(8, 4), (4,), (16, 8), (8,)], [1.0, 0.1, 3.0, 0.5]
+    params = [torch.nn.Parameter(s * torch.randn(*sh, generator=g)) for sh, s in zip(shapes, scales)]
+    decays = [0.01, 0.0, 0.01, 0.0]
+    opt = Lamb([{"params": params[0::2], "weight_decay": 0.01}, {"params": params[1::2], "weight_decay": 0.0}],
+               lr=0.05, betas=(0.9, 0.99), eps=1e-6)
+    steps = [[torch.randn(*sh, generator=g) * (k + 1) for sh in shapes] for k in range(5)]
+    ref = ReferenceLamb(params, decays, betas=(0.9, 0.99), eps=1e-6)
+    for grads in steps:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        ref.step(grads, 0.05)
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.detach().double(), w, atol=1e-6, rtol=1e-6)
+    assert opt.state[params[0]]["step"] == 5  # a checkpointable int
+
+
+_BF16_LAMB = """
+import torch
+from megamlm.config import load_config
+from megamlm.distributed.env import DistEnv
+from megamlm.engine import build_engine, disable_ds_shm_op, init_distributed
+from megamlm.model.pretraining import build_model
+disable_ds_shm_op()
+init_distributed(DistEnv(master_port=0, launcher="single"), "gloo")
+cfg = load_config("configs/tiny-cpu.yaml", ["optim.name=lamb", "engine.zero_stage=0", "engine.precision=bf16",
+                                            "model.num_layers=1"])
+model = build_model(cfg.model, cfg.objective, 8064, 8000)
+shapes = sorted(tuple(p.shape) for p in model.parameters())
+engine, _ = build_engine(model, cfg, 1)
+inner = engine.optimizer.optimizer
+got = sorted(tuple(p.shape) for g in inner.param_groups for p in g["params"])
+dtypes = {p.dtype for g in inner.param_groups for p in g["params"]}
+print(type(engine.optimizer).__name__, type(inner).__name__, got == shapes, dtypes == {torch.float32})
+"""
+
+
+@pytest.mark.slow
+def test_lamb_under_bf16_at_zero_0_sees_whole_fp32_tensors():
+    """bf16 at ZeRO 0: DeepSpeed keeps one fp32 master copy per tensor (FP16_UnfusedOptimizer around a client
+    optimizer that is not its FusedAdam), so LAMB's trust ratios are per tensor there too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MASTER_PORT", None)
+    res = subprocess.run([sys.executable, "-c", _BF16_LAMB], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[2]), env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-4:] == ["FP16_UnfusedOptimizer", "GuardedLamb", "True", "True"], res.stdout
+
+
+def test_guarded_lamb_skips_a_non_finite_step():
+    ps = _params_with_grads(torch.tensor([1.0, float("nan")]))
+    opt = GuardedLamb([{"params": ps, "weight_decay": 0.01}], lr=0.1)
+    assert opt.step() is None and opt.overflow and ps[0].grad is None
+    assert torch.equal(ps[0].detach(), torch.ones(2))
 
 
 def test_a_plan_of_one_micro_batch_per_rank_is_fine_tunings_step():
@@ -159,3 +234,12 @@ def test_the_config_selects_the_ops_backend_and_a_bad_choice_is_a_device_problem
     if not torch.cuda.is_available():
         assert any(p.startswith("engine.kernels=cpu: the CPU kernels cannot be built here") for p in problems)
     assert not device_problems(load_config("configs/tiny-cpu.yaml", ["engine.kernels=auto"]).engine)
+
+
+def test_compile_is_refused_where_it_cannot_apply():
+    z3 = load_config("configs/tiny-cpu.yaml", ["engine.compile=true", "engine.zero_stage=3"]).engine
+    assert any("engine.compile=true with engine.zero_stage=3" in p for p in device_problems(z3))
+    cpu = load_config("configs/tiny-cpu.yaml", ["engine.compile=true", "engine.kernels=cpu"]).engine
+    assert any("engine.kernels='cpu' cannot apply there" in p for p in device_problems(cpu))
+    ok = load_config("configs/tiny-cpu.yaml", ["engine.compile=true", "engine.zero_stage=2"]).engine
+    assert not [p for p in device_problems(ok) if "compile" in p]

@@ -5,9 +5,12 @@ A failure here points at megamlm/distributed/env.py (variable precedence, Slurm 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from megamlm.distributed.env import DistEnvError, expand_nodelist, from_environ
+from megamlm.distributed.env import (DistEnvError, cuda_device_index, expand_nodelist, from_environ,
+                                     slurm_port)
 
 
 def test_single_process_by_default():
@@ -42,7 +45,7 @@ def test_slurm_srun_master_from_nodelist_and_port_from_job():
            "SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "123456"}
     d = from_environ(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (5, 8, 1, 4)
-    assert d.master_addr == "gpu07" and d.master_port == 15000 + 123456 % 20000 and d.launcher == "slurm"
+    assert d.master_addr == "gpu07" and d.master_port == 13456 and d.launcher == "slurm"
 
 
 def test_torchrun_inside_slurm_wins():
@@ -81,7 +84,7 @@ def test_slurm_srun_task_on_one_node():
             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2"}
     d = from_environ(task)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port, d.launcher) == (
-        1, 2, 1, 2, "vm", 15007, "slurm")
+        1, 2, 1, 2, "vm", 10007, "slurm")
 
 
 def test_slurm_tasks_per_node_of_this_node_and_of_the_step():
@@ -104,3 +107,26 @@ def test_slurm_explicit_master_wins_and_bad_local_rank_is_named():
     assert (d.master_addr, d.master_port) == ("10.0.0.1", 4242)
     with pytest.raises(DistEnvError, match="local rank 1 is outside local world size 1"):
         from_environ({**env, "SLURM_LOCALID": "1"})
+
+
+def test_slurm_port_stays_below_the_ephemeral_range():
+    """The derived rendezvous port never lands where Linux picks outgoing ports (32768-60999 by default),
+    and pretrain.sbatch derives the one the tasks do."""
+    ports = {slurm_port(j) for j in range(0, 200_000, 7)}
+    assert min(ports) >= 10000 and max(ports) < 30000
+    script = (Path(__file__).resolve().parents[2] / "slurm" / "pretrain.sbatch").read_text()
+    assert "port=$((10000 + SLURM_JOB_ID % 20000))" in script and slurm_port(123456) == 13456
+
+
+@pytest.mark.parametrize("local_rank,visible,want", [(0, 8, 0), (5, 8, 5), (5, 1, 0), (0, 1, 0), (3, 4, 3)])
+def test_cuda_device_of_a_rank(local_rank, visible, want):
+    """A rank takes its local rank's GPU when it sees the node's, and the one it sees when Slurm bound a
+    GPU per task (--gpus-per-task=1: CUDA_VISIBLE_DEVICES of length 1, local rank 0-7)."""
+    assert cuda_device_index(local_rank, visible, "3") == want
+
+
+def test_cuda_device_errors_name_the_ranks_and_the_variable():
+    with pytest.raises(DistEnvError, match=r"local rank 5 sees 2 CUDA devices \(CUDA_VISIBLE_DEVICES='0,1'\)"):
+        cuda_device_index(5, 2, "0,1")
+    with pytest.raises(DistEnvError, match=r"no CUDA device is visible to local rank 0 \(CUDA_VISIBLE_DEVICES=''\)"):
+        cuda_device_index(0, 0, "")

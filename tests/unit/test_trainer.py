@@ -2,9 +2,11 @@
 and the helpers of the logging window. The loop itself runs for real in tests/e2e/test_pretrain.py
 (resume exactness, SIGTERM at a step boundary, a signal inside the loader) and tests/distributed.
 
-A failure here points at megamlm/trainer.py (StopFlag, LogWindow, RunClock, _fmt_eta).
+A failure here points at megamlm/trainer.py (StopFlag) or megamlm/steps.py (LogWindow, RunClock, StepCounts,
+StepProfiler, fmt_eta).
 """
 
+import json
 import os
 import signal
 import time
@@ -12,7 +14,8 @@ import time
 import torch
 
 from megamlm.model.terms import LossTerms
-from megamlm.trainer import LogWindow, RunClock, StepResult, StopFlag, _fmt_eta
+from megamlm.steps import LogWindow, RunClock, StepCounts, StepProfiler, StepResult, fmt_eta
+from megamlm.trainer import StopFlag
 
 
 def test_stop_flag_records_sigterm_and_sigusr1_and_restores_the_old_handlers():
@@ -73,5 +76,27 @@ def test_the_run_clock_counts_the_time_before_a_resume():
 
 
 def test_eta_format():
-    assert _fmt_eta(3725.9) == "1h02m05s" and _fmt_eta(0) == "0h00m00s"
-    assert _fmt_eta(float("nan")) == "?" and _fmt_eta(float("inf")) == "?"
+    assert fmt_eta(3725.9) == "1h02m05s" and fmt_eta(0) == "0h00m00s"
+    assert fmt_eta(float("nan")) == "?" and fmt_eta(float("inf")) == "?"
+
+
+def test_step_counts_in_one_process_need_no_collective_and_no_sync():
+    """One process on the CPU: the counts are the device tensor itself; nothing crosses a process, nothing
+    is waited for (the counters of train/collectives_per_step and train/host_syncs_per_step are 0)."""
+    c = StepCounts([12.0, 4.0, 500.0, 4.0, 0.0], torch.device("cpu"), world_size=1)
+    assert c.device_values.dtype == torch.float64 and c.device_values[0].item() == 12.0
+    assert c.host() == [12.0, 4.0, 500.0, 4.0, 0.0] and (c.collectives, c.host_syncs) == (0, 0)
+
+
+def test_the_profiler_traces_the_listed_steps_on_rank_0_only(tmp_path):
+    x = torch.randn(64, 64)
+    for rank in (0, 1):
+        prof = StepProfiler([3, 2], tmp_path / f"r{rank}", rank, torch.device("cpu"))
+        for step in range(1, 6):
+            prof.before(step)
+            (x @ x).sum()
+            prof.after(step)
+        prof.close()
+    trace = json.loads((tmp_path / "r0" / "rank0_steps2-3.json").read_text())
+    assert any("mm" in e.get("name", "") for e in trace["traceEvents"])
+    assert not (tmp_path / "r1").exists()
