@@ -175,6 +175,12 @@ class EngineConfig:
                        "(fused dropout, attention, GELU, residual LayerNorm, vocabulary), 'torch' = plain PyTorch "
                        "(SDPA; what runs on GPUs), 'auto' = cpu on a CPU, torch elsewhere; logged at start",
                        choices=("auto", "torch", "cpu"))
+    bucket_size: int = opt(25_000_000, help="ZeRO 1-3: elements per gradient-reduce and parameter all-gather "
+                           "bucket; below the model's size so that communication overlaps the backward "
+                           "(DeepSpeed's default, 5e8, is a single bucket for BERT-base and -large)", min=1_000_000)
+    grad_accum_dtype: str = opt("auto", help="gradients accumulated and reduced in: auto = the training precision "
+                                "(DeepSpeed's default), fp32 = fp32 under bf16 / fp16 (Megatron's main grads; "
+                                "ZeRO 1-3)", choices=("auto", "fp32"))
     compile: bool = opt(False, help="torch.compile each encoder block for training (inductor: fuses bias + GELU "
                         "and dropout + residual + LayerNorm); ZeRO stages 0-2")
 

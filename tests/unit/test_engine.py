@@ -243,3 +243,29 @@ def test_compile_is_refused_where_it_cannot_apply():
     assert any("engine.kernels='cpu' cannot apply there" in p for p in device_problems(cpu))
     ok = load_config("configs/tiny-cpu.yaml", ["engine.compile=true", "engine.zero_stage=2"]).engine
     assert not [p for p in device_problems(ok) if "compile" in p]
+
+
+def test_zero_buckets_below_the_model_size_and_fp32_gradient_accumulation():
+    """DeepSpeed's 5e8-element default bucket holds all of BERT-large: one reduce after the backward, no
+    overlap. engine.bucket_size (25M elements) cuts BERT-base into ~5 buckets; grad_accum_dtype=fp32 is
+    DeepSpeed's data_types under bf16 / fp16, refused at ZeRO 0 (no such mode) and 1 (a wrong gradient)."""
+    def ds(*over):
+        cfg = load_config("configs/tiny-cpu.yaml", list(over))
+        return build_ds_config(cfg.engine, batch_plan(cfg, 1))
+
+    z2 = ds("engine.zero_stage=2")["zero_optimization"]
+    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 25_000_000
+    assert ds("engine.zero_stage=3", "engine.bucket_size=4000000")["zero_optimization"]["stage3_prefetch_bucket_size"] \
+        == 4_000_000
+    assert "reduce_bucket_size" not in ds("engine.zero_stage=0")["zero_optimization"]
+    assert ds("engine.zero_stage=2", "engine.precision=bf16", "engine.grad_accum_dtype=fp32")["data_types"] == \
+        {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in ds("engine.zero_stage=1", "engine.precision=bf16")
+    assert "data_types" not in ds("engine.zero_stage=1", "engine.grad_accum_dtype=fp32")  # fp32 already
+    for stage, why in ((0, "no fp32 gradient accumulation at stage 0"), (1, "BF16_Optimizer")):
+        e = load_config("configs/tiny-cpu.yaml", [f"engine.zero_stage={stage}", "engine.precision=bf16",
+                                                  "engine.grad_accum_dtype=fp32"]).engine
+        assert any("needs engine.zero_stage 2 or 3" in p and why in p for p in device_problems(e)), stage
+    z2 = load_config("configs/tiny-cpu.yaml", ["engine.zero_stage=2", "engine.precision=bf16",
+                                               "engine.grad_accum_dtype=fp32"]).engine
+    assert not device_problems(z2)
