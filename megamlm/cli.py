@@ -177,6 +177,10 @@ def cmd_bench(args) -> int:
         from megamlm import bench_engine
 
         return bench_engine.main(args.bench_args[1:])
+    if what == "loop":
+        from megamlm import bench_loop
+
+        return bench_loop.main(args.bench_args[1:])
     if what == "loader":
         from megamlm.data import bench as data_bench
 
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
     _data_verbs(sub)
     _run_verbs(sub)
-    p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loader --help`", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: `megamlm bench model|engine|loop|loader --help`", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
     return ap

@@ -73,7 +73,7 @@ def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_fro
     tag, init_weights = _start_or_resume(cfg, resume, init_from, move_old_run, de)
     _before_process_group(cfg)
     init_distributed(de, resolve_backend(cfg.engine))
-    run = _build_run(cfg, de, tag, init_weights, batch_source)
+    run = build_run(cfg, de, tag, init_weights, batch_source)
     try:
         result = run.trainer.run()
         if de.rank == 0:
@@ -126,7 +126,7 @@ class _Run:
     writer: object
 
 
-def _build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> _Run:
+def build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> _Run:
     """Topology, tokenizer, model (with its ops backend, init weights, vocab parallelism), engine, state
     (resumed), loaders, TensorBoard writer, MFU peak → a Trainer."""
     from megamlm.distributed.topology import build_topology

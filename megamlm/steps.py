@@ -137,6 +137,10 @@ class LogWindow:
     step_s: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
+    def reset(self) -> None:
+        """Start a new window (after a log line)."""
+        self.__init__()
+
     def add(self, step: StepResult) -> None:
         self.terms = sum_terms(self.terms, step.terms)
         self.tokens += step.tokens

@@ -292,23 +292,12 @@ class Trainer:
         profiler = StepProfiler(cfg.train.profile_steps, Path(cfg.train.output_dir) / "profile", self.env.rank,
                                 self.device)
         while self._budget_left():
-            profiler.before(st.step + 1)
-            t0 = time.perf_counter()
-            micro = self._next_micro_batches()
-            t1 = time.perf_counter()
-            step = self.train_step(micro)
-            step.data_wait_s, step.step_s = t1 - t0, time.perf_counter() - t1
-            profiler.after(st.step + 1)
+            step = self._one_step(window, clock, profiler)
             if step.loader_stopped:
                 st.elapsed_seconds = clock.elapsed()
                 result["preempted"] = True
                 self._save_after_loader_stop()
                 break
-            self._count_step(step)
-            window.add(step)
-            if st.step % cfg.train.log_every == 0 or not self._budget_left():
-                self._log_window(window, clock)
-                window = LogWindow()
             st.elapsed_seconds = clock.elapsed()
             if step.stop:
                 tag = self.save()
@@ -327,6 +316,35 @@ class Trainer:
         if self.writer is not None:
             self.writer.flush()
         return result
+
+    def _one_step(self, window: LogWindow, clock: RunClock, profiler: StepProfiler, record: list | None = None):
+        """One step of the loop: its micro-batches (timed: the data wait), the step, the state's counts, and
+        the log line when one is due (``window`` then starts over). ``record``: gets the micro-batches."""
+        st = self.state
+        profiler.before(st.step + 1)
+        t0 = time.perf_counter()
+        micro = self._next_micro_batches()
+        t1 = time.perf_counter()
+        step = self.train_step(micro)
+        step.data_wait_s, step.step_s = t1 - t0, time.perf_counter() - t1
+        profiler.after(st.step + 1)
+        if step.loader_stopped:
+            return step
+        if record is not None:
+            record.append(micro)
+        self._count_step(step)
+        window.add(step)
+        if st.step % self.cfg.train.log_every == 0 or not self._budget_left():
+            self._log_window(window, clock)
+            window.reset()
+        return step
+
+    def run_steps(self, n: int, record: list | None = None) -> list[StepResult]:
+        """``n`` steps of the loop exactly as :meth:`run` takes them (loader, step, counts, logging), without
+        evaluations or checkpoints: what ``megamlm bench loop`` times. ``record`` gets each step's micro-batches."""
+        window, clock = LogWindow(), RunClock(self.state.elapsed_seconds, self.state.step)
+        profiler = StepProfiler([], Path("."), self.env.rank, self.device)
+        return [self._one_step(window, clock, profiler, record) for _ in range(n)]
 
     def _save_after_loader_stop(self) -> None:
         """A stop inside the loader: save the data position from before the step (the loader's mark)."""

@@ -162,3 +162,24 @@ def test_datasheet_peak_of_the_detected_gpu(name, precision, tf32, tflops):
     from megamlm.flops import datasheet_peak
 
     assert datasheet_peak(name, precision, tf32=tf32) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.slow
+def test_bench_loop_times_the_real_loop_beside_the_bare_step(tmp_path):
+    """``megamlm bench loop``: the pretraining loop (shard loader, engine, logging) and the bare step of the
+    same model on the micro-batches the loop took, interleaved; the loop's share of the bare speed and the
+    split of its time."""
+    from tests import data_fixtures as F
+
+    out = tmp_path / "loop.json"
+    cmd = [sys.executable, "-m", "megamlm", "bench", "loop", "configs/tiny-cpu.yaml", f"data.shards_dir={F.shards()}",
+           f"tokenizer.model={F.tokenizer_path()}", "model.num_layers=1", "data.micro_batch_size=4",
+           "data.seq_len=64", "train.log_every=2", "engine.global_batch_size=8", "--steps", "3", "--rounds", "2",
+           "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert len(r["rounds"]) == 2 and all(x["tokens"] > 0 and x["loop_s"] > x["data_wait_s"] for x in r["rounds"])
+    assert 0 < r["loop_share_of_bare"] and r["loop_tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0
+    assert sum(r["split_of_loop"].values()) == pytest.approx(1.0)
+    assert "the loop keeps" in res.stdout
