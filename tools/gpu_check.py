@@ -36,7 +36,7 @@ BERT_BASE = ["--hidden-size", "768", "--num-layers", "12", "--num-heads", "12", 
 TOY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "2", "--ffn-size", "128", "--vocab-size", "1000"]
 
 
-def stages(out: Path, smoke: bool, tests: bool) -> list[dict]:
+def stages(out: Path, smoke: bool, tests: bool, data: list[str]) -> list[dict]:
     py = sys.executable
     dev = "cpu" if smoke else "cuda"
     shape, prec = (TOY, "fp32") if smoke else (BERT_BASE, "bf16")
@@ -56,14 +56,14 @@ def stages(out: Path, smoke: bool, tests: bool) -> list[dict]:
           bench("bench-512", 512 if not smoke else 64, 16 if not smoke else 2)]
     if not smoke:
         s.append(bench("bench-128-compile", 128, 64, "--compile"))
-    s.append(_pretrain_stage(out, smoke))
+    s.append(_pretrain_stage(out, smoke, data))
     return s
 
 
-def _pretrain_stage(out: Path, smoke: bool) -> dict:
+def _pretrain_stage(out: Path, smoke: bool, data: list[str]) -> dict:
     run = out / "pretrain"
     over = [f"train.output_dir={run}", "train.eval_every=0", "checkpoint.every_steps=0", "train.log_every=10",
-            "objective.pair=nsp"]
+            "objective.pair=nsp", *data]
     if smoke:
         over += ["model.num_layers=1", "train.max_steps=20", "engine.zero_stage=1"]
     else:
@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="every stage at a toy size on the CPU (checks the script)")
     p.add_argument("--no-tests", action="store_true", help="skip the test stage")
     p.add_argument("--only", default="", help="comma list of stage names to run")
+    p.add_argument("--shards", help="the pretrain stage's shard folder (default: configs/tiny-cpu.yaml's, "
+                   "runs/wiki-vital/shards)")
+    p.add_argument("--tokenizer", help="the pretrain stage's tokenizer (default: configs/tiny-cpu.yaml's)")
     p.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.env:
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": a.smoke, "stages": []}
     only = {x for x in a.only.split(",") if x}
-    for st in stages(a.out, a.smoke, not a.no_tests):
+    data = ([f"data.shards_dir={a.shards}"] if a.shards else []) + ([f"tokenizer.model={a.tokenizer}"] if a.tokenizer else [])
+    for st in stages(a.out, a.smoke, not a.no_tests, data):
         if only and st["name"] not in only:
             continue
         res = run_stage(st)

@@ -3,7 +3,7 @@
 # benchmarks against Hugging Face and a few minutes of pretraining with NCCL, and write a report
 # (runs/gpu_check/report.json and report.md; the README's GPU section is written from it).
 #
-#   tools/gpu_check.sh [--wheels DIR] [--out DIR] [--no-tests] [--only STAGE,...]
+#   tools/gpu_check.sh [--wheels DIR] [--out DIR] [--no-tests] [--only STAGE,...] [--shards DIR --tokenizer M]
 #   tools/gpu_check.sh --smoke [--no-tests]     every stage at a toy size on the CPU: checks the script
 #
 # Python: $PYTHON, else .venv/bin/python when tools/setup.sh made one, else python3 (a machine's own Python
@@ -31,7 +31,7 @@ if [ -n "$wheels" ]; then
   PYTHON="$env_dir/bin/python" bash "$root/tools/setup.sh" --wheels "$wheels"
   py=$env_dir/bin/python
 fi
-[ -f "$root/runs/wiki-vital/shards/manifest.json" ] \
+[[ " ${args[*]+"${args[*]}"} " == *" --shards "* ]] || [ -f "$root/runs/wiki-vital/shards/manifest.json" ] \
   || echo "[gpu_check] runs/wiki-vital/shards is missing: the pretrain stage will fail (megamlm prepare configs/tiny-cpu.yaml)" >&2
 cd "$root"
 exec "$py" "$root/tools/gpu_check.py" "${args[@]+"${args[@]}"}"

@@ -41,8 +41,11 @@ def test_setup_refuses_a_folder_that_is_not_a_wheel_folder(tmp_path):
 @pytest.mark.slow
 def test_the_gpu_check_runs_every_stage_at_toy_size_on_cpu(tmp_path):
     """--smoke: the same stages, commands and report as on a GPU, at a toy size on the CPU."""
+    from tests import data_fixtures as F
+
     out = tmp_path / "check"
-    r = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--smoke", "--no-tests", "--out", str(out)],
+    r = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--smoke", "--no-tests", "--out", str(out),
+                        "--shards", str(F.shards()), "--tokenizer", str(F.tokenizer_path())],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     report = json.loads((out / "report.json").read_text())
     assert r.returncode == 0, [(s["name"], s["rc"], s["tail"][-800:]) for s in report["stages"]]
