@@ -232,11 +232,12 @@ def test_shipped_small_config_builds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_compiled_blocks_train_as_eager_blocks(backend):
+def test_compiled_blocks_train_as_eager_blocks():
     """engine.compile: each block under torch.compile (inductor on this CPU) gives the eager model's loss
-    terms and every parameter's gradient within fp32 tolerance (1e-5 relative), on both ops backends (the
-    cpu backend's kernels still run outside the blocks), padded and packed (dynamic token counts)."""
+    terms and every parameter's gradient within fp32 tolerance (1e-5 relative), padded and packed (dynamic
+    token counts). On the cpu backend, whose kernels still run outside the blocks; inside them the ops run
+    their torch code, the torch backend's (what a GPU runs)."""
+    backend = "cpu"
     from megamlm import ops
     from megamlm.data.batch import pack
 
