@@ -190,7 +190,7 @@ class SegmentTileAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor, max_seqlen: int,
                 num_heads: int, p: float):
-        seed = cpu_kernels.draw_seed()
+        seed = cpu_kernels.draw_seed() if p > 0.0 else 0  # no draw without dropout: the padded path (SDPA) makes none
         cu = cu_seqlens.to(torch.int64).contiguous()
         y, probs = cpu_kernels.attention_segments_forward(qkv, cu, max_seqlen, num_heads, p, seed, bias)
         ctx.save_for_backward(qkv, probs, cu, None if bias is None else bias.detach())

@@ -149,8 +149,9 @@ def test_a_packed_stream_through_the_encoder_equals_each_example_alone(ops, norm
         alone.append(h)
         start += L
     torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
-    for n, p in enc.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
+    for n, p in enc.named_parameters():  # a sum over every token: fp32 rounding relative to its largest entry
+        scale = max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6 * scale, rtol=1e-5, msg=n)
 
 
 def test_the_encoder_refuses_bad_packed_input():
