@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megamlm.bench_data import bench_batches, random_batch
+from megamlm.bench_electra import ELECTRA_MODELS, electra_flops, electra_loss
 from megamlm.flops import device_datasheet_peak, matmul_peak, sync as _sync, train_flops
 
 log = logging.getLogger(__name__)
@@ -83,68 +85,7 @@ class BenchOptions:
     seed: int = 0
     data: str = ""  # a config: the first micro-batches of its training loader instead of random ids
     data_batches: int = 1  # with data: that many micro-batches, each timed step takes the next in turn
-
-
-def random_batch(batch_size: int, seq_len: int, vocab_size: int, mlm_probability: float = 0.15,
-                 padding: bool = False, pair: bool = True, seed: int = 0, device: str = "cpu"):
-    """A synthetic :class:`megamlm.data.batch.Batch`: random ids, segments split mid-sequence, about
-    ``mlm_probability`` of the real non-[CLS] tokens as targets, optional right padding."""
-    from megamlm.data.batch import IGNORE_INDEX, Batch
-
-    g = torch.Generator().manual_seed(seed)
-    B, T = batch_size, seq_len
-    ids = torch.randint(5, vocab_size, (B, T), generator=g)  # [B, T]
-    if padding:
-        lengths = torch.randint(max(2, T // 2), T + 1, (B,), generator=g)
-        lengths[0] = T
-    else:
-        lengths = torch.full((B,), T)
-    ar = torch.arange(T)
-    mask = ar[None, :] < lengths[:, None]  # [B, T] True on real tokens
-    ids = torch.where(mask, ids, torch.zeros_like(ids))  # pad id 0
-    ids[:, 0] = 2  # [CLS]
-    types = ((ar[None, :] >= (lengths[:, None] // 2)) & mask).long()  # [B, T]
-    chosen = (torch.rand(B, T, generator=g) < mlm_probability) & mask
-    chosen[:, 0] = False
-    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))  # [B, T]
-    positions = chosen.view(-1).nonzero().squeeze(-1)  # [N] (host side, as the loader does)
-    targets = labels.view(-1)[positions]  # [N]
-    pair_labels = torch.randint(0, 2, (B,), generator=g) if pair else None
-    batch = Batch(ids, types, mask, labels, positions, targets, pair_labels, n_tokens=int(mask.sum()))
-    return batch.to(device) if device != "cpu" else batch
-
-
-def bench_batches(o: BenchOptions) -> list:
-    """The batches every model of the run trains on, in turn: one random batch (:func:`random_batch`),
-    or with ``o.data`` the first ``o.data_batches`` micro-batches of that config's training loader (its
-    corpus, tokenizer and masking; seq_len, batch_size, pair and seed from ``o``), padded;
-    ``o.vocab_size`` becomes the tokenizer's padded size."""
-    if not o.data:
-        if o.data_batches != 1:
-            raise ValueError(f"--data-batches {o.data_batches} needs --data (a corpus to take them from)")
-        return [random_batch(o.batch_size, o.seq_len, o.vocab_size, o.mlm_probability, o.padding,
-                             o.pair != "none", o.seed, o.device)]
-    if o.data_batches < 1:
-        raise ValueError(f"--data-batches {o.data_batches} must be >= 1")
-    from megamlm.config import load_config
-    from megamlm.data.loader import build_loader
-    from megamlm.distributed.topology import single_process_topology
-    from megamlm.tokenizer import Tokenizer
-
-    cfg = load_config(o.data, [f"data.seq_len={o.seq_len}", f"data.micro_batch_size={o.batch_size}",
-                               "data.num_workers=0", "data.packing=false", "data.micro_batch_tokens=0",
-                               f"objective.pair={o.pair}", f"objective.mlm_probability={o.mlm_probability}",
-                               f"model.max_position_embeddings={max(512, o.seq_len)}"])
-    tok = Tokenizer(cfg.tokenizer.model)
-    loader = build_loader(cfg.data, tok, single_process_topology(), o.seed, cfg.objective)
-    it = iter(loader)
-    batches = [next(it) for _ in range(o.data_batches)]
-    for k, batch in enumerate(batches):
-        if batch.n_examples != o.batch_size:
-            raise ValueError(f"--data {o.data}: its micro-batch {k} holds {batch.n_examples} examples, not "
-                             f"--batch-size {o.batch_size} (a corpus too small for {o.data_batches} batches)")
-    o.vocab_size = tok.padded_vocab_size
-    return [b.to(o.device) if o.device != "cpu" else b for b in batches]
+    generator_fraction: float = 0.25  # electra models: the generator's width as a share of hidden_size
 
 
 def _model_cfgs(o: BenchOptions):
@@ -241,8 +182,10 @@ def _build_step(spec: str, o: BenchOptions, batches: list):
         model, loss_fn = _megamlm_loss(name, precision, o, batches)
     elif name == "hf":
         model, loss_fn = _hf_loss(o, batches)
+    elif name in ELECTRA_MODELS:
+        model, loss_fn = electra_loss(name, o, batches)
     else:
-        raise ValueError(f"unknown model {name!r}; choose megamlm, megamlm-torch, megamlm-cpu or hf")
+        raise ValueError(f"unknown model {name!r}; choose megamlm, megamlm-torch, megamlm-cpu, hf, electra or hf-electra")
     opt = _optimizer(model.parameters(), o.device)
 
     def step(k: int = 0):
@@ -329,6 +272,8 @@ def run_bench(o: BenchOptions) -> dict:
     K = len(batches)
     flops = sum(train_flops(b, o.hidden_size, o.num_layers, o.ffn_size, o.vocab_size, o.pair != "none")
                 for b in batches) / K  # per step: the mean over the batches
+    flops_of = {n: sum(electra_flops(o, b) for b in batches) / K if _split_spec(n, o)[0] in ELECTRA_MODELS else flops
+                for n in names}  # an ELECTRA step: generator and discriminator
     n_tokens = sum(b.n_tokens for b in batches) / K
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = sorted({_split_spec(n, o)[1] for n in names})
@@ -362,10 +307,10 @@ def run_bench(o: BenchOptions) -> dict:
               "flops_per_step": flops, "matmul_peak_flops": peak_of, "matmul_peaks_per_round": peaks, "models": {}}
     for n in names:
         p = _split_spec(n, o)[1]
-        result["models"][n] = _model_numbers(times[n], n_tokens, flops, peaks[p], peak_of[p])
+        result["models"][n] = _model_numbers(times[n], n_tokens, flops_of[n], peaks[p], peak_of[p])
         sheet = device_datasheet_peak(o.device, p)
         if sheet:  # the vendor's dense peak of this GPU: the denominator Megatron-LM and MosaicBERT use
-            result["models"][n]["mfu_datasheet"] = flops / result["models"][n]["step_s_median"] / sheet
+            result["models"][n]["mfu_datasheet"] = flops_of[n] / result["models"][n]["step_s_median"] / sheet
     result["ratios"] = {}  # the first model's speed over each other's, per round (same round = same machine state)
     for other in names[1:]:
         ratios = sorted(a / b for a, b in zip(times[other], times[names[0]]))
@@ -433,7 +378,10 @@ _HELP = {
     "models": "comma list of megamlm | megamlm-torch | megamlm-cpu | hf, each optionally :fp32 or :bf16 (e.g. "
               "megamlm,megamlm-torch,hf:fp32; megamlm-X runs on the ops backend X, plain megamlm on "
               "engine.kernels=auto); a megamlm model with +packed runs the same examples packed into one "
-              "row (megamlm+packed,megamlm); ratios are the first model's speed over each other's",
+              "row (megamlm+packed,megamlm); electra / hf-electra: megamlm's ELECTRA and HF's ElectraForMaskedLM + "
+              "ElectraForPreTraining in a plain loop (their MFU counts both networks); ratios are the first "
+              "model's speed over each other's",
+    "generator_fraction": "electra models: the generator's width as a share of --hidden-size",
     "data": "a config file: train on the first micro-batch(es) of its training loader (its corpus, tokenizer "
             "and masking, real example lengths; --seq-len, --batch-size, --pair from here) instead of "
             "random ids; sets the vocabulary to the tokenizer's",

@@ -9,6 +9,11 @@ Needed FLOPs (:func:`train_flops`) are 3 × the forward matmul FLOPs (backward =
     per masked row:             2·H·H + 2·H·V_real        (MLM transform, decoder)
     per sequence (pair head):   2·H·H + 2·H·2             (pooler, classifier)
 
+ELECTRA (``generator`` = its width Hg, blocks Lg, feed-forward Fg): the discriminator's layers as above, its
+head 2·H·H + 2·H per real token; the generator's layers at width Hg, its projection 2·H·Hg per real token
+(when Hg ≠ H), and per masked row 2·Hg·H + 2·H·V_real (its MLM head back to the embedding width, the
+decoder); sampling counts 0.
+
 Embedding lookups, norms, activations and softmax count 0; padding counts 0 (it is not needed work),
 nor does a vocabulary projection of unmasked rows. Two denominators:
 
@@ -25,7 +30,7 @@ import time
 
 import torch
 
-__all__ = ["train_flops", "matmul_peak", "sync", "datasheet_peak", "device_datasheet_peak", "DATASHEET_PEAKS"]
+__all__ = ["train_flops", "generator_flops_shape", "matmul_peak", "sync", "datasheet_peak", "device_datasheet_peak", "DATASHEET_PEAKS"]
 
 # Dense (no structured sparsity) peaks per GPU from NVIDIA's datasheets, TFLOP/s, by the name torch reports
 # (torch.cuda.get_device_name). First match wins: the more specific names come first. fp32 is the plain
@@ -61,11 +66,17 @@ def device_datasheet_peak(device, precision: str) -> float:
     return datasheet_peak(torch.cuda.get_device_name(device), precision, tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
-def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool) -> float:
+def _layers_flops(lengths: torch.Tensor, n_tok: float, width: int, layers: int, ffn: int) -> float:
+    return layers * (n_tok * 2 * (4 * width * width + 2 * width * ffn) + float((4 * lengths ** 2 * width).sum()))
+
+
+def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, pair: bool,
+                generator: tuple[int, int, int] | None = None) -> float:
     """Needed training FLOPs of one step on ``batch`` (formula in the module docstring), padded or
-    packed (a sequence is an example). Reads the batch's attention mask or its segments: give it the
-    host batch (on a device tensor it is a sync)."""
-    H, F = hidden, ffn
+    packed (a sequence is an example); ``generator`` (width, blocks, feed-forward width): an ELECTRA step.
+    Reads the batch's attention mask or its segments: give it the host batch (on a device tensor it is a
+    sync)."""
+    H = hidden
     segments = getattr(batch, "segments", None)
     if segments is not None:
         lengths = segments.lengths().double()  # [E]
@@ -73,11 +84,25 @@ def train_flops(batch, hidden: int, num_layers: int, ffn: int, real_vocab: int, 
         lengths = batch.attention_mask.sum(dim=1).double()  # [B]
     n_tok = float(lengths.sum())
     n_masked = float(batch.mlm_positions.numel())
-    fwd = num_layers * (n_tok * 2 * (4 * H * H + 2 * H * F) + float((4 * lengths ** 2 * H).sum()))
-    fwd += n_masked * (2 * H * H + 2 * H * real_vocab)
+    fwd = _layers_flops(lengths, n_tok, H, num_layers, ffn)
+    if generator is None:
+        fwd += n_masked * (2 * H * H + 2 * H * real_vocab)
+    else:
+        width, layers, g_ffn = generator
+        fwd += n_tok * (2 * H * H + 2 * H)  # the discriminator's head
+        fwd += _layers_flops(lengths, n_tok, width, layers, g_ffn) + (n_tok * 2 * H * width if width != H else 0.0)
+        fwd += n_masked * (2 * width * H + 2 * H * real_vocab)
     if pair:
         fwd += lengths.numel() * (2 * H * H + 4 * H)
     return 3.0 * fwd
+
+
+def generator_flops_shape(model_cfg, objective_cfg) -> tuple[int, int, int] | None:
+    """The ``generator`` argument of :func:`train_flops` for these config sections (None unless ELECTRA)."""
+    if getattr(objective_cfg, "name", "mlm") != "electra":
+        return None
+    width, layers, _, ffn = objective_cfg.generator_shape(model_cfg.hidden_size, model_cfg.num_layers)
+    return width, layers, ffn
 
 
 def sync(device) -> None:

@@ -8,6 +8,9 @@ global counts, so that the step's gradient is that of
 
     total = sum_mlm / N_mlm_global + pair_loss_weight * sum_pair / N_pair_global
 
+(ELECTRA: ``gen_weight * sum_mlm / N_mlm_global + disc_weight * sum_disc / N_real_tokens_global``;
+:func:`weighted_sum` with :func:`objective_weights` and :func:`step_denominators` is the general form.)
+
 whatever the micro-batch split or the number of ranks. Everything stays a tensor: no host sync in
 the forward / loss path (``LossTerms.to_floats`` syncs, for logging only).
 
@@ -22,7 +25,8 @@ import torch
 from megamlm.model.terms import LossTerms, pair_terms, row_terms
 from megamlm.parallel.vocab import IGNORE_INDEX, vocab_parallel_cross_entropy
 
-__all__ = ["LossTerms", "mlm_terms", "pair_terms", "combine"]
+__all__ = ["LossTerms", "mlm_terms", "pair_terms", "combine", "weighted_sum", "objective_weights",
+           "step_denominators"]
 
 
 def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX,
@@ -40,6 +44,43 @@ def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_in
     return row_terms(per_row, pred, targets, ignore_index)
 
 
+def objective_weights(objective_cfg) -> dict[str, float]:
+    """The weight of each loss term in the total, from the objective's config: ``mlm`` (ELECTRA: the
+    generator's, ``gen_weight``), ``pair`` (``pair_loss_weight``), ``disc`` (ELECTRA, ``disc_weight``)."""
+    o = objective_cfg
+    electra = getattr(o, "name", "mlm") == "electra"
+    return {"mlm": o.gen_weight if electra else 1.0, "pair": o.pair_loss_weight, "disc": o.disc_weight}
+
+
+def step_denominators(targets, pairs, tokens) -> dict:
+    """What each loss term divides by, from the step's global counts: the MLM targets, the pair examples, and
+    for the ELECTRA discriminator the real tokens."""
+    return {"mlm": targets, "pair": pairs, "disc": tokens}
+
+
+def weighted_sum(terms: LossTerms, denominators: dict, weights: dict | None = None) -> torch.Tensor:
+    """``Σ_k weights[k] · loss_sum[k] / denominators[k]`` over the terms ``terms`` holds (a missing weight is
+    1); the denominators are the step's global counts (ints, or tensors already all-reduced; clamped to
+    ≥ 1), as :func:`combine` explains."""
+    total = None
+    for name in terms.loss_sum:
+        denom = denominators.get(name)
+        if denom is None:
+            raise ValueError(f"LossTerms has a {name!r} term but no {name}_denominator was given")
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(torch.float32).clamp(min=1)
+        else:
+            denom = float(max(denom, 1))
+        term = terms.loss_sum[name] / denom
+        w = (weights or {}).get(name, 1.0)
+        if w != 1.0:
+            term = term * w
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("LossTerms is empty: no objective to combine")
+    return total
+
+
 def combine(terms: LossTerms, mlm_denominator, pair_denominator=None,
             pair_loss_weight: float = 1.0) -> torch.Tensor:
     """The loss to back-propagate for these terms:
@@ -54,21 +95,5 @@ def combine(terms: LossTerms, mlm_denominator, pair_denominator=None,
     ``dp_size * grad_accum_steps`` to keep that meaning; that is the engine's business.
     With the local counts of a single micro-batch this is the per-batch mean, the number HF reports.
     """
-    total = None
-    for name, denom, w in (("mlm", mlm_denominator, 1.0), ("pair", pair_denominator, pair_loss_weight)):
-        if name not in terms.loss_sum:
-            continue
-        if denom is None:
-            raise ValueError(f"LossTerms has a {name!r} term but no {name}_denominator was given")
-        if isinstance(denom, torch.Tensor):
-            denom = denom.to(torch.float32).clamp(min=1)
-        else:
-            denom = float(max(denom, 1))
-        term = terms.loss_sum[name] / denom
-        if w != 1.0:
-            term = term * w
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("LossTerms is empty: no objective to combine")
-    return total
+    return weighted_sum(terms, {"mlm": mlm_denominator, "pair": pair_denominator}, {"pair": pair_loss_weight})
 

@@ -171,6 +171,8 @@ def _build_model(cfg: Config, tok, topo, init_weights, rank: int):
     ops.use(model, kernels)
     if cfg.engine.compile:
         model.encoder.compile_blocks()
+        if hasattr(model, "generator"):
+            model.generator.encoder.compile_blocks()
         kernels_said += "; encoder blocks under torch.compile (their ops run as torch code)"
     if rank == 0:
         log.info("kernels: %s", kernels_said)

@@ -19,7 +19,7 @@ from megamlm.objectives import LossTerms
 log = logging.getLogger(__name__)
 
 __all__ = ["StepResult", "StepCounts", "LogWindow", "RunClock", "StepProfiler", "sum_terms", "peak_memory_gb",
-           "fmt_mfu", "fmt_eta"]
+           "fmt_disc", "fmt_mfu", "fmt_eta"]
 
 
 def sum_terms(summed: LossTerms | None, terms: LossTerms) -> LossTerms:
@@ -79,6 +79,14 @@ class StepProfiler:
         path = self.out_dir / f"rank0_steps{self.first}-{self.last}.json"
         prof.export_chrome_trace(str(path))
         log.info("profile of steps %d-%d: %s (chrome://tracing or ui.perfetto.dev)", self.first, self.last, path)
+
+
+def fmt_disc(m: dict) -> str:
+    """ELECTRA's discriminator in the progress line (empty for the other objectives)."""
+    if "disc_loss" not in m:
+        return ""
+    return (f" disc {m['disc_loss']:.4f} acc {m['disc_accuracy']:.3f} p/r {m['disc_precision']:.2f}/"
+            f"{m['disc_recall']:.2f} replaced {m['replaced_share']:.1%}")
 
 
 def fmt_mfu(m: dict) -> str:

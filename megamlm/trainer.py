@@ -32,8 +32,9 @@ import torch
 from megamlm.errors import MegamlmError
 from megamlm import checkpoint as ckpt
 from megamlm.config import Config, dump_config
-from megamlm.objectives import LossTerms, combine
-from megamlm.steps import (LogWindow, RunClock, StepCounts, StepProfiler, StepResult, fmt_eta, fmt_mfu,
+from megamlm.model.terms import metrics_from_sums
+from megamlm.objectives import LossTerms, objective_weights, step_denominators, weighted_sum
+from megamlm.steps import (LogWindow, RunClock, StepCounts, StepProfiler, StepResult, fmt_disc, fmt_eta, fmt_mfu,
                            peak_memory_gb, sum_terms)
 
 log = logging.getLogger(__name__)
@@ -144,14 +145,14 @@ class Trainer:
                              sum(int(b.pair_labels.numel()) for b in micro if b.pair_labels is not None) / vp,
                              sum(b.n_tokens for b in micro) / vp, sum(b.n_examples for b in micro) / vp,
                              float(self.stop.signum != 0)], self.device, self.env.world_size)
-        g_mlm, g_pair = counts.device_values[0], counts.device_values[1]
+        g = counts.device_values
+        denominators = step_denominators(g[0], g[1], g[2])  # targets, pairs, real tokens (ELECTRA's discriminator)
+        weights = objective_weights(self.cfg.objective)
         scale = self.plan.dp * self.plan.accumulation  # DeepSpeed averages over both: undo it
         summed = None
-        w = self.cfg.objective.pair_loss_weight
-        pairs = self.cfg.objective.pair != "none"
         for b in [self._to_device(b) for b in micro]:  # every copy queued before the first forward
             terms = self.engine(b)
-            loss = combine(terms, g_mlm, g_pair if pairs else None, w) * scale
+            loss = weighted_sum(terms, denominators, weights) * scale
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed's protocol: every micro-batch; it updates at the boundary only
             summed = sum_terms(summed, terms)
@@ -173,11 +174,12 @@ class Trainer:
     def _flops(self, micro) -> float:
         if not self.peak_flops:
             return 0.0
-        from megamlm.flops import train_flops
+        from megamlm.flops import generator_flops_shape, train_flops
 
         m = self.cfg.model
+        gen = generator_flops_shape(m, self.cfg.objective)
         return sum(train_flops(b, m.hidden_size, m.num_layers, m.ffn_size, self.tok.vocab_size,
-                               self.cfg.objective.pair != "none") for b in micro)
+                               self.cfg.objective.pair != "none", gen) for b in micro)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -208,23 +210,15 @@ class Trainer:
 
     def _reduce_metrics(self, terms: LossTerms) -> dict[str, float]:
         """Sum terms over data-parallel ranks (on the device), then one host read."""
-        flat = []
-        keys = sorted(terms.loss_sum)
-        for k in keys:
-            flat += [terms.loss_sum[k].float(), terms.n_targets[k].float(), terms.n_correct[k].float()]
+        names, flat = terms.flat()
         t = torch.stack([x.to(self.device) for x in flat])
         if self.topo.dp_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(t, group=self.dp_group)
-        vals = t.tolist()
-        out = {}
-        for i, k in enumerate(keys):
-            s, n, c = vals[3 * i: 3 * i + 3]
-            out[f"{k}_loss"] = s / max(n, 1.0)
-            out[f"{k}_accuracy"] = c / max(n, 1.0)
-            out[f"{k}_targets"] = n
-        out["loss"] = out.get("mlm_loss", 0.0) + self.cfg.objective.pair_loss_weight * out.get("pair_loss", 0.0)
+        out = metrics_from_sums(dict(zip(names, t.tolist())))
+        weights = objective_weights(self.cfg.objective)
+        out["loss"] = sum(w * out[f"{k}_loss"] for k, w in weights.items() if f"{k}_loss" in out)
         return out
 
     def _rank_spread(self, window: "LogWindow", memory_gb: float) -> dict[str, float]:
@@ -277,7 +271,8 @@ class Trainer:
         self._log(ev, "eval")
         if self.env.rank == 0 and ev:
             log.info("held-out at step %d: mlm loss %.4f, mlm accuracy %.4f%s", self.state.step, ev["mlm_loss"],
-                     ev["mlm_accuracy"], f", pair accuracy {ev['pair_accuracy']:.4f}" if "pair_accuracy" in ev else "")
+                     ev["mlm_accuracy"], f", pair accuracy {ev['pair_accuracy']:.4f}" if "pair_accuracy" in ev
+                     else fmt_disc(ev))
         return ev
 
     def run(self) -> dict:
@@ -411,7 +406,7 @@ class Trainer:
             log.info("step %d | loss %.4f mlm %.4f acc %.3f%s | lr %.2e | gnorm %.2f | %.0f tok/s, %.0f tok/step, "
                      "%.1f ex/micro, %.0f%% pad%s | eta %s",
                      st.step, m["loss"], m["mlm_loss"], m["mlm_accuracy"],
-                     f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else "", m["lr"],
+                     f" pair {m['pair_accuracy']:.3f}" if "pair_accuracy" in m else fmt_disc(m), m["lr"],
                      m["grad_norm"], m["tokens_per_second"], window.tokens / max(window.steps, 1),
                      m.get("examples_per_micro_batch", 0.0), 100 * m["padding_share"],
                      fmt_mfu(m), fmt_eta(eta))

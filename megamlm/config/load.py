@@ -142,8 +142,23 @@ def validate_dict(raw: dict, world_size: int | None = None) -> tuple[Config, lis
             problems.append(unknown_key(str(key), list(SECTIONS), "section "))
     sections = {name: section_from_dict(cls, name, raw.get(name), problems) for name, cls in SECTIONS.items()}
     cfg = Config(**sections)
+    _objective_defaults(cfg.objective, raw.get("objective"))
     problems.extend(cross_check(cfg, world_size))
     return cfg, problems
+
+
+#: The defaults that differ for objective.name=electra (ELECTRA's masking: 85% [MASK], 15% kept; no pair task).
+ELECTRA_DEFAULTS = {"mask_token_ratio": 0.85, "random_token_ratio": 0.0, "pair": "none"}
+
+
+def _objective_defaults(objective, raw) -> None:
+    """The objective's own defaults for the keys the config leaves out (:data:`ELECTRA_DEFAULTS`)."""
+    if objective.name != "electra":
+        return
+    given = raw if isinstance(raw, dict) else {}
+    for key, value in ELECTRA_DEFAULTS.items():
+        if key not in given:
+            setattr(objective, key, value)
 
 
 def config_from_dict(raw: dict, source: str | None = None, world_size: int | None = None) -> Config:
@@ -210,6 +225,7 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
                  f"{o.mask_token_ratio + o.random_token_ratio:g} exceeds 1")
     if need("objective.pair", "model.type_vocab_size") and o.pair != "none" and m.type_vocab_size < 2:
         p.append(f"objective.pair={o.pair!r} needs model.type_vocab_size >= 2, got {m.type_vocab_size}")
+    p += _electra_checks(cfg, need)
     if need("optim.betas") and (len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas)):
         p.append(f"optim.betas={cfg.optim.betas!r} must be two numbers in [0, 1)")
     if need("optim.lr", "optim.min_lr") and cfg.optim.lr > 0 and cfg.optim.min_lr > cfg.optim.lr:
@@ -222,6 +238,27 @@ def cross_check(cfg: Config, world_size: int | None = None) -> list[str]:
     p += _vocab_checks(cfg, ok)
     if world_size is not None:
         p += _world_checks(cfg, world_size, ok)
+    return p
+
+
+def _electra_checks(cfg: Config, need) -> list[str]:
+    """objective.name=electra against the pair task and the generator's shape."""
+    o, m = cfg.objective, cfg.model
+    if not (need("objective.name") and o.name == "electra"):
+        return []
+    p = []
+    if need("objective.pair") and o.pair != "none":
+        p.append(f"objective.pair={o.pair!r} with objective.name='electra': ELECTRA has no sentence-pair task (its "
+                 f"discriminator learns from every token); set objective.pair: none (electra's default), or "
+                 f"objective.name: mlm for {o.pair.upper()}")
+    keys = ("model.hidden_size", "model.num_layers", "objective.generator_hidden_fraction",
+            "objective.generator_layers", "objective.generator_heads", "objective.generator_ffn_size")
+    if need(*keys):
+        width, _, heads, _ = o.generator_shape(m.hidden_size, m.num_layers)
+        if width % heads:
+            p.append(f"the ELECTRA generator's width {width} (model.hidden_size={m.hidden_size} x "
+                     f"objective.generator_hidden_fraction={o.generator_hidden_fraction:g}) is not divisible by "
+                     f"objective.generator_heads={heads}")
     return p
 
 

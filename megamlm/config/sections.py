@@ -116,8 +116,13 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Pretraining objectives: masked LM plus an optional sentence-pair task."""
+    """Pretraining objectives: masked LM plus an optional sentence-pair task, or ELECTRA's replaced-token
+    detection (a small generator fills the masked positions; the encoder, the discriminator, classifies
+    every real token as original or replaced)."""
 
+    name: str = opt("mlm", help="masked LM (BERT; the generator-free objective) or ELECTRA (replaced-token "
+                    "detection; defaults then to mask_token_ratio 0.85, random_token_ratio 0 and pair none)",
+                    choices=("mlm", "electra"))
     pair: str = opt("nsp", help="sentence-pair task: next sentence (BERT), sentence order (ALBERT), "
                     "or none (RoBERTa full-sentence packing)", choices=("nsp", "sop", "none"))
     masking: str = opt("token", help="what is selected for MLM", choices=("token", "whole_word", "span"))
@@ -129,6 +134,25 @@ class ObjectiveConfig:
                                   min=0.0, max=1.0, min_exclusive=True)
     span_max_words: int = opt(10, help="span masking: longest span in words", min=1)
     pair_loss_weight: float = opt(1.0, help="weight of the pair loss in the total", min=0.0)
+    generator_hidden_fraction: float = opt(0.25, help="electra: the generator's width as a share of "
+                                           "model.hidden_size (the paper: 1/4 small, 1/3 base)",
+                                           min=0.0, max=1.0, min_exclusive=True)
+    generator_layers: int = opt(0, help="electra: the generator's blocks (0 = model.num_layers)", min=0)
+    generator_heads: int = opt(0, help="electra: the generator's attention heads (0 = its width / 64, at least 1)",
+                               min=0)
+    generator_ffn_size: int = opt(0, help="electra: the generator's feed-forward width (0 = 4 x its width)", min=0)
+    gen_weight: float = opt(1.0, help="electra: weight of the generator's MLM loss", min=0.0, min_exclusive=True)
+    disc_weight: float = opt(50.0, help="electra: weight of the discriminator's loss (mean over every real "
+                             "token)", min=0.0, min_exclusive=True)
+    sampling_temperature: float = opt(1.0, help="electra: temperature of the generator's softmax when it "
+                                      "samples the replacements", min=0.0, min_exclusive=True)
+
+    def generator_shape(self, hidden_size: int, num_layers: int) -> tuple[int, int, int, int]:
+        """(width, blocks, heads, feed-forward width) of the ELECTRA generator of a ``hidden_size`` /
+        ``num_layers`` discriminator."""
+        width = max(1, round(hidden_size * self.generator_hidden_fraction))
+        heads = self.generator_heads or max(1, width // 64)
+        return width, self.generator_layers or num_layers, heads, self.generator_ffn_size or 4 * width
 
 
 @dataclass

@@ -158,14 +158,17 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("source", help="megamlm checkpoint folder (with `latest`) or tag folder, megamlm export "
-                   "(folder or .safetensors), or Hugging Face BERT directory")
+                   "(folder or .safetensors), Hugging Face BERT directory, or ELECTRA pair (discriminator/ + generator/)")
     p.add_argument("output", help="output folder: must not exist, or be empty (nothing is overwritten)")
     p.add_argument("--to", required=True, choices=("megamlm", "hf"),
-                   help="megamlm: consolidated fp32 safetensors + config.yaml + tokenizer; hf: HF BERT directory")
+                   help="megamlm: consolidated fp32 safetensors + config.yaml + tokenizer; hf: HF BERT directory "
+                   "(ELECTRA: discriminator/ and generator/ directories)")
     p.add_argument("--tag", default=None, help="checkpoint tag inside SOURCE (default: its `latest`)")
-    p.add_argument("--hf-arch", default=None, choices=("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+    p.add_argument("--hf-arch", default=None, choices=("BertForPreTraining", "BertForMaskedLM", "BertModel",
+                                                          "ElectraForPreTraining", "ElectraModel"),
                    help="HF class the weights file is written for (default: BertForPreTraining, "
-                        "or BertForMaskedLM for a run without a pair head)")
+                        "or BertForMaskedLM for a run without a pair head; ELECTRA: the discriminator's, "
+                        "ElectraForPreTraining by default, the generator being ElectraForMaskedLM)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model for the HF tokenizer files "
                    "(default: the one saved in the checkpoint)")
 

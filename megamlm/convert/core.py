@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 from megamlm.convert.hf import is_hf_dir, load_hf
-from megamlm.convert.weights import (TIED, WORD, Weights, check_state, expected_shapes, read_safetensors,
+from megamlm.convert.weights import (TIED, WORD, Weights, check_state, expected_shapes, read_safetensors, retie,
                                      safetensors_header)
 from megamlm.convert.zero import ConvertError, consolidate, materialize, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "megamlm-export/1"
-VOCAB_ROWS = (WORD, "mlm_head.decoder.bias")  # tensors with one row per vocabulary id
+VOCAB_ROWS = (WORD, "mlm_head.decoder.bias", "generator.mlm_head.decoder.bias")  # one row per vocabulary id
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_position_embeddings", "type_vocab_size",
               "norm_position", "activation", "layer_norm_eps")
 
@@ -43,11 +43,9 @@ SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "ffn_size", "max_positio
 def strip_vocab(state: dict, real: int) -> dict:
     out = dict(state)
     for k in VOCAB_ROWS:
-        out[k] = materialize(state[k])[:real]  # leading rows of a contiguous tensor: contiguous, no copy
-    for k, src in TIED.items():
-        if k in out:
-            out[k] = out[src]
-    return out
+        if k in state:
+            out[k] = materialize(state[k])[:real]  # leading rows of a contiguous tensor: contiguous, no copy
+    return retie(out)
 
 
 def pad_vocab(state: dict, rows: int, init_std: float = 0.02, seed: int = 0) -> dict:
@@ -61,13 +59,10 @@ def pad_vocab(state: dict, rows: int, init_std: float = 0.02, seed: int = 0) -> 
         g = torch.Generator().manual_seed(seed)
         extra = torch.randn(rows - n, state[WORD].shape[1], generator=g) * init_std
         out[WORD] = torch.cat([state[WORD], extra.to(state[WORD].dtype)])
-        if "mlm_head.decoder.bias" in state:
-            b = state["mlm_head.decoder.bias"]
-            out["mlm_head.decoder.bias"] = torch.cat([b, b.new_zeros(rows - n)])
-    for k, src in TIED.items():
-        if k in out:
-            out[k] = out[src]
-    return out
+        for k in VOCAB_ROWS[1:]:
+            if k in state:
+                out[k] = torch.cat([state[k], state[k].new_zeros(rows - n)])
+    return retie(out)
 
 
 def _pair_of(state: dict, default: str = "nsp") -> str:
@@ -105,10 +100,10 @@ def load_megamlm_checkpoint(path: str | Path, tag: str | None = None, lazy: bool
     real = int(layout.get("real_vocab_size") or meta.get("vocab_size") or rows)
     from megamlm.config import config_to_dict
 
-    model = config_to_dict(cfg.model)
-    check_state(full, expected_shapes(model, cfg.objective.pair, rows, real), str(folder))
+    model, objective = config_to_dict(cfg.model), config_to_dict(cfg.objective)
+    check_state(full, expected_shapes(model, cfg.objective.pair, rows, real, objective), str(folder))
     w = Weights(strip_vocab(full, real), model, cfg.objective.pair, real, text,
-                tok_dir if any(tok_dir.glob("*.model")) else None, str(folder))
+                tok_dir if any(tok_dir.glob("*.model")) else None, str(folder), objective=objective)
     w.report = {"source": str(folder), "zero_stage": cfg.engine.zero_stage, "precision": cfg.engine.precision,
                 "vocab_parallel_size": int(layout.get("vocab_parallel_size", 1)), "padded_vocab_size": rows,
                 "real_vocab_size": real}
@@ -125,8 +120,10 @@ def save_export(w: Weights, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for k, v in w.state.items() if k not in TIED}  # lazy ones are gathered one by one
     write_safetensors(tensors, out / "model.safetensors",
-                      metadata={"format": EXPORT_FORMAT, "real_vocab_size": str(w.real_vocab_size), "pair": w.pair})
-    text = w.config_yaml or yaml.safe_dump({"model": w.model, "objective": {"pair": w.pair}}, sort_keys=False)
+                      metadata={"format": EXPORT_FORMAT, "real_vocab_size": str(w.real_vocab_size), "pair": w.pair,
+                                "objective": w.objective.get("name", "mlm")})
+    objective = {**w.objective, "pair": w.pair}
+    text = w.config_yaml or yaml.safe_dump({"model": w.model, "objective": objective}, sort_keys=False)
     (out / "config.yaml").write_text(text, encoding="utf-8")
     if w.tokenizer_dir is not None:
         (out / "tokenizer").mkdir(exist_ok=True)
@@ -165,14 +162,14 @@ def load_export(path: str | Path) -> Weights:
     text = cfg_file.read_text(encoding="utf-8")
     raw = yaml.safe_load(text) or {}
     model = raw.get("model", {})
-    pair = meta.get("pair") or raw.get("objective", {}).get("pair", "nsp")
+    objective = raw.get("objective") or {}
+    pair = meta.get("pair") or objective.get("pair", "nsp")
     real = int(meta["real_vocab_size"])
-    for k, src in TIED.items():
-        state[k] = state[src]
-    check_state(state, expected_shapes(model, pair, real, real), str(f))
+    retie(state)
+    check_state(state, expected_shapes(model, pair, real, real, objective), str(f))
     tok = root / "tokenizer"
     return Weights(state, model, pair, real, text, tok if any(tok.glob("*.model")) else None, str(f),
-                   {"source": str(f)})
+                   {"source": str(f)}, objective)
 
 
 # ------------------------------------------------------------------------------ any source → weights

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import torch
 
-from megamlm.convert.weights import TIED, Weights, check_state, expected_shapes, read_safetensors
-from megamlm.convert.zero import ConvertError, safe_load
+from megamlm.convert.weights import (ACT_FROM_HF, ACT_TO_HF, Weights, check_state, expected_shapes, objective_config,
+                                     read_hf_weights, retie)
+from megamlm.convert.zero import ConvertError
 from megamlm.model.hf_keys import HF_ARCHS, HF_BUFFERS, from_hf_partial, to_hf_arch
 
 __all__ = ["is_hf_dir", "load_hf", "save_hf", "hf_config"]
 
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def is_hf_dir(p: Path) -> bool:
-    return (p / "config.json").is_file()
+    """A Hugging Face directory: a config.json, or an ELECTRA pair (``discriminator/`` and ``generator/``)."""
+    from megamlm.convert.hf_electra import is_hf_electra_dir
+
+    return (p / "config.json").is_file() or is_hf_electra_dir(p)
 
 
 def hf_config(m: dict, real_vocab_size: int, arch: str, source: str) -> dict:
@@ -36,7 +38,7 @@ def hf_config(m: dict, real_vocab_size: int, arch: str, source: str) -> dict:
     return {"architectures": [arch], "model_type": "bert", "vocab_size": real_vocab_size,
             "hidden_size": m["hidden_size"], "num_hidden_layers": m["num_layers"],
             "num_attention_heads": m["num_heads"], "intermediate_size": m["ffn_size"],
-            "hidden_act": _ACT_TO_HF[m.get("activation", "gelu")], "hidden_dropout_prob": m.get("dropout", 0.1),
+            "hidden_act": ACT_TO_HF[m.get("activation", "gelu")], "hidden_dropout_prob": m.get("dropout", 0.1),
             "attention_probs_dropout_prob": m.get("attention_dropout", 0.1),
             "max_position_embeddings": m["max_position_embeddings"], "type_vocab_size": m["type_vocab_size"],
             "initializer_range": m.get("init_std", 0.02), "layer_norm_eps": m.get("layer_norm_eps", 1e-12),
@@ -47,9 +49,15 @@ def hf_config(m: dict, real_vocab_size: int, arch: str, source: str) -> dict:
 def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_model: Path | None = None) -> Path:
     """Write an HF directory for ``arch`` (default: BertForPreTraining, or BertForMaskedLM without a pair
     head). The tokenizer files come from the SentencePiece model beside the weights."""
+    from megamlm.convert.hf_electra import DISC_ARCHS, save_hf_electra
     from megamlm.convert.hf_tokenizer import save_hf_tokenizer
     from megamlm.convert.safetensors_io import write_safetensors
 
+    if w.electra:  # the discriminator and the generator, each its own HF directory
+        return save_hf_electra(w, Path(out), arch, tokenizer_model)
+    if arch in DISC_ARCHS:
+        raise ConvertError(f"--hf-arch {arch!r} is for ELECTRA checkpoints; {w.source} is a BERT (MLM) one: choose "
+                           f"one of {', '.join(HF_ARCHS)}")
     arch = arch or ("BertForPreTraining" if w.pair != "none" else "BertForMaskedLM")
     if arch not in HF_ARCHS:
         raise ConvertError(f"--hf-arch {arch!r}: choose one of {', '.join(HF_ARCHS)}")
@@ -78,46 +86,31 @@ def save_hf(w: Weights, out: str | Path, arch: str | None = None, tokenizer_mode
     return out
 
 
-def _read_hf_weights(d: Path) -> tuple[dict[str, torch.Tensor], str]:
-    single = d / "model.safetensors"
-    index = d / "model.safetensors.index.json"
-    binf = d / "pytorch_model.bin"
-    if single.is_file():
-        return read_safetensors(single)[0], str(single)
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ConvertError(f"{index}: not a safetensors index ({e})") from None
-        out: dict[str, torch.Tensor] = {}
-        for s in shards:
-            out.update(read_safetensors(d / s)[0])
-        return out, str(index)
-    if binf.is_file():
-        sd = safe_load(binf)
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ConvertError(f"{binf}: not a flat state dict of tensors")
-        return dict(sd), str(binf)
-    raise ConvertError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
 def load_hf(d: str | Path) -> Weights:
-    """An HF BERT directory → megamlm weights (heads it lacks listed in ``report['initialise']``)."""
+    """An HF BERT directory, or an ELECTRA pair (:mod:`megamlm.convert.hf_electra`) → megamlm weights (heads it
+    lacks listed in ``report['initialise']``)."""
+    from megamlm.convert.hf_electra import is_hf_electra_dir, load_hf_electra
+
     d = Path(d)
+    if is_hf_electra_dir(d):
+        return load_hf_electra(d)
     cfg_file = d / "config.json"
     try:
         c = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConvertError(f"{cfg_file}: cannot read ({e})") from None
     archs = c.get("architectures") or []
+    if c.get("model_type") == "electra":
+        raise ConvertError(f"{cfg_file}: one ELECTRA model; megamlm reads the pair an ELECTRA export writes: a "
+                           f"folder with discriminator/ (ElectraForPreTraining) and generator/ (ElectraForMaskedLM)")
     if c.get("model_type") != "bert" or (archs and not set(archs) & set(HF_ARCHS)):
         raise ConvertError(f"{cfg_file}: model_type={c.get('model_type')!r}, architectures={archs}: not a BERT "
                            f"model megamlm converts ({', '.join(HF_ARCHS)})")
     problems = []
     if c.get("position_embedding_type", "absolute") != "absolute":
         problems.append(f"position_embedding_type={c['position_embedding_type']!r} (only 'absolute')")
-    if c.get("hidden_act", "gelu") not in _ACT_FROM_HF:
-        problems.append(f"hidden_act={c.get('hidden_act')!r} (only {', '.join(_ACT_FROM_HF)})")
+    if c.get("hidden_act", "gelu") not in ACT_FROM_HF:
+        problems.append(f"hidden_act={c.get('hidden_act')!r} (only {', '.join(ACT_FROM_HF)})")
     if c.get("is_decoder") or c.get("add_cross_attention"):
         problems.append("a decoder / cross-attention BERT")
     if problems:
@@ -127,8 +120,8 @@ def load_hf(d: str | Path) -> Weights:
              "max_position_embeddings": c["max_position_embeddings"], "type_vocab_size": c.get("type_vocab_size", 2),
              "dropout": c.get("hidden_dropout_prob", 0.1), "attention_dropout": c.get("attention_probs_dropout_prob", 0.1),
              "layer_norm_eps": c.get("layer_norm_eps", 1e-12), "norm_position": "post",
-             "activation": _ACT_FROM_HF[c.get("hidden_act", "gelu")], "init_std": c.get("initializer_range", 0.02)}
-    hf_state, wfile = _read_hf_weights(d)
+             "activation": ACT_FROM_HF[c.get("hidden_act", "gelu")], "init_std": c.get("initializer_range", 0.02)}
+    hf_state, wfile = read_hf_weights(d)
     try:
         state, missing, unknown = from_hf_partial(hf_state, c["num_hidden_layers"])
     except ValueError as e:
@@ -150,9 +143,7 @@ def load_hf(d: str | Path) -> Weights:
                      {b.split(".", 1)[-1] for b in HF_BUFFERS})
     arch = archs[0] if archs else "?"
     w = Weights({k: v.float() for k, v in present.items()}, model, pair, vocab, None, None, str(d))
-    for k, src in TIED.items():
-        if src in w.state:
-            w.state[k] = w.state[src]
+    retie(w.state)
     w.report = {"source": str(d), "hf_arch": arch, "weights": wfile, "initialise": initialise,
                 "dropped_buffers": dropped, "real_vocab_size": vocab}
     return w
@@ -161,7 +152,7 @@ def load_hf(d: str | Path) -> Weights:
 def complete_heads(w: Weights, seed: int = 0) -> Weights:
     """Fill the heads an HF file lacks with megamlm's initialisation (for an export that
     ``pretrain --init-from`` and ``--to hf`` can use as a whole model); they are named in the report."""
-    from megamlm.config import ModelConfig, ObjectiveConfig
+    from megamlm.config import ModelConfig
     from megamlm.model import build_model
 
     missing = w.report.get("initialise") or []
@@ -169,14 +160,13 @@ def complete_heads(w: Weights, seed: int = 0) -> Weights:
         return w
     mc = ModelConfig(**{k: v for k, v in w.model.items() if k in ModelConfig.__dataclass_fields__})
     torch.manual_seed(seed)
-    fresh = build_model(mc, ObjectiveConfig(pair=w.pair), w.real_vocab_size, w.real_vocab_size).state_dict()
+    fresh = build_model(mc, objective_config(w.pair, w.objective), w.real_vocab_size, w.real_vocab_size).state_dict()
     state = dict(w.state)
     for k in missing:
         state[k] = fresh[k].clone()
-    for k, src in TIED.items():
-        state[k] = state[src]
+    retie(state)
     check_state(state, {k: tuple(v.shape) for k, v in fresh.items()}, w.source)
     out = Weights(state, w.model, w.pair, w.real_vocab_size, w.config_yaml, w.tokenizer_dir, w.source,
-                  {**w.report, "initialised": missing})
+                  {**w.report, "initialised": missing}, w.objective)
     return out
 

@@ -210,11 +210,11 @@ def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict
             raise ConvertError(f"{layout_file}: not valid JSON ({e})") from None
     vp = int(layout.get("vocab_parallel_size", 1))
     sharded = {k: int(v) for k, v in (layout.get("sharded") or {}).items()}
-    from megamlm.model.hf_keys import TIED_MEGAMLM
+    from megamlm.parallel.layers import VOCAB_TIED_PARAMS as TIED_ALIASES  # BERT's decoder and ELECTRA's generator's
 
     per_rank = [_consolidate_mp_rank(folder, r, zero_stage, lazy) for r in range(vp)]
     for p in per_rank:  # tied copies are rebuilt from their source after the merge (ranks differ in listing them)
-        for k in TIED_MEGAMLM:
+        for k in TIED_ALIASES:
             p.pop(k, None)
     if vp > 1:
         extra = sorted(p.name for p in folder.glob("*mp_rank_*") if int(re.search(r"mp_rank_(\d+)", p.name).group(1)) >= vp)
@@ -240,7 +240,7 @@ def consolidate(folder: Path, zero_stage: int, lazy: bool = False) -> tuple[dict
         extra = sorted(set(p) - set(per_rank[0]))
         if extra:
             raise ConvertError(f"{folder}: mp rank {r} has tensors mp rank 0 lacks: {extra[:5]}")
-    for k, src in TIED_MEGAMLM.items():
-        if src in full:
+    for k, src in TIED_ALIASES.items():
+        if src in full and k.replace(".weight", ".bias") in full:  # the decoder this model has
             full[k] = full[src]
     return full, layout

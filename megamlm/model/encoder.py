@@ -203,7 +203,7 @@ class Encoder(nn.Module):
                  ffn_size: int = 3072, max_position_embeddings: int = 512, type_vocab_size: int = 2,
                  dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
                  norm_position: str = "post", activation: str = "gelu", init_std: float = 0.02,
-                 check_inputs: bool = False):
+                 check_inputs: bool = False, embeddings: bool = True):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"model.hidden_size={hidden_size} is not divisible by model.num_heads={num_heads}")
@@ -217,8 +217,9 @@ class Encoder(nn.Module):
         self.max_positions = max_position_embeddings
         self.type_vocab_size = type_vocab_size
         self.check_inputs = check_inputs
+        # embeddings=False: a stack run on another encoder's embeddings (the ELECTRA generator, :meth:`run_layers`)
         self.embeddings = Embeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
-                                     layer_norm_eps, dropout)
+                                     layer_norm_eps, dropout) if embeddings else None
         self.layers = nn.ModuleList(
             Block(hidden_size, num_heads, ffn_size, layer_norm_eps, dropout, attention_dropout, activation,
                   pre_norm=norm_position == "pre") for _ in range(num_layers))
@@ -256,6 +257,13 @@ class Encoder(nn.Module):
         back to back; positions restart at 0 in each, attention stays inside each, no padding is computed;
         ``attention_mask`` must then be None.
         """
+        x, attn_mask = self.embed(input_ids, token_type_ids, attention_mask, segments)
+        return self.run_layers(x, attn_mask, segments)  # [B, T, H]
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, segments=None):
+        """The inputs checked and embedded, as :meth:`forward` takes them → (x [B, T, H], the attention mask
+        [B, 1, 1, T] bool or None) for :meth:`run_layers`, this encoder's or another stack's."""
         # value checks read the ids: free on CPU, a sync on accelerators, data-dependent under compile
         check_ids = ops_layer.host_readable(input_ids) or (self.check_inputs and not torch.compiler.is_compiling())
         longest = self.max_positions if segments is None else input_ids.shape[1]  # packed: checked per example
@@ -269,7 +277,10 @@ class Encoder(nn.Module):
         attn_mask = None
         if attention_mask is not None:
             attn_mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T] True = attend
-        x = self.embeddings(input_ids, token_type_ids, position_ids)  # [B, T, H]
+        return self.embeddings(input_ids, token_type_ids, position_ids), attn_mask  # [B, T, H]
+
+    def run_layers(self, x: torch.Tensor, attn_mask: torch.Tensor | None, segments=None) -> torch.Tensor:
+        """The blocks (and the pre-LN final norm) on embedded inputs x [B, T, H] → hidden [B, T, H]."""
         for layer in self.layers:
             x = layer(x, attn_mask, segments)  # [B, T, H]
         if self.final_norm is not None:

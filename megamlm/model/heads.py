@@ -18,6 +18,7 @@ from torch import nn
 
 from megamlm import ops as ops_layer
 from megamlm.model.encoder import activation_fn, init_bert_weights
+from megamlm.ops.sampling import gumbel_sample
 
 __all__ = ["TiedDecoder", "MLMHead", "PairHead"]
 
@@ -42,8 +43,16 @@ class TiedDecoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab))
         self.n_predicted = n_predicted
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
-        """h [N, H] → logits [N, V_real]; with ``labels`` [N] → (per-row loss fp32 [N], argmax [N])."""
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, temperature: float | None = None):
+        """h [N, H] → logits [N, V_real]; with ``labels`` [N] → (per-row loss fp32 [N], argmax [N]); with a
+        ``temperature`` too, a third value: one id per row [N] sampled from softmax(logits / temperature)
+        (Gumbel-max in fp32, :mod:`megamlm.ops.sampling`; from the loss's own logits, no gradient)."""
+        if labels is not None and temperature is not None:
+            drawn = []
+            peek = lambda logits, bias: drawn.append(gumbel_sample(logits, bias, temperature))  # noqa: E731
+            per_row, pred = self.ops.decoder_cross_entropy(h, self.weight, self.bias, self.n_predicted, labels,
+                                                           peek=peek)
+            return per_row, pred, drawn[0]
         if labels is not None:
             return self.ops.decoder_cross_entropy(h, self.weight, self.bias, self.n_predicted, labels)
         n = self.n_predicted
@@ -52,24 +61,29 @@ class TiedDecoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """dense → activation → LayerNorm → tied decoder, on the masked rows only."""
+    """dense → activation → LayerNorm → tied decoder, on the masked rows only. ``in_features``: the width of
+    the hidden states it reads when it differs from the embeddings' ``hidden`` (the ELECTRA generator's)."""
 
     def __init__(self, hidden: int, eps: float, activation: str, word_embedding: nn.Parameter,
-                 n_predicted: int | None = None, init_std: float = 0.02):
+                 n_predicted: int | None = None, init_std: float = 0.02, in_features: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(in_features or hidden, hidden)
         self.act = activation_fn(activation)
         self.norm = nn.LayerNorm(hidden, eps=eps)
         init_bert_weights(self, init_std)
         self.decoder = TiedDecoder(word_embedding, n_predicted)  # after init: never re-initialise the tie
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
+                temperature: float | None = None):
         """hidden [B, T, H], positions [N] flat indices into B*T → logits [N, V_real]; with ``labels`` [N]
-        the decoder's training loss instead: (per-row loss fp32 [N], argmax [N])."""
+        the decoder's training loss instead: (per-row loss fp32 [N], argmax [N]), and with ``temperature``
+        the ids sampled per row [N] as a third value (:meth:`TiedDecoder.forward`)."""
         H = hidden.shape[-1]
         rows = hidden.reshape(-1, H).index_select(0, positions)  # [N, H]
         h = self.norm(self.act(self.dense(rows)))  # [N, H]
-        return self.decoder(h) if labels is None else self.decoder(h, labels)
+        if labels is None:
+            return self.decoder(h)
+        return self.decoder(h, labels) if temperature is None else self.decoder(h, labels, temperature)
 
 
 class PairHead(nn.Module):

@@ -15,33 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamlm import ops as ops_layer
+from megamlm.model.electra import build_electra
 from megamlm.model.encoder import Encoder
 from megamlm.model.heads import MLMHead, PairHead
+from megamlm.model.inputs import attention_mask_or_none, check_batch
 from megamlm.model.terms import LossTerms, pair_terms, row_terms
 
 __all__ = ["PretrainingModel", "build_model", "attention_mask_or_none", "weight_decay_groups"]
-
-
-def _examples(batch) -> int:
-    segments = getattr(batch, "segments", None)
-    return segments.num_segments if segments is not None else int(batch.input_ids.shape[0])
-
-
-def attention_mask_or_none(batch) -> torch.Tensor | None:
-    """The batch's [B, T] mask, or None when it certainly has no padding (then SDPA runs unmasked).
-
-    Decided without a device sync: ``batch.n_tokens == B*T`` (the loader's host count of real tokens),
-    or for a CPU mask by reading it (cheap, no device; not under torch.compile). Otherwise the mask is
-    passed (always correct)."""
-    mask = batch.attention_mask
-    if mask is None:
-        return None
-    if getattr(batch, "n_tokens", 0) and batch.n_tokens == batch.input_ids.numel():
-        return None
-    if ops_layer.host_readable(mask) and bool(mask.all()):
-        return None
-    return mask
 
 
 class PretrainingModel(nn.Module):
@@ -69,33 +49,6 @@ class PretrainingModel(nn.Module):
     def real_vocab_size(self) -> int:
         return self.mlm_head.decoder.n_predicted
 
-    def _check_batch(self, batch) -> None:
-        ids = batch.input_ids
-        pos, tgt = batch.mlm_positions, batch.mlm_targets
-        if pos.dim() != 1 or tgt.shape != pos.shape:
-            raise ValueError(f"mlm_positions {tuple(pos.shape)} and mlm_targets {tuple(tgt.shape)} must be "
-                             f"two [N] vectors")
-        if self.pair_head is not None:
-            if batch.pair_labels is None:
-                raise ValueError(f"objective.pair={self.pair!r} but the batch has no pair_labels")
-            n = _examples(batch)
-            if batch.pair_labels.shape != (n,):
-                raise ValueError(f"pair_labels has shape {tuple(batch.pair_labels.shape)}; expected "
-                                 f"[{n}] (one per example)")
-        check_values = ops_layer.host_readable(pos) or (self.encoder.check_inputs and not torch.compiler.is_compiling())
-        if check_values and pos.numel():
-            lo, hi = int(pos.min()), int(pos.max())
-            if lo < 0 or hi >= ids.numel():
-                raise ValueError(f"mlm_positions holds {hi if hi >= ids.numel() else lo}, outside the "
-                                 f"flattened batch [0, {ids.numel()})")
-            valid = tgt[tgt != ops_layer.IGNORE_INDEX]
-            if valid.numel():
-                lo, hi = int(valid.min()), int(valid.max())
-                n = self.real_vocab_size
-                if lo < 0 or hi >= n:
-                    raise ValueError(f"MLM target id {hi if hi >= n else lo} is outside the real vocabulary "
-                                     f"[0, {n}) (padded rows are never targets)")
-
     def hidden(self, batch) -> torch.Tensor:
         """Encoder output [B, T, H] for a :class:`megamlm.data.batch.Batch` ([1, N, H] packed)."""
         segments = getattr(batch, "segments", None)
@@ -112,14 +65,14 @@ class PretrainingModel(nn.Module):
 
     def logits(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(MLM logits [N, V_real] at ``batch.mlm_positions``, pair logits [B, 2] or None)."""
-        self._check_batch(batch)
+        check_batch(self, batch)
         h = self.hidden(batch)  # [B, T, H]
         mlm = self.mlm_head(h, batch.mlm_positions)  # [N, V_real]
         pair = self.pair_logits(h, batch) if self.pair_head is not None else None  # [examples, 2]
         return mlm, pair
 
     def forward(self, batch) -> LossTerms:
-        self._check_batch(batch)
+        check_batch(self, batch)
         h = self.hidden(batch)  # [B, T, H]
         per_row, pred = self.mlm_head(h, batch.mlm_positions, labels=batch.mlm_targets)  # [N] fp32, [N]
         terms = LossTerms()
@@ -130,8 +83,9 @@ class PretrainingModel(nn.Module):
 
 
 def build_model(model_cfg, objective_cfg, vocab_size: int, real_vocab_size: int | None = None,
-                check_inputs: bool = False) -> PretrainingModel:
-    """The pretraining model from its config sections.
+                check_inputs: bool = False):
+    """The pretraining model from its config sections: a :class:`PretrainingModel`, or for
+    ``objective.name: electra`` an :class:`megamlm.model.electra.ElectraModel`.
 
     vocab_size: the tokenizer's padded vocabulary size (used when ``model_cfg.vocab_size`` is 0);
     real_vocab_size: the tokenizer's real piece count (None = every row is real);
@@ -144,6 +98,8 @@ def build_model(model_cfg, objective_cfg, vocab_size: int, real_vocab_size: int 
     if real_vocab_size is not None and real_vocab_size > rows:
         raise ValueError(f"the tokenizer has {real_vocab_size} pieces but the model only {rows} embedding rows "
                          f"(model.vocab_size={model_cfg.vocab_size})")
+    if getattr(objective_cfg, "name", "mlm") == "electra":
+        return build_electra(model_cfg, objective_cfg, rows, real_vocab_size, check_inputs)
     encoder = Encoder.from_config(model_cfg, rows, check_inputs=check_inputs)
     return PretrainingModel(encoder, objective_cfg.pair, real_vocab_size, model_cfg.layer_norm_eps,
                             model_cfg.activation, model_cfg.init_std)

@@ -37,9 +37,12 @@ every tensor input and parameter, as autograd through the torch backend's op wou
 ``embedding(table, ids)``
     ``table(ids)`` [B, T, H]: the word lookup (a backend may tie its gradient to ``decoder_cross_entropy``
     of the same forward over the same weight).
-``decoder_cross_entropy(h, weight, bias, n_predicted, labels, ignore_index=IGNORE_INDEX)``
+``decoder_cross_entropy(h, weight, bias, n_predicted, labels, ignore_index=IGNORE_INDEX, peek=None)``
     h [N, H], weight [V, H], bias [V] → (per-row fp32 loss [N], row argmax [N]) of ``F.linear(h,
-    weight[:n_predicted], bias[:n_predicted])``; rows labelled ``ignore_index`` give loss 0.
+    weight[:n_predicted], bias[:n_predicted])``; rows labelled ``ignore_index`` give loss 0. ``peek(logits,
+    bias)``, when given, is called once under no_grad with those logits before the loss reads them
+    (detached; ``bias`` None when they include it, else the bias [n_predicted] to add): the ELECTRA
+    generator samples from them, with no second projection.
 ``cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, inplace_backward=False, with_argmax=False, bias=None)``
     per-row fp32 loss [N] (and the argmax) of logits [N, V]; see :mod:`megamlm.ops.cross_entropy`.
 """

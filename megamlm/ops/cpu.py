@@ -162,20 +162,23 @@ class CpuOps(TorchOps):
             return table(ids, inside=lambda m, ids: TiedLookup.apply(ids, m.weight, tied))  # [B, T, H]
         return table(ids)
 
-    def decoder_cross_entropy(self, h, weight, bias, n_predicted, labels, ignore_index=IGNORE_INDEX):
+    def decoder_cross_entropy(self, h, weight, bias, n_predicted, labels, ignore_index=IGNORE_INDEX, peek=None):
         """CPU float32: the logits [N, V_real] written into :attr:`workspace` (reused step after step: a
         fresh tensor that large is page-faulted in anew each time), without the bias when the loss can add
         it chunk by chunk (no broadcast copy into N·V logits, no column-sum pass in backward), and with the
         tied weight's gradient handed to the lookup of the same forward (see :meth:`embedding`)."""
         pending, self._pending = self._pending, None
         if not (h.dtype == torch.float32 and _scratch_fits(weight)):
-            return super().decoder_cross_entropy(h, weight, bias, n_predicted, labels, ignore_index)
+            return super().decoder_cross_entropy(h, weight, bias, n_predicted, labels, ignore_index, peek)
         tied = None
         if pending is not None and pending[0] is weight and torch.is_grad_enabled() and not zero3_partitioned(weight):
             tied = pending[1]  # the lookup of this forward, over this very weight
         w, b = _rows(weight, bias, n_predicted)
         in_loss = b is not None and bias.numel() == weight.shape[0] and not zero3_partitioned(bias)
         logits = LinearInWorkspace.apply(h, w, None if in_loss else b, self.workspace, weight.shape[0], tied)
+        if peek is not None:
+            with torch.no_grad():
+                peek(logits.detach(), b if in_loss else None)
         return self.cross_entropy(logits, labels, ignore_index, inplace_backward=True, with_argmax=True,
                                   bias=b if in_loss else None)
 

@@ -95,9 +95,13 @@ class TorchOps:
         return table(ids)
 
     def decoder_cross_entropy(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              n_predicted: int, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+                              n_predicted: int, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                              peek=None):
         w, b = _rows(weight, bias, n_predicted)
-        logits = F.linear(h, w, b)  # [N, V_real], for the loss alone
+        logits = F.linear(h, w, b)  # [N, V_real], for the loss (and the peek) alone
+        if peek is not None:
+            with torch.no_grad():
+                peek(logits.detach(), None)
         return self.cross_entropy(logits, labels, ignore_index, inplace_backward=True, with_argmax=True)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamlm.parallel.groups import group_size_rank
-from megamlm.parallel.vocab import vocab_parallel_cross_entropy
+from megamlm.parallel.vocab import vocab_parallel_cross_entropy, vocab_parallel_sample
 
 __all__ = ["copy_to_vocab_parallel_region", "reduce_from_vocab_parallel_region", "mark_vocab_parallel",
            "vocab_range", "mask_padded_columns_", "VocabParallelEmbedding", "VocabParallelDecoder",
@@ -180,15 +180,22 @@ class VocabParallelDecoder(nn.Module):
         dec.bias.requires_grad_(full_bias.requires_grad)
         return dec
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, temperature: float | None = None):
         """h [N, H] → local logits [N, V/vp]; with ``labels`` [N] (global ids) → their vocab-parallel training
-        loss, as by :class:`~megamlm.model.heads.TiedDecoder`: (per-row loss fp32 [N], global argmax [N])."""
+        loss, as by :class:`~megamlm.model.heads.TiedDecoder`: (per-row loss fp32 [N], global argmax [N]); with
+        ``temperature`` too, the ids sampled over the whole vocabulary [N] as a third value
+        (:func:`~megamlm.parallel.vocab.vocab_parallel_sample`)."""
         h = copy_to_vocab_parallel_region(h, self.group)  # [N, H]; backward: sum over the vocabulary slices
         logits = F.linear(h, self.weight, self.bias)  # [N, V/vp]
         logits = mask_padded_columns_(logits, self.vocab_start, self.n_predicted)  # [N, V/vp]
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.group, inplace_backward=True, with_argmax=True)
+        drawn = None
+        if temperature is not None:  # before the loss, whose backward may reuse the logits' storage
+            drawn = vocab_parallel_sample(logits.detach(), self.vocab_start, self.n_predicted, temperature, self.group)
+        per_row, pred = vocab_parallel_cross_entropy(logits, labels, self.group, inplace_backward=True,
+                                                     with_argmax=True)
+        return (per_row, pred) if drawn is None else (per_row, pred, drawn)
 
     def extra_repr(self) -> str:
         return (f"local rows {tuple(self.weight.shape)} from id {self.vocab_start}, real vocabulary "
@@ -201,15 +208,18 @@ class VocabParallelDecoder(nn.Module):
 #: Tensors of the pretraining model split along the vocabulary: name → dim; concatenated in vp-rank order
 #: they give the padded [V, H] / [V]. Every other tensor is replicated over the vocab-parallel group.
 VOCAB_SHARDED_PARAMS: dict[str, int] = {"encoder.embeddings.word_embeddings.weight": 0,
-                                        "mlm_head.decoder.bias": 0}
+                                        "mlm_head.decoder.bias": 0,
+                                        "generator.mlm_head.decoder.bias": 0}  # ELECTRA's decoder
 #: Tied aliases (not tensors of their own): rebuild them from their source after merging, as for t=1.
 #: In a checkpoint ``mlm_head.decoder.weight`` appears as each rank's [V/vp, H] embedding rows in the stage
 #: 0–2 ``module`` dict, and DeepSpeed records the tie in ``shared_params`` on global rank 0's file only.
-VOCAB_TIED_PARAMS: dict[str, str] = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"}
+VOCAB_TIED_PARAMS: dict[str, str] = {"mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight",
+                                     "generator.mlm_head.decoder.weight": "encoder.embeddings.word_embeddings.weight"}
 
 
 def parallelize_vocab(model, topology):
-    """Split a finished :class:`megamlm.model.pretraining.PretrainingModel` along the vocabulary, in place.
+    """Split a finished :class:`megamlm.model.pretraining.PretrainingModel` (or ELECTRA model: its generator's
+    decoder, ``model.mlm_head``) along the vocabulary, in place.
 
     The word embedding becomes a :class:`~megamlm.parallel.layers.VocabParallelEmbedding` holding this
     rank's rows of the full, identically seeded table (so every vocab-parallel size starts from the same

@@ -28,7 +28,8 @@ from megamlm.ops.cross_entropy import (CHUNK_BYTES, IGNORE_INDEX, block_max, cro
                                      softmax_minus_onehot)
 from megamlm.parallel.groups import all_reduce as _all_reduce, group_size_rank
 
-__all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "vocab_parallel_argmax"]
+__all__ = ["IGNORE_INDEX", "group_size_rank", "vocab_parallel_cross_entropy", "vocab_parallel_argmax",
+           "vocab_parallel_sample"]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -137,4 +138,34 @@ def vocab_parallel_argmax(local_logits: torch.Tensor, group=None) -> torch.Tenso
     big = torch.iinfo(torch.int64).max
     cand = torch.where(local_max == global_max, local_idx + rank * n_local,
                        torch.full_like(local_idx, big))  # [N]
+    return _all_reduce(cand, dist.ReduceOp.MIN, group)
+
+
+@torch.no_grad()
+def vocab_parallel_sample(local_logits: torch.Tensor, vocab_start: int, n_predicted: int, temperature: float,
+                          group=None) -> torch.Tensor:
+    """One id per row [N] (global ids below ``n_predicted``) drawn from softmax(logits / temperature) over the
+    whole vocabulary, from this rank's slice ``local_logits`` [N, V/vp] (ids from ``vocab_start``): Gumbel-max
+    per slice with the noise of the full real vocabulary (:mod:`megamlm.ops.sampling`: every rank draws the
+    same [N, V_real] noise, as a single rank does), then the largest score over the group; ties go to the
+    smallest id. Equal to :func:`megamlm.ops.sampling.gumbel_sample` on the gathered logits."""
+    from megamlm.ops.sampling import gumbel_noise, gumbel_scores
+
+    if not temperature > 0:
+        raise ValueError(f"sampling temperature {temperature!r} must be > 0 (objective.sampling_temperature)")
+    N, n_local = local_logits.shape
+    noise = gumbel_noise(N, n_predicted, local_logits.device)  # [N, V_real]
+    n = max(min(vocab_start + n_local, n_predicted) - vocab_start, 0)  # this slice's real columns
+    scores = torch.full((N, n_local), float("-inf"), dtype=torch.float32, device=local_logits.device)
+    if n:
+        scores[:, :n] = gumbel_scores(local_logits[:, :n], None, temperature, noise[:, vocab_start:vocab_start + n])
+    size, _ = group_size_rank(group)
+    best, idx = scores.max(dim=-1)  # [N], [N]
+    idx = idx + vocab_start
+    if size == 1:
+        return idx
+    import torch.distributed as dist
+
+    top = _all_reduce(best.clone(), dist.ReduceOp.MAX, group)  # [N]
+    cand = torch.where(best == top, idx, torch.full_like(idx, torch.iinfo(torch.int64).max))
     return _all_reduce(cand, dist.ReduceOp.MIN, group)

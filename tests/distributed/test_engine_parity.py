@@ -61,17 +61,18 @@ def true_first_grad_norm(cfg_file):
     return _true_first_grad_norm(cfg_file, 2)
 
 
-def _true_first_grad_norm(cfg_file, streams: int) -> float:
-    """The first step's gradient norm over a global batch of ``streams`` replayed micro-batches."""
+def _true_first_grad_norm(cfg_file, streams: int, over: tuple[str, ...] = ()) -> float:
+    """The first step's gradient norm over a global batch of ``streams`` replayed micro-batches (``over``:
+    config overrides, e.g. the ELECTRA objective: its loss terms divided by the global counts alike)."""
     import torch
 
     from megamlm.config import load_config
     from megamlm.model.pretraining import build_model
-    from megamlm.objectives import combine
+    from megamlm.objectives import objective_weights, step_denominators, weighted_sum
     from megamlm.tokenizer import Tokenizer
     from tests.e2e.replay_source import ReplaySource
 
-    cfg = load_config(cfg_file)
+    cfg = load_config(cfg_file, list(over))
     tok = Tokenizer(cfg.tokenizer.model)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.objective, tok.padded_vocab_size, tok.vocab_size)
@@ -82,8 +83,9 @@ def _true_first_grad_norm(cfg_file, streams: int) -> float:
     total = terms[0]
     for t in terms[1:]:
         total = total + t
-    loss = combine(total, total.n_targets["mlm"], total.n_targets["pair"], cfg.objective.pair_loss_weight)
-    loss.backward()
+    counts = step_denominators(sum(b.n_targets for b in batches), sum(b.pair_labels.numel() for b in batches),
+                               sum(b.n_tokens for b in batches))
+    weighted_sum(total, counts, objective_weights(cfg.objective)).backward()
     return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
 
 
@@ -108,6 +110,33 @@ def test_two_ranks_equal_one_process_with_accumulation(stage, cfg_file, referenc
     # The model learned something (the token distribution), so equal weights mean equal updates.
     assert ref["losses"][-1] < ref["losses"][0] - 0.01
     assert first_grad_norm(tmp_path) == pytest.approx(true_first_grad_norm, rel=1e-5)
+
+
+# ELECTRA with its samples made the generator's argmax (a temperature of 1e-6): the same tokens wherever a
+# micro-batch runs. At temperature 1 the noise comes from each rank's own RNG stream, as dropout's does.
+ELECTRA = ("objective.name=electra", "objective.pair=none", "objective.generator_hidden_fraction=0.5",
+           "objective.sampling_temperature=1e-6")
+
+
+def test_electra_on_two_ranks_at_zero_2_equals_one_process_and_the_true_gradient(cfg_file, tmp_path):
+    """The ELECTRA step through the same loop and engine: 2 ranks at ZeRO 2 against one process with 2
+    micro-batches accumulated (per-step loss 1e-5, final weights 2e-5), and the first step's gradient norm
+    against the plain-torch gradient of gen·MLM/N_masked + 50·BCE/N_real over the whole global batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch([sys.executable, SCRIPT, str(one / "r.json"), str(cfg_file), f"train.output_dir={one}",
+            "engine.global_batch_size=16", "engine.zero_stage=0", *ELECTRA], threads=2)
+    launch(torchrun(2, SCRIPT, str(two / "r.json"), str(cfg_file), f"train.output_dir={two}",
+                    "engine.zero_stage=2", *ELECTRA))
+    a, b = read_json(one / "r.json"), read_json(two / "r.json")
+    assert len(a["losses"]) == 6 and b["losses"] == pytest.approx(a["losses"], abs=1e-5)
+    assert a["losses"][-1] < a["losses"][0] - 0.01
+    wa, wb = final_weights(one / "checkpoints"), final_weights(two / "checkpoints")
+    assert set(wa) == set(wb) and any(k.startswith("generator.") for k in wa)
+    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert worst < 2e-5, f"final weights differ by {worst}"
+    truth = _true_first_grad_norm(cfg_file, 2, ELECTRA)
+    assert first_grad_norm(one) == pytest.approx(truth, rel=1e-5)
+    assert first_grad_norm(two) == pytest.approx(truth, rel=1e-5)
 
 
 @pytest.mark.parametrize("stage", [0, 2])

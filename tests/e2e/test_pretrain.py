@@ -207,14 +207,20 @@ def _run_until(cmd: list[str], trigger, sig: int, whole_group: bool, timeout: fl
 KILL_OVER = ("train.max_steps=12", "data.micro_batch_size=32", "train.eval_every=0")
 
 
-@pytest.mark.parametrize("stage,packing", [(1, False), (2, False), (3, False), (2, True)])
-def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, packing, cfg_file, tmp_path, tmp_path_factory):
+ELECTRA = ("objective.name=electra", "objective.pair=none", "objective.generator_hidden_fraction=0.5")
+
+
+@pytest.mark.parametrize("stage,packing,objective", [(1, False, "mlm"), (2, False, "mlm"), (3, False, "mlm"),
+                                                     (2, True, "mlm"), (2, False, "electra")])
+def test_sigkill_at_an_arbitrary_step_then_resume_is_exact(stage, packing, objective, cfg_file, tmp_path,
+                                                           tmp_path_factory):
     """Uninterrupted vs killed with SIGKILL (all ranks, the moment the step-6 checkpoint is complete, so in
     the middle of a later step) and resumed with --resume auto: the same loss at every step, the same final
     weights, the same data position; padded, and packed (data.packing: micro-batches of whole examples
-    in one row, no padding)."""
-    over = (f"engine.zero_stage={stage}", *KILL_OVER, f"data.packing={str(packing).lower()}")
-    full = tmp_path_factory.mktemp(f"full{stage}{'p' if packing else ''}")
+    in one row, no padding); and ELECTRA, whose generator samples from the RNG streams the checkpoint saves."""
+    over = (f"engine.zero_stage={stage}", *KILL_OVER, f"data.packing={str(packing).lower()}",
+            *(ELECTRA if objective == "electra" else ()))
+    full = tmp_path_factory.mktemp(f"full{stage}{'p' if packing else ''}{objective}")
     launch(pretrain_cmd("torchrun", cfg_file, full, *over))
     ck = tmp_path / "checkpoints"
     rc, log, sent = _run_until(pretrain_cmd("torchrun", cfg_file, tmp_path, *over),

@@ -53,6 +53,39 @@ def test_train_flops_is_three_times_the_matmul_flops_torch_counts_on_real_tokens
     assert train_flops(padded, H, L, F, V, pair=pair) == pytest.approx(sum(rows))
 
 
+def test_electra_train_flops_count_the_generator_and_the_discriminator():
+    """ELECTRA: train_flops with the generator's shape = 3 × the forward FLOPs torch counts in the whole
+    ElectraModel (generator at its width with the projection, its head and tied decoder on the masked rows,
+    the discriminator and its per-token head); sampling costs no matmul."""
+    from megamlm import ops
+    from megamlm.config import ModelConfig, ObjectiveConfig
+    from megamlm.flops import generator_flops_shape
+    from megamlm.model import build_model
+
+    H, F, L, V = 32, 64, 2, 50
+    mc = ModelConfig(vocab_size=V, hidden_size=H, num_layers=L, num_heads=2, ffn_size=F)
+    oc = ObjectiveConfig(name="electra", pair="none", generator_hidden_fraction=0.5, generator_layers=1)
+    model = build_model(mc, oc, V)
+    ops.use(model.eval(), ops.TorchOps())
+    batch = random_batch(3, 10, V, mlm_probability=0.3, padding=False, pair=False, seed=1)
+    assert generator_flops_shape(mc, oc) == (16, 1, 64)
+    assert train_flops(batch, H, L, F, V, False, generator_flops_shape(mc, oc)) == 3 * _counted_forward_flops(model, batch)
+
+
+def test_bench_cli_times_electra_against_the_hf_composition(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "megamlm", "bench", "model", "--hidden-size", "32", "--num-layers", "1",
+           "--num-heads", "2", "--ffn-size", "64", "--vocab-size", "500", "--seq-len", "16", "--batch-size", "4",
+           "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1", "--no-memory", "--pair", "none",
+           "--generator-fraction", "0.5", "--models", "electra,hf-electra,megamlm", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["ratios"]) == {"hf-electra", "megamlm"} and "ratio: electra / hf-electra" in res.stdout
+    mfu = {n: m["mfu_vs_best_peak"] * m["step_s_median"] for n, m in r["models"].items()}  # flops / peak
+    assert mfu["electra"] == pytest.approx(mfu["hf-electra"]) and mfu["electra"] > mfu["megamlm"]
+
+
 def test_bench_cli_times_both_models_and_reports_ratio_mfu_memory(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "megamlm", "bench", "model", "--hidden-size", "32", "--num-layers", "1",

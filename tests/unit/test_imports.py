@@ -122,7 +122,9 @@ LAYERS = {"config": 0, "tokenizer": 0, "distributed": 0, "telemetry": 0, "flops"
           "optim": 0,
           "ops": 1, "model": 2, "parallel": 3,
           "objectives": 4, "engine": 4, "data": 4, "convert": 4, "checkpoint": 4,
-          "trainer": 5, "steps": 5, "pretrain": 6, "finetune": 6, "bench": 6, "bench_engine": 6, "bench_loop": 6, "prepare": 6, "preflight": 6,
+          "trainer": 5, "steps": 5,
+          "pretrain": 6, "finetune": 6, "bench": 6, "bench_data": 6, "bench_electra": 6, "bench_engine": 6,
+          "bench_loop": 6, "prepare": 6, "preflight": 6,
           "cli": 7, "__main__": 7}
 
 
