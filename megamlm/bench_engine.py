@@ -45,38 +45,38 @@ def _time_steps(step, batches, rounds: int) -> list[float]:
     return times
 
 
-def _bare_step(cfg, vocab: int, w: float):
-    """One training step of the model and its client optimizer, no engine."""
+def _bare_step(cfg, vocab: int, w: dict):
+    """One training step of the model and its client optimizer, no engine (``w``: the loss terms' weights)."""
     from megamlm.engine import AdamSettings, build_optimizer
     from megamlm.model.pretraining import build_model, weight_decay_groups
-    from megamlm.objectives import combine
+    from megamlm.objectives import batch_denominators, weighted_sum
 
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.objective, vocab)
     opt = build_optimizer(weight_decay_groups(model, cfg.optim.weight_decay), cfg.engine, AdamSettings.of(cfg.optim))
 
     def step(b):
-        loss = combine(model(b), b.n_targets, b.n_examples, w)
+        loss = weighted_sum(model(b), batch_denominators([b]), w)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def _engine_step(cfg, vocab: int, w: float, stage: int):
+def _engine_step(cfg, vocab: int, w: dict, stage: int):
     """(one training step through a DeepSpeed engine at ZeRO ``stage``, the engine)."""
     from dataclasses import replace
 
     from megamlm.engine import build_engine
     from megamlm.model.pretraining import build_model
-    from megamlm.objectives import combine
+    from megamlm.objectives import batch_denominators, weighted_sum
 
     c = replace(cfg, engine=replace(cfg.engine, zero_stage=stage))
     torch.manual_seed(0)
     engine, _ = build_engine(build_model(c.model, c.objective, vocab), c, 1)
 
     def step(b):
-        loss = combine(engine(b), b.n_targets, b.n_examples, w)
+        loss = weighted_sum(engine(b), batch_denominators([b]), w)
         engine.backward(loss)
         engine.step()
     return step, engine
@@ -91,7 +91,9 @@ def engine_overhead(cfg, steps: int = 20, warmup: int = 3, stages=(0, 1, 2, 3)) 
     batches = _batches(cfg, 4, vocab)
     disable_ds_shm_op()
     init_distributed(DistEnv(master_port=29577), "gloo")
-    w = cfg.objective.pair_loss_weight
+    from megamlm.objectives import objective_weights
+
+    w = objective_weights(cfg.objective)
     variants = {"bare": _bare_step(cfg, vocab, w)}
     engines = []
     for s in stages:

@@ -29,19 +29,18 @@ def _bare_step(cfg, trainer):
     from megamlm import ops
     from megamlm.engine import AdamSettings, build_optimizer, select_ops
     from megamlm.model.pretraining import build_model, weight_decay_groups
-    from megamlm.objectives import combine
+    from megamlm.objectives import batch_denominators, objective_weights, weighted_sum
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.objective, trainer.tok.padded_vocab_size, trainer.tok.vocab_size)
     ops.use(model, select_ops(cfg.engine)[0])
     opt = build_optimizer(weight_decay_groups(model, cfg.optim.weight_decay), cfg.engine, AdamSettings.of(cfg.optim))
-    w, pairs = cfg.objective.pair_loss_weight, cfg.objective.pair != "none"
+    weights = objective_weights(cfg.objective)
 
     def step(micro) -> None:
-        n_mlm = sum(b.n_targets for b in micro)
-        n_pair = sum(b.n_examples for b in micro)
+        counts = batch_denominators(micro)
         for b in micro:
-            combine(model(b), n_mlm, n_pair if pairs else None, w).backward()
+            weighted_sum(model(b), counts, weights).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step

@@ -26,7 +26,7 @@ from megamlm.model.terms import LossTerms, pair_terms, row_terms
 from megamlm.parallel.vocab import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 __all__ = ["LossTerms", "mlm_terms", "pair_terms", "combine", "weighted_sum", "objective_weights",
-           "step_denominators"]
+           "step_denominators", "batch_denominators"]
 
 
 def mlm_terms(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX,
@@ -56,6 +56,14 @@ def step_denominators(targets, pairs, tokens) -> dict:
     """What each loss term divides by, from the step's global counts: the MLM targets, the pair examples, and
     for the ELECTRA discriminator the real tokens."""
     return {"mlm": targets, "pair": pairs, "disc": tokens}
+
+
+def batch_denominators(batches) -> dict:
+    """:func:`step_denominators` of host batches alone (one process, no all-reduce): the sums of their
+    MLM targets, pair examples and real tokens."""
+    return step_denominators(sum(b.n_targets for b in batches),
+                             sum(b.n_examples for b in batches if b.pair_labels is not None),
+                             sum(b.n_tokens for b in batches))
 
 
 def weighted_sum(terms: LossTerms, denominators: dict, weights: dict | None = None) -> torch.Tensor:

@@ -164,9 +164,10 @@ def test_tuned_malloc_stops_page_faults_in_training_steps():
 
 def test_bench_engine_times_the_bare_model_against_each_zero_stage(tmp_path):
     """``megamlm bench engine``: real DeepSpeed engines at ZeRO 0-3 beside the bare model, interleaved;
-    each variant's median and its ratio to bare."""
+    each variant's median and its ratio to bare. On the ELECTRA config: its loss terms (generator and
+    discriminator) through every stage's engine."""
     out = tmp_path / "engine.json"
-    cmd = [sys.executable, "-m", "megamlm", "bench", "engine", "configs/tiny-cpu.yaml", "model.num_layers=1",
+    cmd = [sys.executable, "-m", "megamlm", "bench", "engine", "configs/electra-tiny-cpu.yaml", "model.num_layers=1",
            "data.micro_batch_size=4", "data.seq_len=32", "--steps", "1", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
     assert res.returncode == 0, res.stderr[-3000:]

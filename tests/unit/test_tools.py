@@ -58,3 +58,25 @@ def test_the_gpu_check_runs_every_stage_at_toy_size_on_cpu(tmp_path):
     assert pre["train/loss"]["steps"] == 20 and pre["train/tokens_per_second"]["last"] > 0
     md = (out / "report.md").read_text()
     assert "| bench-512 | ok |" in md and "| megamlm+packed |" in md and "## pretrain" in md
+
+
+def test_the_electra_study_gives_both_objectives_the_same_flops_and_draws_its_table_and_plot(tmp_path):
+    """tools/electra_study.py: each objective's token budget spends the same training FLOPs (an ELECTRA token
+    costs more: its generator and per-token head, so it gets fewer tokens), the FLOPs per token are those of
+    megamlm.flops; the table and the plot come from study.json's numbers."""
+    import electra_study
+
+    runs = electra_study.plan("configs/tiny-cpu.yaml", ["tokenizer.model=/nonexistent.model"], 1e15, [0.5, 1.0])
+    by = {(r["objective"], r["fraction"]): r for r in runs}
+    assert set(by) == {("mlm", 0.5), ("mlm", 1.0), ("electra", 0.5), ("electra", 1.0)}
+    for r in runs:
+        assert r["max_tokens"] * r["flops_per_token"] == pytest.approx(r["flops"], rel=1e-6)
+    assert by[("electra", 1.0)]["flops_per_token"] > by[("mlm", 1.0)]["flops_per_token"]
+    assert by[("electra", 1.0)]["max_tokens"] < by[("mlm", 1.0)]["max_tokens"]
+    stats = {"median": 0.5, "min": 0.4, "max": 0.6}
+    results = {f"{o}-{f:g}": {"objective": o, "fraction": f, "flops": 1e15 * f, "max_tokens": by[(o, f)]["max_tokens"],
+                              "tasks": {"wnut16/full": {"metric": "f1", **stats}}} for o, f in by}
+    text = electra_study.table(results)
+    assert text.count("| wnut16 | full | f1 |") == 4 and "0.500 (0.400–0.600)" in text
+    png = electra_study.plot(results, tmp_path / "study.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
