@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "megamlm", "prepare", a.config, *BASE, *a.set], check=True, cwd=ROOT)
     study = out / "study.json"
     results = json.loads(study.read_text()) if study.exists() else {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (-r["fraction"], r["objective"])):  # both objectives' largest budget first
         key = f"{r['objective']}-{r['fraction']:g}"
         ckpt = pretrain(a.config, r, out, a.nproc)
         entry = results.setdefault(key, {k: r[k] for k in ("objective", "fraction", "flops", "flops_per_token",
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
                 stats = run_cell(task, mode, "pretrained", str(ckpt), out / "finetune" / key, a.seeds, a.finetune_set)
                 entry["tasks"][f"{task}/{mode}"] = {"metric": TASKS[task], **stats[TASKS[task]]}
                 study.write_text(json.dumps(results, indent=1) + "\n")
-    (out / "study.md").write_text(table(results))
-    plot(results, out / "study.png")
+        (out / "study.md").write_text(table(results))  # a partial study is readable as it goes
+        plot(results, out / "study.png")
     print(table(results))
     return 0
 
