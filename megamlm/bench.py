@@ -190,6 +190,8 @@ def _build_step(spec: str, o: BenchOptions, batches: list):
 
     def step(k: int = 0):
         k %= len(batches)
+        if packed:  # each training micro-batch builds its segments' index anew: so does every timed step
+            batches[k].segments.cache.clear()
         if autocast is not None:
             with autocast:
                 loss = loss_fn(k)

@@ -76,10 +76,12 @@ class Segments:
     ``cu_seqlens[e] … cu_seqlens[e + 1] - 1``); ``max_seqlen``: the longest segment's length, a host
     int (what the kernels size their tiles by, without reading the tensor). The values are checked here
     when the tensor is on the CPU (free); on an accelerator only the shape and dtype (reading them
-    would be a device sync)."""
+    would be a device sync). ``cache``: index tensors derived from the segments by a backend, built once
+    per micro-batch and shared by every layer (not a field: equality and repr ignore it)."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cu, m = self.cu_seqlens, self.max_seqlen

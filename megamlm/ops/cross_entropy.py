@@ -13,12 +13,22 @@ from megamlm.ops import cpu_kernels
 
 from megamlm.labels import IGNORE_INDEX  # noqa: E402 (re-exported)
 
-__all__ = ["IGNORE_INDEX", "CHUNK_BYTES", "BLOCK", "block_max", "first_argmax", "CrossEntropy", "kernel_fits",
+__all__ = ["IGNORE_INDEX", "CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "chunk_rows", "BLOCK", "block_max", "first_argmax", "CrossEntropy", "kernel_fits",
            "cross_entropy"]
 
 
 CHUNK_BYTES = 4 << 20  # row chunks of ~4 MB fp32 for the single-rank passes (cache- and malloc-friendly)
+#: on an accelerator a chunk is a few kernel launches, not a cache's worth: ~256 MB chunks, one or two per loss
+#: at BERT sizes (4 MB chunks made ~270 launches of amax alone per BERT-base step on an H200, 2026-12-04)
+DEVICE_CHUNK_BYTES = 256 << 20
 BLOCK = 128  # columns per block of the row-max pass (:func:`block_max`)
+
+
+def chunk_rows(x: torch.Tensor, cols: int) -> int:
+    """Rows per chunk of the chunked passes over fp32 rows of ``cols`` columns on ``x``'s device:
+    :data:`CHUNK_BYTES` on the CPU, :data:`DEVICE_CHUNK_BYTES` elsewhere."""
+    budget = CHUNK_BYTES if x.device.type == "cpu" else DEVICE_CHUNK_BYTES
+    return max(1, budget // (4 * max(cols, 1)))
 
 
 def block_max(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +87,7 @@ class CrossEntropy(torch.autograd.Function):
         else:
             if bias is not None:
                 x = x.detach()  # written in place below; the caller's logits are scratch (read by nothing else)
-            step = max(1, CHUNK_BYTES // (4 * max(V, 1)))
+            step = chunk_rows(x, V)
             lse = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
             bmax = torch.empty(N, -(-V // BLOCK), dtype=torch.float32, device=x.device)  # [N, nb]
             for s in range(0, N, step):
@@ -117,12 +127,12 @@ def softmax_minus_onehot(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, la
                          bias_grad: bool = False) -> torch.Tensor | None:
     """The cross-entropy gradient of logits ``x`` [N, V] (fp32) into ``out`` (may be ``x``):
     ``out = g · (exp(x - lse) - onehot(labels) · onehot_weight)``, row by row in chunks of
-    ``CHUNK_BYTES`` so each chunk stays in cache; ``lse`` [N] the rows' log-sum-exp, ``g`` [N] the row
+    :func:`chunk_rows` (on a CPU each chunk stays in cache); ``lse`` [N] the rows' log-sum-exp, ``g`` [N] the row
     weights (0 on ignored rows), ``onehot_weight`` [N] or None (1: a vocab-parallel rank passes 0 for
     labels outside its slice). With ``bias_grad``: also the column sums of ``out`` [V] (the gradient of a
     bias added to ``x``), taken while each chunk is in cache; else None."""
     N, V = x.shape
-    step = max(1, CHUNK_BYTES // (4 * max(V, 1)))
+    step = chunk_rows(x, V)
     grad_bias = torch.zeros(V, dtype=torch.float32, device=x.device) if bias_grad else None
     for s in range(0, N, step):
         e = s + step

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from megamlm.ops.cross_entropy import (CHUNK_BYTES, IGNORE_INDEX, block_max, cross_entropy, first_argmax,
+from megamlm.ops.cross_entropy import (IGNORE_INDEX, block_max, chunk_rows, cross_entropy, first_argmax,
                                      softmax_minus_onehot)
 from megamlm.parallel.groups import all_reduce as _all_reduce, group_size_rank
 
@@ -56,7 +56,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if size > 1:
             _all_reduce(row_max, dist.ReduceOp.MAX, group)
         sum_exp = torch.empty(N, dtype=torch.float32, device=x.device)  # [N]
-        step = max(1, CHUNK_BYTES // (4 * max(n_local, 1)))
+        step = chunk_rows(x, n_local)
         for s in range(0, N, step):
             sum_exp[s:s + step] = torch.sub(x[s:s + step], row_max[s:s + step].unsqueeze(-1)).exp_().sum(dim=-1)
 

@@ -187,3 +187,12 @@ def test_the_torch_backend_compiles_and_equals_eager():
     torch.testing.assert_close(loss.detach(), eager_loss, atol=1e-5, rtol=1e-5)
     for n, q in compiled.named_parameters():
         torch.testing.assert_close(q.grad, eager_grads[n], atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_the_loss_chunks_rows_for_a_cache_on_the_cpu_and_for_few_launches_elsewhere():
+    from megamlm.ops.cross_entropy import CHUNK_BYTES, DEVICE_CHUNK_BYTES, chunk_rows
+
+    cpu, dev = torch.empty(0), torch.empty(0, device="meta")
+    assert chunk_rows(cpu, 30522) == CHUNK_BYTES // (4 * 30522) == 34
+    assert chunk_rows(dev, 30522) == DEVICE_CHUNK_BYTES // (4 * 30522) == 2198  # BERT-base's ~5k masked rows: 3 chunks
+    assert chunk_rows(cpu, 10 ** 9) == chunk_rows(dev, 10 ** 9) == 1

@@ -166,3 +166,22 @@ def test_the_encoder_refuses_bad_packed_input():
         enc(torch.randint(4, 50, (1, 20)), segments=Segments.from_lengths([17, 3]))
     with pytest.raises(ValueError, match="one row"):
         enc(torch.randint(4, 50, (2, 3)), segments=Segments.from_lengths([3]))
+
+
+def test_the_torch_backend_builds_the_padded_index_once_per_micro_batch():
+    """Every layer of a forward shares the index built by the first (segments.cache); a second forward on the
+    same segments reuses it and gives the same result, and so does a fresh Segments (the cache is no input)."""
+    enc = _encoder(TorchOps())
+    torch.manual_seed(5)
+    ids = torch.randint(4, 50, (1, sum(ENC_LENGTHS)))
+    types = torch.zeros_like(ids)
+    seg = Segments.from_lengths(ENC_LENGTHS)
+    with torch.no_grad():
+        first = enc(ids, types, segments=seg)
+        assert list(seg.cache) == [("padded", ids.shape[1], torch.float32)]
+        built = seg.cache[("padded", ids.shape[1], torch.float32)]
+        again = enc(ids, types, segments=seg)
+        assert seg.cache[("padded", ids.shape[1], torch.float32)] is built
+        fresh = enc(ids, types, segments=Segments.from_lengths(ENC_LENGTHS))
+    assert torch.equal(first, again) and torch.equal(first, fresh)
+    assert "cache" not in repr(seg)

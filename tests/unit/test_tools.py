@@ -50,7 +50,8 @@ def test_the_gpu_check_runs_every_stage_at_toy_size_on_cpu(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert r.returncode == 0, [(s["name"], s["rc"], s["tail"][-800:]) for s in report["stages"]]
     names = [s["name"] for s in report["stages"]]
-    assert names == ["env", "bench-128", "bench-512", "pretrain"]
+    assert names == ["env", "bench-128", "pretrain", "bench-512"]
+    assert "aten::" in (out / "pretrain-profile.txt").read_text()
     b = next(s for s in report["stages"] if s["name"] == "bench-128")["result"]
     assert set(b["models"]) == {"megamlm+packed", "megamlm", "hf"} and b["models"]["hf"]["tokens_per_s_median"] > 0
     assert b["ratios"]["megamlm"] > 0 and b["padding_share"] > 0

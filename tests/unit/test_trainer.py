@@ -99,4 +99,6 @@ def test_the_profiler_traces_the_listed_steps_on_rank_0_only(tmp_path):
         prof.close()
     trace = json.loads((tmp_path / "r0" / "rank0_steps2-3.json").read_text())
     assert any("mm" in e.get("name", "") for e in trace["traceEvents"])
+    table = (tmp_path / "r0" / "rank0_steps2-3.txt").read_text()
+    assert "aten::mm" in table and "Self CPU" in table
     assert not (tmp_path / "r1").exists()
