@@ -32,21 +32,20 @@ def preflight(cfg: Config, world_size: int, with_files: bool = True) -> list[str
 
 def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
     """What a resume from ``ckpt_path`` cannot change, checked before the engine starts: the model shape
-    (check_shape raises), the vocab-parallel size, the data-parallel size and the loader's worker count
-    (ZeRO partitions and the loader's position are cut for them; elastic resume is not built yet)."""
+    (check_shape raises), the vocab-parallel size and the data-parallel size (the ZeRO partitions are cut
+    for them). The loader's worker count may change: its position is carried over (data/elastic.py)."""
     ckpt.check_shape(ckpt_path, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
     saved = ckpt.saved_topology(ckpt_path)
-    now = {"data_parallel_size": world_size // cfg.parallel.vocab_parallel_size,
-           "num_workers": cfg.data.num_workers}
+    now = {"data_parallel_size": world_size // cfg.parallel.vocab_parallel_size}
     diff = [f"{k} {saved[k]} in the checkpoint, {now[k]} now" for k in now if k in saved and saved[k] != now[k]]
     if not diff:
         return []
     return [f"checkpoint {ckpt_path} cannot resume on this layout ({'; '.join(diff)}). Between runs you may "
             f"change the budget (train.max_steps / max_tokens), the logging, evaluation and checkpoint cadence, "
-            f"and the launcher; not (until elastic resume) the data-parallel size = world size / "
-            f"parallel.vocab_parallel_size, parallel.vocab_parallel_size, data.num_workers, or the model shape. "
-            f"Resume with the saved layout, or start a new run from its weights with --init-from {ckpt_path} "
-            f"and another train.output_dir"]
+            f"the launcher and data.num_workers; not (until the engine state is carried over) the data-parallel "
+            f"size = world size / parallel.vocab_parallel_size, parallel.vocab_parallel_size, or the model "
+            f"shape. Resume with the saved layout, or start a new run from its weights with --init-from "
+            f"{ckpt_path} and another train.output_dir"]
 
 
 def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None,

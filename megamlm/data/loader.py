@@ -58,14 +58,17 @@ example) or that another rank made none.
 for each packet that is not a batch and while draining; when it returns True on any rank, every rank
 raises :class:`LoaderStopped` at the same agreement, with a state that resumes where it stopped.
 
-**Resume.** The state is, per data-parallel rank and per worker: done flag, the unit where the worker's
-current window starts, the number of that window's examples already consumed, and the batches consumed;
-plus the epoch and the next worker in the round-robin. On resume each worker seeks to its window's first
-unit (no decoding of what comes before), rebuilds that one window (read, examples, masks: the cost is
-at most one window, ~``shuffle_buffer`` documents) and skips the consumed examples. ``state_dict()`` is
-identical on every rank (it all-gathers the ranks' positions), so the copy saved by any rank resumes all.
-A state saved with another data-parallel size or worker count cannot resume exactly: it then starts
-the next epoch, with a warning.
+**Resume.** The state is, per data-parallel rank and per worker, its cursor (done flag, the unit where
+its current window starts, that window's examples consumed, the batches consumed, the window's end),
+the epoch, the next worker in the round-robin and the epoch's elastic plan. On resume each worker seeks
+to its window's first unit (nothing before is decoded), rebuilds that one window (at most
+~``shuffle_buffer`` documents) and skips the consumed examples. ``state_dict()`` is identical on every
+rank (it all-gathers the positions), so any rank's copy resumes all. **Elastic:** with another
+data-parallel size or worker count, the rest of the epoch (units not started, partly read windows) is
+redistributed over the new ranks and workers (elastic.py): every example not yet consumed is read once,
+deterministically given (state, new topology); a same-layout resume stays bit-exact. A format-1 state,
+or a split with fewer blocks than ranks (its units depend on the rank count), starts the next epoch
+with a warning.
 
 **Bad input.** Manifest from another tokenizer: :class:`ShardError` at build time. A shard that is
 missing, differs from its manifest sha256 (``data.verify_checksums``), is truncated or corrupt, or holds
@@ -85,16 +88,15 @@ from typing import Callable, Iterator
 import torch
 
 from megamlm.data.batch import Batch
+from megamlm.data.loader_state import STATE_FORMAT, STATS, LoaderState
 from megamlm.data.masking import MaskSpec
 from megamlm.data.shard_format import ShardError, load_manifest
-from megamlm.data.stream import WORKER_COUNTERS, Cursor, Packet, RankDataset
+from megamlm.data.stream import Cursor, Packet, RankDataset
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_loader", "Loader", "LoaderStopped", "STATE_FORMAT", "STATS"]
 
-STATE_FORMAT = "megamlm-loader/1"
-STATS = WORKER_COUNTERS + ("batches", "tokens", "targets", "dropped_batches", "dropped_examples", "epochs")
 _FAILED, _STOPPED = -1, -2  # statuses a rank sends in an agreement instead of 1 / 0 (see Loader._agree)
 
 
@@ -116,7 +118,7 @@ def _worker_context():
     return mp.get_context("fork") if sys.platform.startswith("linux") else None
 
 
-class Loader:
+class Loader(LoaderState):
     """Endless iterator of :class:`Batch` for one rank; see the module docstring.
 
     ``stats``: this rank's counters since the run began (kept in the state, so they continue across a
@@ -270,7 +272,7 @@ class Loader:
     def _take(self, pkt: Packet) -> None:
         self._count(pkt)
         c = self.ds.cursors[pkt.worker]
-        c.unit, c.offset = pkt.cursor
+        c.unit, c.offset, c.end = pkt.cursor
         if pkt.batch is None:
             c.done = 1
         else:
@@ -378,72 +380,6 @@ class Loader:
                 f"pair={self.ds.pair})")
 
     # ------------------------------------------------------------------ state
-    def _position(self) -> tuple[int, list[int]]:
-        """This rank's position: the epoch and the ints of its share of the state (local, cheap)."""
-        cur = [x for c in self.ds.cursors for x in c.as_list()]
-        return self.epoch, ([self.batches_in_epoch, self._next_worker] + cur + [int(self.stats[k]) for k in STATS]
-                            + [int(self._epoch_start[k]) for k in STATS])
-
-    def mark(self) -> None:
-        """Remember this position (no collective): ``state_dict(at_mark=True)`` returns it later. The trainer
-        marks before taking a step's micro-batches, so a stop in the middle of them can save the state
-        from before them (they were not trained on; the resumed run reads them again)."""
-        self._mark = self._position()
-
-    def state_dict(self, at_mark: bool = False) -> dict:
-        """Plain ints and lists, identical on every rank. Collective over the data-parallel ranks: call it
-        on all of them together (the trainer does, at each checkpoint). ``at_mark``: the position of the
-        last :meth:`mark` instead of the current one."""
-        if at_mark and self._mark is None:
-            raise RuntimeError("Loader.state_dict(at_mark=True) without a mark() before it")
-        epoch, mine = self._mark if at_mark else self._position()
-        n = 2 + 4 * len(self.ds.cursors)  # batches, next_worker, the cursors; then stats, epoch_start
-        ranks = [mine]
-        if self.topology.world_size > 1:  # over every rank; a vocab-parallel group's ranks hold one position
-            import torch.distributed as dist
-
-            t = torch.tensor(mine, dtype=torch.int64)
-            out = [torch.zeros_like(t) for _ in range(self.topology.world_size)]
-            dist.all_gather(out, t, group=self.group)
-            ranks = [o.tolist() for o in out[::self.topology.vp_size]]  # rank = dp_rank * vp_size + vp_rank
-        return {"format": STATE_FORMAT, "epoch": epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
-                "num_workers": self.num_workers, "packing": self.ds.token_budget if self.ds.packing else 0,
-                "ranks": [
-                    {"batches": r[0], "next_worker": r[1],
-                     "workers": [r[2 + 4 * w: 6 + 4 * w] for w in range(len(self.ds.cursors))],
-                     "stats": dict(zip(STATS, r[n:n + len(STATS)])),
-                     "epoch_start": dict(zip(STATS, r[n + len(STATS):]))} for r in ranks]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a loader state ({STATE_FORMAT}): {str(state)[:200]}")
-        epoch = int(state["epoch"])
-        if state["dp_size"] != self.topology.dp_size or state["num_workers"] != self.num_workers:
-            log.warning("loader state saved with %d data-parallel rank(s) x %d worker(s), resumed with %d x %d: "
-                        "the position cannot be restored exactly; starting epoch %d", state["dp_size"],
-                        state["num_workers"], self.topology.dp_size, self.num_workers, epoch + 1)
-            self.reset(epoch + 1)
-            return
-        if int(state["seed"]) != self.ds.seed:
-            log.warning("loader state saved with seed %s, resumed with seed %s: the data order changes",
-                        state["seed"], self.ds.seed)
-        saved, now = int(state.get("packing", 0)), self.ds.token_budget if self.ds.packing else 0
-        if saved != now:  # the cursors count examples, whatever the layout: the stream goes on exactly
-            log.info("loader state saved %s, resumed %s: the examples go on from where they stopped, only "
-                     "where micro-batches end changes", _layout(saved), _layout(now))
-        mine = state["ranks"][self.topology.dp_rank]
-        self.ds.epoch = epoch
-        self.ds.cursors = [Cursor.from_list(c) for c in mine["workers"]]
-        self.batches_in_epoch, self._next_worker = int(mine["batches"]), int(mine["next_worker"])
-        if "stats" in mine:  # the counters continue (telemetry's data_*); a state from before they were saved
-            self.stats.update({k: int(v) for k, v in mine["stats"].items() if k in self.stats})
-            self._epoch_start.update({k: int(v) for k, v in mine["epoch_start"].items() if k in self._epoch_start})
-        else:  # has none: they count from here
-            log.info("loader state without counters (an older checkpoint): the data_* counters restart at 0")
-
-
-def _layout(budget: int) -> str:
-    return f"packed ({budget} tokens per micro-batch)" if budget else "padded (data.packing=false)"
 
 
 def build_loader(data_cfg, tokenizer, topology, seed: int, objective_cfg, split: str = "train", *,

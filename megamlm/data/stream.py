@@ -56,7 +56,7 @@ class Packet:
 
     worker: int  # logical worker
     batch: Batch | None  # None: this worker's epoch is over
-    cursor: tuple[int, int]  # (unit, offset) of the next example of this worker
+    cursor: tuple[int, int, int]  # (unit, offset, end) of the next example of this worker
     counters: dict
     info: dict | None = None  # each example's identity and documents (only when the loader asks for them)
     skipped: tuple[str, ...] = ()  # why shards were skipped (data.on_error=skip) since the last packet
@@ -70,21 +70,23 @@ class Packet:
 @dataclass
 class Cursor:
     """Where one logical worker stands in its epoch: ``done`` (its end-of-epoch packet was taken), the
-    ``unit`` and the ``offset`` (examples already made from it) of its next example, and the ``batches``
-    it has handed over. Saved in the loader state as the list ``[done, unit, offset, batches]``."""
+    ``unit`` (local: the index in the worker's own units) where the window of its next example starts and
+    the ``offset`` (that window's examples already consumed), the ``batches`` it has handed over, and
+    ``end``, one past the window's last unit (what an elastic resume needs to keep the window whole).
+    Saved in the loader state as the list ``[done, unit, offset, batches, end]`` (format 1: without end)."""
 
     done: int = 0
     unit: int = 0
     offset: int = 0
     batches: int = 0
+    end: int = 0
 
     def as_list(self) -> list[int]:
-        return [int(self.done), int(self.unit), int(self.offset), int(self.batches)]
+        return [int(self.done), int(self.unit), int(self.offset), int(self.batches), int(self.end)]
 
     @classmethod
     def from_list(cls, values) -> "Cursor":
-        done, unit, offset, batches = (int(x) for x in values)
-        return cls(done, unit, offset, batches)
+        return cls(*(int(x) for x in values))
 
 
 class RankDataset(torch.utils.data.IterableDataset):
@@ -109,15 +111,35 @@ class RankDataset(torch.utils.data.IterableDataset):
         self.dp_rank, self.dp_size, self.with_info = dp_rank, dp_size, with_info
         self.epoch, self.rotation = 0, 0
         self.cursors = [Cursor() for _ in range(max(1, self.num_workers))]
+        self.plan_epoch, self.plan = -1, None  # elastic.py: every rank's workers' pieces for plan_epoch
+
+    def set_plan(self, epoch: int, plan: list | None) -> None:
+        """Read epoch ``epoch`` by ``plan`` (every logical worker's pieces, rank-major; elastic.py) instead
+        of the default split; None: the default."""
+        self.plan_epoch, self.plan = (epoch, [[tuple(int(x) for x in p) for p in w] for w in plan]) if plan \
+            else (-1, None)
 
     def units(self, epoch: int) -> np.ndarray:
         return epoch_units(self.samples, self.seed, epoch, self.dp_size, self.shuffle)
 
-    def worker_units(self, epoch: int, worker: int) -> np.ndarray:
+    def worker_plan(self, epoch: int, worker: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """The worker's units [n, 4] (its pieces' units end to end) and its pieces in that local indexing,
+        (lo, hi, skip): the elastic plan's when one is set for ``epoch``, else its rank's split_range
+        share cut again by worker (one piece)."""
         u = self.units(epoch)
-        lo, hi = split_range(len(u), self.dp_rank, self.dp_size)
-        wlo, whi = split_range(hi - lo, worker, max(1, self.num_workers))
-        return u[lo + wlo:lo + whi]
+        W = max(1, self.num_workers)
+        if self.plan is not None and epoch == self.plan_epoch:
+            pieces = self.plan[self.dp_rank * W + worker]
+        else:
+            lo, hi = split_range(len(u), self.dp_rank, self.dp_size)
+            wlo, whi = split_range(hi - lo, worker, W)
+            pieces = [(lo + wlo, lo + whi, 0, lo + wlo)]
+        local, base = [], 0
+        for lo, hi, skip, _ in pieces:
+            local.append((base, base + hi - lo, skip))
+            base += hi - lo
+        rows = np.concatenate([u[lo:hi] for lo, hi, _, _ in pieces]) if pieces else u[:0]
+        return rows, local
 
     def __iter__(self) -> Iterator[Packet]:
         info = torch.utils.data.get_worker_info()
@@ -128,7 +150,7 @@ class RankDataset(torch.utils.data.IterableDataset):
         try:
             yield from self.stream(worker)
         except ShardError as e:  # handed over as data: the main process raises it (and shuts down cleanly)
-            yield Packet(worker, None, (0, 0), {}, error=str(e))
+            yield Packet(worker, None, (0, 0, 0), {}, error=str(e))
 
     # ------------------------------------------------------------------ one worker's stream
     def _unit(self, key: int, part: int, docs: list, counters: dict) -> _Window:
@@ -227,57 +249,71 @@ class RankDataset(torch.utils.data.IterableDataset):
     def stream(self, worker: int) -> Iterator[Packet]:
         """The packets of one logical worker from its cursor: batches, then one end-of-epoch packet."""
         c = self.cursors[worker]
-        done, u, skip = c.done, c.unit, c.offset
+        u, skip = c.unit, c.offset
         counters = dict.fromkeys(WORKER_COUNTERS, 0)
         skipped: list[str] = []
-        units = self.worker_units(self.epoch, worker)
+        units, pieces = self.worker_plan(self.epoch, worker)
         n_units = len(units)
 
-        def packet(batch: Batch | None, cursor: tuple[int, int], info: dict | None = None) -> Packet:
+        def packet(batch: Batch | None, cursor: tuple[int, int, int], info: dict | None = None) -> Packet:
             out = Packet(worker, batch, cursor, dict(counters), info, tuple(skipped))
             counters.update(dict.fromkeys(counters, 0))
             skipped.clear()
             return out
 
-        if done:
+        if c.done:
             return
-        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters,
-                             skipped).read(units, u)
+        reader = ShardReader(self.dir, self.shards, self.verify, self.on_error, self.vocab_size, counters, skipped)
         pending: list[tuple[_Window, np.ndarray]] = []
         n_pending = 0
-        while u < n_units:
-            start, unit_windows, n_docs = u, [], 0
-            for li, key, part, docs in reader:
-                unit_windows.append(self._unit(key, part, docs, counters))
-                n_docs += len(docs)
-                u = li + 1
-                if not self.shuffle or n_docs >= self.buffer:
+        for lo, hi, piece_skip in pieces:  # windows never cross a piece's end
+            if hi <= u:
+                continue
+            if u == lo:  # a piece's first window: its examples consumed before a change of layout stay skipped
+                skip = max(skip, piece_skip)
+            it = reader.read(units[:hi], u)
+            while u < hi:
+                start, win, u = self._window(it, units, u, hi, counters)
+                if win is None:
                     break
-            else:
-                u = n_units  # the reader is exhausted (the rest may have been skipped as bad)
-            if not unit_windows:
-                break
-            win = self._concat(unit_windows, start, u)
-            n_ex = win.offsets.size - 1
-            order = np.arange(n_ex)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
-                                               int(units[start, 2]), STREAM_WINDOW]).permutation(n_ex)
-            j, skip = skip, 0
-            if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
-                counters.update(dict.fromkeys(counters, 0))
-                skipped.clear()
-            csum = np.concatenate([[0], np.cumsum(np.diff(win.offsets)[order])]) if self.packing else None
-            while j < n_ex:
-                k, n_pending, full = self._fill(csum, j, n_ex, n_pending)
-                if k > j:
-                    pending.append((win, order[j:k]))
-                    j = k
-                if full:
-                    batch, info = self._collate(pending)
-                    pending, n_pending = [], 0
-                    yield packet(batch, (start, j) if j < n_ex else (u, 0), info)
+                n_ex = win.offsets.size - 1
+                order = np.arange(n_ex)
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, self.epoch, int(units[start, 0]), int(units[start, 1]),
+                                                   int(units[start, 2]), STREAM_WINDOW]).permutation(n_ex)
+                j, skip = skip, 0
+                if j:  # resumed in this window's middle: its reading was counted (and its skips reported) before
+                    counters.update(dict.fromkeys(counters, 0))
+                    skipped.clear()
+                csum = np.concatenate([[0], np.cumsum(np.diff(win.offsets)[order])]) if self.packing else None
+                while j < n_ex:
+                    k, n_pending, full = self._fill(csum, j, n_ex, n_pending)
+                    if k > j:
+                        pending.append((win, order[j:k]))
+                        j = k
+                    if full:
+                        batch, info = self._collate(pending)
+                        pending, n_pending = [], 0
+                        yield packet(batch, (start, j, u) if j < n_ex else (u, 0, u), info)
+            u = max(u, hi)
         if pending:
             batch, info = self._collate(pending)
-            yield packet(batch, (n_units, 0), info)
-        yield packet(None, (n_units, 0))
+            yield packet(batch, (n_units, 0, n_units), info)
+        yield packet(None, (n_units, 0, n_units))
+
+    def _window(self, it, units: np.ndarray, u: int, hi: int, counters: dict) -> tuple[int, _Window | None, int]:
+        """The next window from unit ``u`` (local) of ``it`` (the reader, up to the piece's end ``hi``):
+        consecutive units until ``data.shuffle_buffer`` documents (one unit without shuffling); (its first
+        unit, the window or None when nothing is left, one past its last unit)."""
+        start, unit_windows, n_docs = u, [], 0
+        for li, key, part, docs in it:
+            unit_windows.append(self._unit(key, part, docs, counters))
+            n_docs += len(docs)
+            u = li + 1
+            if not self.shuffle or n_docs >= self.buffer:
+                break
+        else:
+            u = hi  # the reader is exhausted (the rest may have been skipped as bad)
+        if not unit_windows:
+            return start, None, hi
+        return start, self._concat(unit_windows, start, u), u

@@ -252,3 +252,44 @@ def test_one_block_read_by_more_ranks_every_document_once(world, workers):
         for _, (kind, msg) in results:
             assert kind == "ShardError" and "epoch 0 of the 'val' split yielded no batch" in msg
         assert any("there was no document to read" in msg for _, (_, msg) in results)
+
+
+def _rank_stop_after(rank, world, shards_dir, tok_path, workers, stop, state=None):
+    """This rank's first ``stop`` batches (all of epoch 0's rest when ``stop`` is 0) and the state after them,
+    on ``world`` ranks x ``workers``, from ``state`` when given: (identities read, state)."""
+    from megamlm.config import ObjectiveConfig
+    from megamlm.data.loader import build_loader
+    from megamlm.distributed.topology import build_topology
+    from megamlm.tokenizer import Tokenizer
+
+    topo = build_topology(1)
+    cfg = F.loader_config(shards_dir, num_workers=workers)
+    loader = build_loader(cfg, Tokenizer(tok_path), topo, 11, ObjectiveConfig(pair="nsp", masking="span"),
+                          state=state)
+    read, batches = [], 0
+    for _, info in loader.iter_with_info(include_dropped=True):
+        if info["epoch"] != 0:
+            break
+        read += [tuple(x) for x in info["ident"]]
+        batches += 1
+        if batches == stop:
+            break
+    return read, loader.state_dict()
+
+
+@pytest.mark.parametrize("later", [3, 1])
+def test_a_state_of_two_ranks_resumes_on_another_rank_count_with_every_example_once(later):
+    """Elastic resume across data-parallel sizes: 2 ranks read 9 batches each, then the rest of epoch 0 runs
+    on ``later`` ranks (2 workers each) from the state; every example of the epoch is read exactly once
+    (yielded, or drained and counted at the epoch's end), the same set as one rank reads in one go."""
+    shards_dir, tok = str(F.shards()), str(F.tokenizer_path())
+    whole, _ = _rank_stop_after(0, 1, shards_dir, tok, 0, 0)
+    first = spawn(_rank_stop_after, 2, args=(shards_dir, tok, 1, 9), timeout=180)
+    state = first[0][1]
+    assert state == first[1][1] and state["dp_size"] == 2 and state["format"] == "megamlm-loader/2"
+    if later == 1:
+        rest = [_rank_stop_after(0, 1, shards_dir, tok, 2, 0, state)]
+    else:
+        rest = spawn(_rank_stop_after, later, args=(shards_dir, tok, 2, 0, state), timeout=180)
+    read = [x for r in first for x in r[0]] + [x for r in rest for x in r[0]]
+    assert len(read) == len(set(read)) == len(whole) and set(read) == set(whole)

@@ -409,3 +409,19 @@ def test_resume_on_another_data_parallel_size_is_refused_before_the_engine(cfg_f
     assert r.returncode == 2, r.stderr[-2000:]
     assert "cannot resume on this layout (data_parallel_size 2 in the checkpoint, 1 now)" in r.stderr
     assert "Traceback" not in r.stderr and "ZeRORuntimeException" not in r.stderr
+
+
+def test_resume_on_another_worker_count_carries_the_loader_position_over(cfg_file, tmp_path):
+    """data.num_workers 1 -> 2 between runs (one process): the resume is not refused, goes on in the same
+    epoch with the rest redistributed (logged; every example once is test_loader.py's proof), and the loader's
+    counters continue from the checkpoint's."""
+    quiet = ("train.eval_every=0", "checkpoint.every_steps=3")
+    launch(pretrain_cmd("single", cfg_file, tmp_path, "train.max_steps=3", *quiet), threads=2)
+    first = read_json(tmp_path / "checkpoints" / "step00000003" / "train_state.json")["loader"]
+    r = launch(pretrain_cmd("single", cfg_file, tmp_path, "train.max_steps=6", "data.num_workers=2", "--resume",
+                            "auto", *quiet), threads=2)
+    assert "resumed with 1 x 2: the" in r.stdout + r.stderr and "are redistributed" in r.stdout + r.stderr
+    second = read_json(tmp_path / "checkpoints" / "step00000006" / "train_state.json")["loader"]
+    assert first["num_workers"] == 1 and second["num_workers"] == 2 and second["epoch"] == first["epoch"] == 0
+    assert second["plan"] is not None and len(second["plan"]) == 2
+    assert second["ranks"][0]["stats"]["batches"] == 2 * first["ranks"][0]["stats"]["batches"]
