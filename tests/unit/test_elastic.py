@@ -40,7 +40,7 @@ def test_a_cut_covers_every_unit_once_in_order_and_never_splits_a_read_window(sl
     flat = [p for w in out for p in w]
     units = [u for lo, hi, _, _ in flat for u in range(lo, hi)]
     assert units == [u for lo, hi, _, _ in pieces for u in range(lo, hi)]  # each unit once, in order
-    for lo, hi, skip, wend in pieces:
+    for lo, _, skip, wend in pieces:
         if skip:  # the read window stays in one new piece, with its skip, and no other piece skips there
             holder = [p for p in flat if p[0] <= lo < p[1]]
             assert holder == [(lo, holder[0][1], skip, wend)] and holder[0][1] >= wend
