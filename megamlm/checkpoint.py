@@ -15,6 +15,9 @@ Layout of ``<checkpoint dir>``::
                            sharded tensors concatenated along dim in rank order give the full ones
         tokenizer/         a copy of the SentencePiece model and its sidecar
         COMPLETE           written last, after every rank finished
+    universal/step00000100/  DeepSpeed's universal form of that checkpoint (per-parameter fp32 weights and
+                           Adam moments), made by :func:`to_universal` when a run resumes it on another
+                           data-parallel size; removed with its checkpoint by retention
 
 ``latest`` moves only after ``COMPLETE`` exists, so a run killed mid-save resumes from the previous
 checkpoint; incomplete folders are removed (with a log line) when the next save completes.
@@ -35,7 +38,11 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 VOCAB_PARALLEL_JSON = "vocab_parallel.json"
+UNIVERSAL = "universal"
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -309,6 +317,45 @@ def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
                  "" if marker.exists() else " (an interrupted save)")
         marker.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / UNIVERSAL / t, ignore_errors=True)
+
+
+def to_universal(ckpt_dir: str | Path, tag: str, workers: int = 1) -> Path:
+    """Checkpoint ``tag`` in DeepSpeed's universal layout, ``<ckpt_dir>/universal/<tag>/`` (made once, by
+    one process: the caller's rank 0), which loads on any data-parallel size at ZeRO 1-3: DeepSpeed's
+    ``ds_to_universal`` in a subprocess (its memory is its own), into a temporary folder renamed when
+    complete. Returns the folder; CheckpointError with the converter's last output when it fails."""
+    src, out = Path(ckpt_dir) / tag, Path(ckpt_dir) / UNIVERSAL / tag
+    saved = saved_topology(src)
+    ranks = int(saved.get("data_parallel_size", 0))
+    missing = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)
+               if not any((src / f"{p}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for p in ("", "bf16_"))]
+    if not ranks or missing:
+        raise CheckpointError(f"{src} cannot be resumed on another data-parallel size: "
+                              + (f"its ZeRO partitions {', '.join(missing)} are missing" if missing else
+                                 "train_state.json does not say how many ranks saved it"))
+    if (out / COMPLETE).is_file():
+        log.info("universal form of %s already made: %s", src, out)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {src} to DeepSpeed's universal layout failed (exit {r.returncode}): "
+                              f"{(r.stderr or r.stdout)[-1500:]}")
+    (tmp / COMPLETE).write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    log.info("converted %s to DeepSpeed's universal layout in %s: %.1f s, converter peak RSS %.0f MB", src, out,
+             time.time() - t0, peak_mb)
+    return out
 
 
 def saved_vocab_parallel_size(ckpt: Path, saved_cfg: dict | None = None) -> int:
@@ -361,13 +408,18 @@ def check_shape(ckpt: Path, model_cfg: dict, vocab_parallel_size: int | None = N
 
 
 def load(engine, ckpt_dir: str | Path, tag: str, *, rank: int, model_cfg: dict,
-         vocab_parallel_size: int | None = None) -> TrainState:
-    """Load engine state, this rank's RNG and the training state of checkpoint ``tag``."""
+         vocab_parallel_size: int | None = None, universal: bool = False) -> TrainState:
+    """Load engine state, this rank's RNG and the training state of checkpoint ``tag``. ``universal``: the
+    engine state from its universal form (:func:`to_universal`; an engine built with ``load_universal``)."""
     path = Path(ckpt_dir) / tag
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     check_shape(path, model_cfg, vocab_parallel_size)
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+    load_dir = Path(ckpt_dir) / UNIVERSAL if universal else Path(ckpt_dir)
+    if universal and not (load_dir / tag / COMPLETE).is_file():
+        raise CheckpointError(f"{load_dir / tag} is missing or incomplete: the universal form of {path} "
+                              f"(checkpoint.to_universal makes it)")
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")

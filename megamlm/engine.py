@@ -368,22 +368,26 @@ def bind_cuda_device(local_rank: int) -> int:
     return index
 
 
-def setup_engine(model: torch.nn.Module, params, schedule, engine_cfg, plan: BatchPlan, mpu=None):
+def setup_engine(model: torch.nn.Module, params, schedule, engine_cfg, plan: BatchPlan, mpu=None,
+                 load_universal: bool = False):
     """deepspeed.initialize, for pretraining and fine-tuning alike. ``params``: the client optimizer
     (:func:`build_optimizer`). ``schedule``: the learning-rate multiplier of a step (LambdaLR over the
-    optimizer, so the checkpoint carries it). ``mpu``: the vocab-parallel topology's. Returns the engine."""
+    optimizer, so the checkpoint carries it). ``mpu``: the vocab-parallel topology's. ``load_universal``: the
+    engine will load a universal checkpoint (another data-parallel size). Returns the engine."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
     if not isinstance(params, torch.optim.Optimizer):
         raise TypeError(f"setup_engine: params is the optimizer, not {type(params).__name__}")
     ds_config = build_ds_config(engine_cfg, plan, "lamb" if isinstance(params, Lamb) else "adamw")
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=params, lr_scheduler=LambdaLR(params, schedule),
                                            config=ds_config, mpu=mpu)
     return engine
 
 
-def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
+def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None, load_universal: bool = False):
     """Pretraining's engine from its whole config (sections engine, optim, train, data, parallel): the
     optimizer, the schedule and :func:`setup_engine`; returns (engine, BatchPlan)."""
     from megamlm.data.stream import packed_token_budget
@@ -396,7 +400,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, mpu=None):
     packed = packed_token_budget(cfg.data) if cfg.data.packing else 0
     horizon = total_steps(cfg.train, plan, cfg.data.seq_len, packed)
     schedule = WarmupDecay(o.lr, o.min_lr, o.warmup_steps, horizon, o.schedule, o.power)
-    return setup_engine(model, params, schedule, cfg.engine, plan, mpu=mpu), plan
+    return setup_engine(model, params, schedule, cfg.engine, plan, mpu=mpu, load_universal=load_universal), plan
 
 
 def current_lr(engine) -> float:

@@ -31,21 +31,26 @@ def preflight(cfg: Config, world_size: int, with_files: bool = True) -> list[str
 
 
 def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
-    """What a resume from ``ckpt_path`` cannot change, checked before the engine starts: the model shape
-    (check_shape raises), the vocab-parallel size and the data-parallel size (the ZeRO partitions are cut
-    for them). The loader's worker count may change: its position is carried over (data/elastic.py)."""
+    """What a resume from ``ckpt_path`` cannot change, checked before the engine starts: the model shape and
+    the vocab-parallel size (check_shape raises, naming them). The data-parallel size and the loader's
+    worker count may change: the ZeRO state goes through DeepSpeed's universal checkpoint
+    (:func:`megamlm.checkpoint.to_universal`), the loader's position through data/elastic.py."""
     ckpt.check_shape(ckpt_path, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
-    saved = ckpt.saved_topology(ckpt_path)
-    now = {"data_parallel_size": world_size // cfg.parallel.vocab_parallel_size}
-    diff = [f"{k} {saved[k]} in the checkpoint, {now[k]} now" for k in now if k in saved and saved[k] != now[k]]
-    if not diff:
-        return []
-    return [f"checkpoint {ckpt_path} cannot resume on this layout ({'; '.join(diff)}). Between runs you may "
-            f"change the budget (train.max_steps / max_tokens), the logging, evaluation and checkpoint cadence, "
-            f"the launcher and data.num_workers; not (until the engine state is carried over) the data-parallel "
-            f"size = world size / parallel.vocab_parallel_size, parallel.vocab_parallel_size, or the model "
-            f"shape. Resume with the saved layout, or start a new run from its weights with --init-from "
-            f"{ckpt_path} and another train.output_dir"]
+    saved = ckpt.saved_topology(ckpt_path).get("data_parallel_size")
+    dp = world_size // cfg.parallel.vocab_parallel_size
+    if saved is not None and int(saved) != dp and cfg.parallel.vocab_parallel_size > 1:
+        return [f"checkpoint {ckpt_path} was saved by {saved} data-parallel rank(s) and this run has {dp}: with "
+                f"parallel.vocab_parallel_size={cfg.parallel.vocab_parallel_size} the data-parallel size cannot "
+                f"change yet (resume on {saved * cfg.parallel.vocab_parallel_size} ranks, or start a new run "
+                f"from its weights with --init-from {ckpt_path})"]
+    return []
+
+
+def layout_changed(ckpt_path: Path, dp_size: int, zero_stage: int) -> bool:
+    """Whether resuming ``ckpt_path`` on ``dp_size`` data-parallel ranks needs its universal form: ZeRO 1-3
+    partitions were cut for the saved data-parallel size (at ZeRO 0 every rank holds the whole state)."""
+    saved = ckpt.saved_topology(ckpt_path).get("data_parallel_size")
+    return zero_stage >= 1 and saved is not None and int(saved) != dp_size
 
 
 def pretrain(cfg: Config, resume: str | None = None, batch_source=None, init_from: str | None = None,
@@ -138,11 +143,14 @@ def build_run(cfg: Config, de, tag: str | None, init_weights, batch_source) -> _
     tok = Tokenizer(cfg.tokenizer.model)
     model, kernels_said = _build_model(cfg, tok, topo, init_weights, de.rank)
     vp_layout = vocab_parallel_layout(model, topo.vp_size)
-    engine, plan = build_engine(model, cfg, de.world_size, mpu=topo.mpu())
+    universal = bool(tag) and layout_changed(Path(cfg.checkpoint_dir) / tag, topo.dp_size, cfg.engine.zero_stage)
+    if universal:
+        _convert_on_rank_0(Path(cfg.checkpoint_dir), tag, de, topo)
+    engine, plan = build_engine(model, cfg, de.world_size, mpu=topo.mpu(), load_universal=universal)
     # Dropout streams differ per data-parallel rank, fixed per run; the ranks of one vocab-parallel group
     # share theirs (they run the same replicated layers on the same batch).
     torch.manual_seed(cfg.train.seed + 1 + topo.dp_rank)
-    state = _load_state(cfg, engine, tag, de, topo)
+    state = _load_state(cfg, engine, tag, de, topo, universal)
     train_loader, make_eval = _build_loaders(cfg, tok, topo, state, batch_source)
     writer = None
     if de.rank == 0 and cfg.telemetry.tensorboard:
@@ -181,14 +189,41 @@ def _build_model(cfg: Config, tok, topo, init_weights, rank: int):
     return parallelize_vocab(model, topo), kernels_said
 
 
-def _load_state(cfg: Config, engine, tag: str | None, de, topo) -> ckpt.TrainState:
+def _convert_on_rank_0(ckpt_dir: Path, tag: str, de, topo) -> None:
+    """Rank 0 makes the universal form of ``tag``; every rank raises its error, if any, together."""
+    error = [None]
+    if de.rank == 0:
+        saved = ckpt.saved_topology(ckpt_dir / tag).get("data_parallel_size")
+        log.info("checkpoint %s was saved by %s data-parallel rank(s), this run has %d: converting its ZeRO state "
+                 "to DeepSpeed's universal layout", ckpt_dir / tag, saved, topo.dp_size)
+        try:
+            ckpt.to_universal(ckpt_dir, tag)
+        except ckpt.CheckpointError as e:
+            error[0] = str(e)
+    if de.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(error, src=0, group=topo.host_group)
+    if error[0]:
+        raise ckpt.CheckpointError(error[0])
+
+
+def _load_state(cfg: Config, engine, tag: str | None, de, topo, universal: bool = False) -> ckpt.TrainState:
     ckpt_dir = Path(cfg.checkpoint_dir)
     state = ckpt.TrainState()
     if tag:
+        saved_dp = ckpt.saved_topology(ckpt_dir / tag).get("data_parallel_size")
         state = ckpt.load(engine, ckpt_dir, tag, rank=de.rank, model_cfg=config_to_dict(cfg.model),
-                          vocab_parallel_size=topo.vp_size)
+                          vocab_parallel_size=topo.vp_size, universal=universal)
         log.info("resumed from %s at step %d (%d samples, %d tokens consumed)", ckpt_dir / tag, state.step,
                  state.consumed_samples, state.consumed_tokens)
+        if saved_dp is not None and int(saved_dp) != topo.dp_size and state.step:
+            before = state.consumed_samples // state.step
+            now = engine.train_batch_size()
+            log.log(logging.WARNING if before != now else logging.INFO,
+                    "data-parallel size %s -> %d: %d sequences per optimizer step before, %d now%s", saved_dp,
+                    topo.dp_size, before, now, "" if before == now else
+                    " (engine.global_batch_size fixes it across layouts); the schedule goes on in steps")
     state.topology = {"world_size": de.world_size, "data_parallel_size": topo.dp_size,
                       "vocab_parallel_size": topo.vp_size, "num_workers": cfg.data.num_workers}
     return state

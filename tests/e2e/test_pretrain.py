@@ -9,6 +9,7 @@ variables), or at the loader's resumable state (megamlm/data/loader.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -401,14 +402,34 @@ def test_a_fresh_run_into_a_used_folder_is_refused_and_move_old_run_keeps_it(cfg
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]
 
 
-def test_resume_on_another_data_parallel_size_is_refused_before_the_engine(cfg_file, reference, tmp_path):
-    ref_out, _ = reference  # saved by 2 data-parallel ranks
-    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
-    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, "--resume", "auto"), cwd=ROOT, env=clean_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "cannot resume on this layout (data_parallel_size 2 in the checkpoint, 1 now)" in r.stderr
-    assert "Traceback" not in r.stderr and "ZeRORuntimeException" not in r.stderr
+def test_resume_on_another_data_parallel_size_goes_through_the_universal_checkpoint(cfg_file, reference, tmp_path):
+    """The 2-rank reference's checkpoint at step 6 resumed by one process: converted (once, logged with its
+    time and peak memory), the loader's rest redistributed, training on to step 8. With a ZeRO partition
+    missing the resume is refused naming it, before anything is written."""
+    ref_out, _ = reference  # saved by 2 data-parallel ranks at ZeRO 1
+
+    def at_step_6(run: Path) -> Path:
+        shutil.copytree(ref_out / "checkpoints", run / "checkpoints")
+        for f in (run / "checkpoints").glob("step*"):
+            if f.name > "step00000006":
+                shutil.rmtree(f)
+        (run / "checkpoints" / "latest").write_text("step00000006\n")
+        return run
+
+    broken = at_step_6(tmp_path / "broken")
+    (broken / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    r = subprocess.run(pretrain_cmd("single", cfg_file, broken, "--resume", "auto", "engine.zero_stage=1"), cwd=ROOT,
+                       env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "its ZeRO partitions zero_pp_rank_1_mp_rank_00_optim_states.pt are missing" in r.stderr
+    assert "Traceback" not in r.stderr and not (broken / "checkpoints" / "universal").exists()
+    run = at_step_6(tmp_path / "run")
+    r = launch(pretrain_cmd("single", cfg_file, run, "--resume", "auto", "engine.zero_stage=1"), threads=2)
+    log = r.stdout + r.stderr
+    assert "was saved by 2 data-parallel rank(s), this run has 1" in log and "converter peak RSS" in log
+    assert "resumed with 1 x 1: the" in log
+    assert (run / "checkpoints" / "universal" / "step00000006" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000008"
+    assert all(math.isfinite(v) for v in losses(run).values()) and sorted(losses(run))[-1] == 8
 
 
 def test_resume_on_another_worker_count_carries_the_loader_position_over(cfg_file, tmp_path):
