@@ -57,6 +57,22 @@ class SlurmCluster:
         self.node = _node_name()
         self.partition = "debug"
 
+    # ------------------------------------------------------------------ layout (TwoNodeSlurmCluster overrides)
+    def node_names(self) -> list[str]:
+        return [self.node]
+
+    def controller_addr(self) -> str:
+        return "127.0.0.1"
+
+    def wrap(self, where: str, cmd: list[str]) -> list[str]:
+        """``cmd`` as run on ``where`` (the controller or a node): here, this machine as it is."""
+        return cmd
+
+    def _conf_nodes(self) -> str:
+        return (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
+                f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP "
+                "OverSubscribe=NO\n")
+
     # ------------------------------------------------------------------ environment for clients
     def env(self, base: dict | None = None) -> dict:
         env = dict(os.environ if base is None else base)
@@ -113,11 +129,13 @@ class SlurmCluster:
         self.munge_socket = md / "munge.socket"
         for sub in ("state", "spool", "log"):
             (d / sub).mkdir()
+        for n in self.node_names():
+            (d / "spool" / n).mkdir()
         ctl_port, d_port = _free_port(), _free_port()
         (d / "slurm.conf").write_text(f"""\
 # written by tests/e2e/slurm_cluster.py: a one-machine cluster for the tests
 ClusterName=megamlm-test
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.node}({self.controller_addr()})
 SlurmctldPort={ctl_port}
 SlurmdPort={d_port}
 SlurmUser=root
@@ -127,11 +145,11 @@ CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
 AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -148,17 +166,16 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 InactiveLimit=0
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-""")
+{self._conf_nodes()}""")
         # munged as the munge user (setpriv execs, so the pid is munged's own)
         self._spawn("munged", ["setpriv", f"--reuid={mu.pw_uid}", f"--regid={mu.pw_gid}", "--init-groups",
                                "munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
                                f"--pid-file={md}/munged.pid", f"--log-file={md}/munged.log",
                                f"--seed-file={md}/munged.seed"])
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(d / "slurm.conf")])
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.node, "-f", str(d / "slurm.conf")])
+        self._spawn("slurmctld", self.wrap("ctl", ["slurmctld", "-D", "-i", "-f", str(d / "slurm.conf")]))
+        for n in self.node_names():
+            self._spawn(f"slurmd-{n}", self.wrap(n, ["slurmd", "-D", "-N", n, "-f", str(d / "slurm.conf")]))
 
         def idle() -> bool:
             r = self.run("sinfo", "-h", "-o", "%t", check=False, timeout=10)
@@ -198,7 +215,7 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         """Cancel what is left, then end the daemons by pid (slurmd, slurmctld, munged) and remove the folder."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--user=root", check=False, timeout=10)
-        for name in reversed(DAEMONS):
+        for name in reversed(list(self.procs)):  # slurmd(s), slurmctld, munged
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -242,6 +259,99 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                 return info
             time.sleep(0.2)
         raise TimeoutError(f"job {jobid} still {info.get('JobState')} after {timeout:.0f} s\n{self.logs()}")
+
+
+class TwoNodeSlurmCluster(SlurmCluster):
+    """Two slurmd "hosts" on this machine, each in its own network namespace with its own address, and
+    slurmctld in a third that holds a bridge between them: ``10.213.N.1`` (controller), ``.2`` (node mm1),
+    ``.3`` (node mm2), each host's interface named ``eth0``. Only namespaces and links this cluster
+    creates are touched (removed by :meth:`stop`); the host's own network is not. Names resolve through a
+    private hosts file bind-mounted over /etc/hosts in each daemon's (and client's) own mount namespace.
+    Client commands (``run``, ``sbatch``) run in the controller's namespace; jobs run in their node's."""
+
+    NODES = ("mm1", "mm2")
+
+    def node_names(self) -> list[str]:
+        return list(self.NODES)
+
+    def controller_addr(self) -> str:
+        return self.addr["ctl"]
+
+    def __init__(self, cpus: int = 1):
+        super().__init__(cpus)
+        tag = f"{os.getpid() % 100000}"
+        self.ns = {"ctl": f"mmc{tag}", "mm1": f"mm1x{tag}", "mm2": f"mm2x{tag}"}
+        self.net = f"10.213.{os.getpid() % 250 + 1}"
+        self.addr = {"ctl": f"{self.net}.1", "mm1": f"{self.net}.2", "mm2": f"{self.net}.3"}
+
+    @staticmethod
+    def why_not() -> str:
+        why = SlurmCluster.why_not()
+        if why:
+            return why
+        missing = [b for b in ("ip", "nsenter", "unshare") if shutil.which(b) is None]
+        if missing:
+            return f"{', '.join(missing)} missing (iproute2 / util-linux): no network namespaces for two hosts"
+        probe = f"mmprobe{os.getpid() % 100000}"
+        r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return "" if r.returncode == 0 else f"cannot create a network namespace: {r.stderr.strip()}"
+
+    def wrap(self, where: str, cmd: list[str]) -> list[str]:
+        """``cmd`` inside namespace ``where`` (ctl, mm1, mm2), with this cluster's hosts file as /etc/hosts."""
+        return ["nsenter", f"--net=/run/netns/{self.ns[where]}", "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(self.dir / "hosts"), *cmd]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.wrap("ctl", list(args)), env=self.env(), capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+        return r
+
+    def sbatch(self, *args: str, env: dict | None = None, cwd: str | Path | None = None) -> int:
+        r = subprocess.run(self.wrap("ctl", ["sbatch", "--parsable", *args]), env=self.env(env), cwd=cwd,
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+        return int(r.stdout.strip().split(";")[0])
+
+    def _network(self) -> None:
+        ip = ["ip"]
+        ctl = self.ns["ctl"]
+        for ns in self.ns.values():
+            subprocess.run(ip + ["netns", "add", ns], check=True, capture_output=True)
+        steps = [["-n", ctl, "link", "add", "br0", "type", "bridge"], ["-n", ctl, "link", "set", "br0", "up"],
+                 ["-n", ctl, "addr", "add", f"{self.addr['ctl']}/24", "dev", "br0"], ["-n", ctl, "link", "set", "lo", "up"]]
+        for i, node in enumerate(self.NODES, 1):
+            peer = f"v{i}x{os.getpid() % 100000}"
+            steps += [["link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", self.ns[node]],
+                      ["link", "set", peer, "netns", ctl], ["-n", ctl, "link", "set", peer, "master", "br0"],
+                      ["-n", ctl, "link", "set", peer, "up"],
+                      ["-n", self.ns[node], "addr", "add", f"{self.addr[node]}/24", "dev", "eth0"],
+                      ["-n", self.ns[node], "link", "set", "eth0", "up"], ["-n", self.ns[node], "link", "set", "lo", "up"]]
+        for st in steps:
+            subprocess.run(ip + st, check=True, capture_output=True, text=True)
+        host = socket.gethostname().split(".")[0]
+        (self.dir / "hosts").write_text(f"127.0.0.1 localhost\n{self.addr['ctl']} {host}\n"
+                                        + "".join(f"{self.addr[n]} {n}\n" for n in self.NODES))
+
+    def _start(self, timeout: float) -> None:
+        self._network()
+        super()._start(timeout)
+
+    def _conf_nodes(self) -> str:
+        return "".join(f"NodeName={n} NodeAddr={self.addr[n]} CPUs={self.cpus} State=UNKNOWN\n" for n in self.NODES) + \
+            f"PartitionName={self.partition} Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP " \
+            "OverSubscribe=NO\n"
+
+    def stop(self) -> None:
+        super_dir = self.dir
+        super().stop()
+        for ns in self.ns.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if super_dir is not None:
+            shutil.rmtree(super_dir, ignore_errors=True)
 
 
 try:
