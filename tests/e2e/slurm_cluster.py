@@ -360,20 +360,30 @@ except ImportError:  # pragma: no cover - the manual helper below needs no pytes
     pytest = None
 
 if pytest is not None:
-    @pytest.fixture(scope="session")
-    def slurm_cluster():
-        """One cluster for the whole session; a skip that says why where Slurm cannot run."""
-        why = SlurmCluster.why_not()
+    def running(cls):
+        """A started ``cls`` cluster for a fixture (yielded, stopped after); a skip that says why where
+        Slurm (or, for two nodes, network namespaces) cannot run."""
+        why = cls.why_not()
         if why:
             pytest.skip(why)
         try:
-            cluster = SlurmCluster().start()
+            cluster = cls().start()
         except SlurmUnavailable as e:
             pytest.skip(str(e))
         try:
             yield cluster
         finally:
             cluster.stop()
+
+    @pytest.fixture(scope="session")
+    def slurm_cluster():
+        """One cluster for the whole session."""
+        yield from running(SlurmCluster)
+
+    @pytest.fixture(scope="module")
+    def two_node_cluster():
+        """Two slurmd hosts (TwoNodeSlurmCluster), for one test module."""
+        yield from running(TwoNodeSlurmCluster)
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual helper

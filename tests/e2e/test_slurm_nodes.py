@@ -24,7 +24,7 @@ import torch
 
 from tests.e2e._runs import (BIN, ROOT, clean_env, final_weights, free_port, launch, tb_scalars,
                              tiny_prepared_config)
-from tests.e2e.slurm_cluster import SlurmUnavailable, TwoNodeSlurmCluster
+from tests.e2e.slurm_cluster import two_node_cluster  # noqa: F401 - the module fixture
 
 # a constant learning rate after warm-up: the reference's first run, stopped by train.max_steps at the
 # preemption's step, then gets the same rates as the preempted job, whose horizon is STEPS
@@ -42,18 +42,8 @@ ONE_NODE = ("--nodes=1", "--ntasks=1", "--ntasks-per-node=1", *COMMON)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    why = TwoNodeSlurmCluster.why_not()
-    if why:
-        pytest.skip(why)
-    try:
-        c = TwoNodeSlurmCluster().start()
-    except SlurmUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster(two_node_cluster):  # noqa: F811
+    return two_node_cluster
 
 
 @pytest.fixture(scope="module")
