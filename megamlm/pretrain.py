@@ -36,6 +36,9 @@ def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
     worker count may change: the ZeRO state goes through DeepSpeed's universal checkpoint
     (:func:`megamlm.checkpoint.to_universal`), the loader's position through data/elastic.py."""
     ckpt.check_shape(ckpt_path, config_to_dict(cfg.model), cfg.parallel.vocab_parallel_size)
+    problems = _other_shards(ckpt_path, cfg)
+    if problems:
+        return problems
     saved = ckpt.saved_topology(ckpt_path).get("data_parallel_size")
     dp = world_size // cfg.parallel.vocab_parallel_size
     if saved is not None and int(saved) != dp and cfg.parallel.vocab_parallel_size > 1:
@@ -44,6 +47,22 @@ def resume_problems(ckpt_path: Path, cfg: Config, world_size: int) -> list[str]:
                 f"change yet (resume on {saved * cfg.parallel.vocab_parallel_size} ranks, or start a new run "
                 f"from its weights with --init-from {ckpt_path})"]
     return []
+
+
+def _other_shards(ckpt_path: Path, cfg: Config) -> list[str]:
+    """The checkpoint's loader position over another shard folder's data: refused before any work."""
+    import json
+
+    from megamlm.data.loader_state import other_shards
+    from megamlm.data.shard_format import load_manifest
+    from megamlm.data.stream import shards_fingerprint
+
+    loader = json.loads((ckpt_path / "train_state.json").read_text()).get("loader") or {}
+    if not loader.get("shards") or not Path(cfg.data.shards_dir).is_dir():
+        return []
+    man = load_manifest(cfg.data.shards_dir)
+    why = other_shards(loader, shards_fingerprint(man.shards(loader["shards"].get("split", "train"))), man.dir)
+    return [f"checkpoint {ckpt_path}: {why}"] if why else []
 
 
 def layout_changed(ckpt_path: Path, dp_size: int, zero_stage: int) -> bool:

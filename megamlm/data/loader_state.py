@@ -9,16 +9,28 @@ import logging
 import torch
 
 from megamlm.data.elastic import carry_over
+from megamlm.data.shard_format import ShardError
 from megamlm.data.stream import WORKER_COUNTERS, Cursor
 from megamlm.data.units import epoch_units
 
 log = logging.getLogger("megamlm.data.loader")
 
-__all__ = ["LoaderState", "STATE_FORMAT", "STATS"]
+__all__ = ["LoaderState", "STATE_FORMAT", "STATS", "other_shards"]
 
 STATE_FORMAT = "megamlm-loader/2"  # 2: cursors hold their window's end, and the epoch's elastic plan
 _FORMATS = ("megamlm-loader/1", STATE_FORMAT)
 STATS = WORKER_COUNTERS + ("batches", "tokens", "targets", "dropped_batches", "dropped_examples", "epochs")
+
+
+def other_shards(state: dict, shards_id: str, shards_dir) -> str:
+    """Why a loader ``state`` cannot resume over the shards ``shards_id`` of ``shards_dir`` ('' when it can, or
+    when the state is from before it recorded its shards)."""
+    saved = state.get("shards") or {}
+    if not saved or saved.get("id") == shards_id:
+        return ""
+    return (f"the loader state was saved over the {saved.get('split')!r} shards of {saved.get('dir')} and this "
+            f"run reads other shards ({shards_dir}: data.shards_dir): its position points into other data. "
+            f"Resume with the same shards, or start a new run from the checkpoint's weights with --init-from")
 
 
 class LoaderState:
@@ -56,7 +68,7 @@ class LoaderState:
         plan = [[list(p) for p in w] for w in self.ds.plan] if self.ds.plan and self.ds.plan_epoch == epoch else None
         return {"format": STATE_FORMAT, "epoch": epoch, "seed": self.ds.seed, "dp_size": self.topology.dp_size,
                 "num_workers": self.num_workers, "packing": self.ds.token_budget if self.ds.packing else 0,
-                "plan": plan,
+                "plan": plan, "shards": {"dir": str(self.ds.dir), "split": self.ds.split, "id": self.ds.shards_id},
                 "ranks": [
                     {"batches": r[0], "next_worker": r[1],
                      "workers": [r[2 + 5 * w: 7 + 5 * w] for w in range(len(self.ds.cursors))],
@@ -70,6 +82,9 @@ class LoaderState:
         if not isinstance(state, dict) or state.get("format") not in _FORMATS:
             raise ValueError(f"not a loader state ({STATE_FORMAT}): {str(state)[:200]}")
         epoch = int(state["epoch"])
+        why = other_shards(state, self.ds.shards_id, self.ds.dir)
+        if why:
+            raise ShardError(why)
         if int(state["seed"]) != self.ds.seed:
             log.warning("loader state saved with seed %s, resumed with seed %s: the data order changes",
                         state["seed"], self.ds.seed)

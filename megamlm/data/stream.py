@@ -9,6 +9,8 @@ the state. The whole design (units, examples and masks, shuffling, resume) is in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 from dataclasses import dataclass
 from typing import Iterator
@@ -24,9 +26,16 @@ from megamlm.ops import Segments
 from megamlm.data.units import (READER_COUNTERS, STREAM_EXAMPLES, STREAM_MASKS, STREAM_WINDOW, ShardReader,
                                 epoch_units, split_range)
 
-__all__ = ["RankDataset", "Packet", "WORKER_COUNTERS", "packed_token_budget"]
+__all__ = ["RankDataset", "Packet", "WORKER_COUNTERS", "packed_token_budget", "shards_fingerprint"]
 
 WORKER_COUNTERS = COUNTERS + READER_COUNTERS
+
+
+def shards_fingerprint(shards: list[dict]) -> str:
+    """What a split's data is, wherever its folder lies (names, block counts, sha256 of the manifest's
+    entries): a loader state's position means nothing over other shards."""
+    key = [[s.get("name"), s.get("samples"), s.get("sha256")] for s in shards]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def packed_token_budget(data_cfg) -> int:
@@ -96,6 +105,7 @@ class RankDataset(torch.utils.data.IterableDataset):
                  shuffle, with_info=False):
         self.dir, self.split = manifest.dir, split
         self.shards = [dict(s) for s in manifest.shards(split)]
+        self.shards_id = shards_fingerprint(self.shards)
         self.samples = [int(s["samples"]) for s in self.shards]
         self.spec, self.pair, self.seed = mask_spec, pair, int(seed)
         self.max_len, self.micro_batch = data_cfg.seq_len, data_cfg.micro_batch_size

@@ -364,6 +364,26 @@ def test_resume_refuses_another_model_shape(cfg_file, reference, tmp_path):
     assert "from another model shape: model.hidden_size: checkpoint 64, config 32" in r.stderr
 
 
+def test_resume_refuses_other_shards_before_any_work(cfg_file, reference, tmp_path):
+    """A checkpoint's loader position over another corpus (here: the same folder with one train shard
+    dropped from its manifest) is refused before the engine, naming both folders; nothing is written."""
+    from megamlm.config import load_config
+
+    ref_out, _ = reference
+    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
+    other = tmp_path / "other-shards"
+    shutil.copytree(load_config(cfg_file).data.shards_dir, other)
+    man = json.loads((other / "manifest.json").read_text())
+    man["splits"]["train"]["shards"] = man["splits"]["train"]["shards"][:-1]
+    (other / "manifest.json").write_text(json.dumps(man))
+    before = _tree(tmp_path / "checkpoints")
+    r = subprocess.run(pretrain_cmd("single", cfg_file, tmp_path, f"data.shards_dir={other}", "--resume", "auto"),
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"and this run reads other shards ({other}: data.shards_dir)" in r.stderr and "Traceback" not in r.stderr
+    assert _tree(tmp_path / "checkpoints") == before
+
+
 def _tree(d: Path) -> dict[str, int]:
     return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
 

@@ -442,3 +442,19 @@ def test_state_at_the_mark_is_the_state_when_it_was_marked(shards, tok):
     while a.epoch == start:  # into the next epoch
         next(it)
     assert a.state_dict(at_mark=True) == before != a.state_dict()
+
+
+def test_a_state_resumes_over_the_same_shards_moved_but_not_over_other_shards(shards, tok, tmp_path):
+    """The state records which shards it read (names, blocks, sha256 of the manifest's entries, not the
+    path): the same folder copied elsewhere resumes, another corpus is refused naming both folders."""
+    a = make(shards, tok)
+    _take(a, 3)
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["shards"]["dir"] == str(shards) and state["shards"]["split"] == "train"
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    assert make(moved, tok, state=state).epoch == 0
+    other = F.shards("other", n_docs=120, seed=3)
+    with pytest.raises(ShardError, match=f"saved over the 'train' shards of {shards} and this run reads other "
+                                         f"shards \\({other}: data.shards_dir\\)"):
+        make(other, tok, state=state)
