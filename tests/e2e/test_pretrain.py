@@ -443,11 +443,21 @@ def test_resume_on_another_data_parallel_size_goes_through_the_universal_checkpo
     assert r.returncode != 0 and "its ZeRO partitions zero_pp_rank_1_mp_rank_00_optim_states.pt are missing" in r.stderr
     assert "Traceback" not in r.stderr and not (broken / "checkpoints" / "universal").exists()
     run = at_step_6(tmp_path / "run")
+    # what a conversion killed midway leaves (its temporary folder; a folder without COMPLETE): replaced, and
+    # the checkpoint it converts is never touched
+    junk = run / "checkpoints" / "universal"
+    (junk / "step00000006.tmp").mkdir(parents=True)
+    (junk / "step00000006.tmp" / "half.pt").write_bytes(b"x")
+    (junk / "step00000006").mkdir()
+    (junk / "step00000006" / "stale.pt").write_bytes(b"x")
+    source = _tree(run / "checkpoints" / "step00000006")
     r = launch(pretrain_cmd("single", cfg_file, run, "--resume", "auto", "engine.zero_stage=1"), threads=2)
     log = r.stdout + r.stderr
     assert "was saved by 2 data-parallel rank(s), this run has 1" in log and "converter peak RSS" in log
     assert "resumed with 1 x 1: the" in log
     assert (run / "checkpoints" / "universal" / "step00000006" / "COMPLETE").is_file()
+    assert not (junk / "step00000006.tmp").exists() and not (junk / "step00000006" / "stale.pt").exists()
+    assert _tree(run / "checkpoints" / "step00000006") == source
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000008"
     assert all(math.isfinite(v) for v in losses(run).values()) and sorted(losses(run))[-1] == 8
 

@@ -34,23 +34,10 @@ def _exact_fp32():
 
 def test_the_model_equals_hf_on_the_gpu():
     """Loss, MLM and pair logits, and every gradient of one training step, megamlm vs HF, fp32 on CUDA."""
-    from megamlm.model.hf_keys import map_grads_to_hf
-    from megamlm.objectives import combine
-    from tests.unit.test_hf_parity import hf_forward, make_pair
+    from tests.unit.test_hf_parity import assert_step_parity, make_pair
 
     ours, hf, b = make_pair(attn="sdpa")
-    ours, hf, b = ours.to(DEV), hf.to(DEV), b.to(DEV, non_blocking=False)
-    ours.train()
-    hf.train()
-    terms = ours(b)
-    loss = combine(terms, terms.n_targets["mlm"], terms.n_targets["pair"])
-    loss.backward()
-    out = hf_forward(hf, b)
-    out.loss.backward()
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=0)
-    mine = map_grads_to_hf({k: p.grad for k, p in ours.named_parameters()})
-    for k, p in hf.named_parameters():
-        torch.testing.assert_close(mine[k], p.grad, atol=1e-4, rtol=0, msg=k)
+    assert_step_parity(ours.to(DEV), hf.to(DEV), b.to(DEV, non_blocking=False), loss_atol=1e-5, grad_atol=1e-4)
 
 
 def _encoder(dtype):
